@@ -1,0 +1,167 @@
+"""The dataset folder: the contract between the pipeline and training.
+
+A dataset folder holds three files, written together and atomically:
+
+``sequences.parquet``, one row per user, users in ``user_index`` order:
+    ``user_id`` (string, external id), ``user_index`` (int32, 0..U-1),
+    ``items`` (list<int32>, internal item ids in time order, ties in file order),
+    ``timestamps`` (list<int64>, same length as ``items``),
+    ``train_end`` and ``valid_end`` (int32): ``items[:train_end]`` is training history,
+    ``items[train_end:valid_end]`` the validation targets, ``items[valid_end:]`` the test targets.
+    Leave-one-out gives ``train_end = n - 2`` and ``valid_end = n - 1`` (users with fewer than
+    three events keep everything for training: ``train_end = valid_end = n``).
+
+``items.parquet``, one row per real item, in ``item_index`` order:
+    ``item_index`` (int32, from ``FIRST_ITEM_ID``), ``item_id`` (string, external id),
+    ``count`` (int64, events in the clean data), ``train_count`` (int64, events in training histories).
+
+``manifest.json``: sources with sha256, reader, filters, split protocol, vocabulary layout,
+statistics, dropped rows by reason and the pipeline version. No wall-clock time, so the same
+input gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.atomic import atomic_directory
+from pipelines.errors import InputError
+
+PADDING_ID = 0
+OOV_ID = 1
+FIRST_ITEM_ID = 2
+SEQUENCES_FILE = "sequences.parquet"
+ITEMS_FILE = "items.parquet"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class SequenceDataset:
+    """All user sequences in CSR form (flat ``items`` plus ``offsets``), ready for training.
+
+    ``item_ids[i]`` is the external id of internal item ``i``; entries 0 and 1 are the padding and
+    out-of-vocabulary placeholders ``""`` and ``"<oov>"``, which never name a real item.
+    """
+
+    user_ids: np.ndarray  # (U,) object: external user ids
+    items: np.ndarray  # (E,) int32: internal item ids, users concatenated
+    timestamps: np.ndarray  # (E,) int64
+    offsets: np.ndarray  # (U + 1,) int64: user u owns items[offsets[u]:offsets[u + 1]]
+    train_end: np.ndarray  # (U,) int32, relative to the user's start
+    valid_end: np.ndarray  # (U,) int32, relative to the user's start
+    item_ids: np.ndarray  # (V,) object: external item ids by internal id
+    item_counts: np.ndarray  # (V,) int64: events per item in the clean data
+    train_counts: np.ndarray  # (V,) int64: events per item in training histories
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the item id space including padding and OOV (the embedding table size)."""
+        return len(self.item_ids)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids) - FIRST_ITEM_ID
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int32)
+
+    def user_items(self, user: int) -> np.ndarray:
+        return self.items[self.offsets[user] : self.offsets[user + 1]]
+
+
+def write_dataset(out_dir: str | Path, ds: SequenceDataset) -> Path:
+    """Write ``ds`` to ``out_dir`` atomically (temporary folder, then rename)."""
+    out_dir = Path(out_dir)
+    n_users = ds.num_users
+    list_type = pa.list_(pa.int32())
+    offsets32 = pa.array(ds.offsets.astype(np.int32), pa.int32())
+    sequences = pa.table(
+        {
+            "user_id": pa.array(ds.user_ids.astype(str), pa.string()),
+            "user_index": pa.array(np.arange(n_users, dtype=np.int32)),
+            "items": pa.ListArray.from_arrays(offsets32, pa.array(ds.items.astype(np.int32))).cast(list_type),
+            "timestamps": pa.ListArray.from_arrays(offsets32, pa.array(ds.timestamps.astype(np.int64))),
+            "train_end": pa.array(ds.train_end.astype(np.int32)),
+            "valid_end": pa.array(ds.valid_end.astype(np.int32)),
+        }
+    )
+    items = pa.table(
+        {
+            "item_index": pa.array(np.arange(FIRST_ITEM_ID, ds.vocab_size, dtype=np.int32)),
+            "item_id": pa.array(ds.item_ids[FIRST_ITEM_ID:].astype(str), pa.string()),
+            "count": pa.array(ds.item_counts[FIRST_ITEM_ID:].astype(np.int64)),
+            "train_count": pa.array(ds.train_counts[FIRST_ITEM_ID:].astype(np.int64)),
+        }
+    )
+    manifest = dict(ds.manifest)
+    manifest["vocabulary"] = {
+        "padding_id": PADDING_ID,
+        "oov_id": OOV_ID,
+        "first_item_id": FIRST_ITEM_ID,
+        "vocab_size": ds.vocab_size,
+    }
+    with atomic_directory(out_dir) as tmp:
+        # Fixed writer settings keep the bytes identical for identical input.
+        opts = dict(compression="zstd", use_dictionary=True, write_statistics=True, store_schema=True)
+        pq.write_table(sequences, tmp / SEQUENCES_FILE, **opts)
+        pq.write_table(items, tmp / ITEMS_FILE, **opts)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise InputError(f"{data_dir}: not a dataset folder (no {MANIFEST_FILE}); create one with `sasrec prepare`")
+    return json.loads(path.read_text())
+
+
+def read_items(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(item_ids, counts, train_counts)`` indexed by internal id, placeholders included."""
+    table = pq.read_table(Path(data_dir) / ITEMS_FILE)
+    n = table.num_rows + FIRST_ITEM_ID
+    item_ids = np.empty(n, dtype=object)
+    item_ids[PADDING_ID] = ""
+    item_ids[OOV_ID] = "<oov>"
+    item_ids[FIRST_ITEM_ID:] = np.asarray(table.column("item_id").to_pylist(), dtype=object)
+    counts = np.zeros(n, dtype=np.int64)
+    counts[FIRST_ITEM_ID:] = table.column("count").to_numpy()
+    train_counts = np.zeros(n, dtype=np.int64)
+    train_counts[FIRST_ITEM_ID:] = table.column("train_count").to_numpy()
+    return item_ids, counts, train_counts
+
+
+def read_dataset(data_dir: str | Path) -> SequenceDataset:
+    """Read a dataset folder written by :func:`write_dataset`."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    table = pq.read_table(data_dir / SEQUENCES_FILE)
+    items_col = table.column("items").combine_chunks()
+    ts_col = table.column("timestamps").combine_chunks()
+    offsets = items_col.offsets.to_numpy().astype(np.int64)
+    base = offsets[0]
+    item_ids, counts, train_counts = read_items(data_dir)
+    return SequenceDataset(
+        user_ids=np.asarray(table.column("user_id").to_pylist(), dtype=object),
+        items=items_col.values.to_numpy().astype(np.int32)[base : offsets[-1]],
+        timestamps=ts_col.values.to_numpy().astype(np.int64)[base : offsets[-1]],
+        offsets=offsets - base,
+        train_end=table.column("train_end").to_numpy().astype(np.int32),
+        valid_end=table.column("valid_end").to_numpy().astype(np.int32),
+        item_ids=item_ids,
+        item_counts=counts,
+        train_counts=train_counts,
+        manifest=manifest,
+    )

@@ -1,0 +1,5 @@
+import sys
+
+from sasrec.cli import main
+
+sys.exit(main())
