@@ -1,0 +1,95 @@
+"""Write benchmark results into BENCHMARKS.md, one section per benchmark script.
+
+Each script owns one section (delimited by HTML comments) and replaces it on every run, so the
+file always holds the latest figures of every benchmark together with how they were produced.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+
+REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Written by the scripts in `benchmarks/` (`make bench` runs them all). Each section says the command,\n"
+    "date, machine and library versions it was measured with. Timings on shared 2-core machines are noisy:\n"
+    "compare ratios measured in the same run.\n"
+)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu}){mem}, {platform.system()} {platform.release()}"
+
+
+def versions(*packages: str) -> str:
+    names = packages or ("numpy", "pandas", "pyarrow", "keras", "tensorflow", "jax", "grpcio")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return f"Python {platform.python_version()}, " + ", ".join(found)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)\n"
+    cols = list(rows[0])
+    for row in rows[1:]:
+        cols += [c for c in row if c not in cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_section(name: str, title: str, rows: list[dict], notes: str = "", command: str | None = None) -> str:
+    """Replace section ``name`` of BENCHMARKS.md with ``rows``; returns the section text."""
+    command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    body = (
+        f"<!-- section:{name} -->\n## {title}\n\n"
+        f"- Command: `{command}`\n- Date: {now}\n- Machine: {machine()}\n- Versions: {versions()}\n\n"
+        f"{markdown_table(rows)}"
+        + (f"\n{notes.strip()}\n" if notes.strip() else "")
+        + f"<!-- /section:{name} -->\n"
+    )
+    text = REPORT.read_text() if REPORT.exists() else HEADER
+    pattern = re.compile(rf"<!-- section:{re.escape(name)} -->.*?<!-- /section:{re.escape(name)} -->\n", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: body, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    tmp = REPORT.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, REPORT)
+    print(body)
+    return body

@@ -1,0 +1,182 @@
+"""Prepare: interactions frame -> clean, sorted, split :class:`SequenceDataset` (and its folder).
+
+Order of steps: minimum rating, sort by user then time (stable: ties keep file order), removal of
+repeated consecutive events, k-core, vocabulary, split. Everything runs on integer codes in numpy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipelines import PIPELINE_VERSION
+from pipelines.clean import KCORE_MODES, consecutive_duplicate_mask, kcore_mask, min_rating_mask
+from pipelines.dataset import SequenceDataset, write_dataset
+from pipelines.errors import InputError
+from pipelines.readers import read_interactions
+from pipelines.split import SPLIT_PROTOCOLS, leave_one_out_split, temporal_cutoffs, temporal_split
+from pipelines.vocab import item_vocabulary, rank_codes
+
+STEPS = ("filter", "sort", "k-core", "vocabulary", "split")
+
+
+def prepare(
+    interactions: pd.DataFrame,
+    *,
+    min_rating: float | None = None,
+    dedupe_consecutive: bool = False,
+    kcore: str = "iterative",
+    user_core: int = 5,
+    item_core: int = 5,
+    split: str = "leave-one-out",
+    cutoff_time: int | None = None,
+    cutoff_quantile: float | None = None,
+    valid_time: int | None = None,
+    valid_quantile: float | None = None,
+    progress: bool | None = False,
+) -> SequenceDataset:
+    """Clean, order and split ``interactions`` (a frame from :func:`pipelines.readers.read_interactions`).
+
+    ``kcore`` is one of ``iterative`` (repeat until every user and item meets its threshold),
+    ``single-pass`` (the SASRec paper's preprocessing) or ``none``. ``split`` is ``leave-one-out``
+    or ``temporal`` (see :func:`pipelines.split.temporal_cutoffs` for the cut options).
+    ``progress=None`` shows a bar only on a terminal.
+    """
+    if kcore not in KCORE_MODES:
+        raise InputError(f"--kcore must be one of {', '.join(KCORE_MODES)}, not {kcore!r}")
+    if split not in SPLIT_PROTOCOLS:
+        raise InputError(f"--split must be one of {', '.join(SPLIT_PROTOCOLS)}, not {split!r}")
+    bar = tqdm(total=len(STEPS), desc="prepare", unit="step", disable=None if progress is None else not progress, leave=False)
+    attrs = interactions.attrs
+    dropped = {"bad_lines": int(attrs.get("bad_lines", 0)), "min_rating": 0, "dedupe": 0, "kcore": 0}
+    users = interactions["user_id"].cat.codes.to_numpy().astype(np.int64)
+    items = interactions["item_id"].cat.codes.to_numpy().astype(np.int64)
+    times = interactions["timestamp"].to_numpy().astype(np.int64)
+    user_names = np.asarray(interactions["user_id"].cat.categories, dtype=object)
+    item_names = np.asarray(interactions["item_id"].cat.categories, dtype=object)
+
+    def keep_rows(mask, reason):
+        nonlocal users, items, times
+        if mask is not None and not mask.all():
+            dropped[reason] += int(len(mask) - mask.sum())
+            users, items, times = users[mask], items[mask], times[mask]
+
+    bar.set_postfix_str("filter")
+    keep_rows(min_rating_mask(interactions["rating"].to_numpy() if "rating" in interactions else None, min_rating), "min_rating")
+    bar.update()
+
+    bar.set_postfix_str("sort")
+    user_rank, _ = rank_codes(user_names)
+    order = np.lexsort((times, user_rank[users]))  # stable: equal times keep file order
+    users, items, times = users[order], items[order], times[order]
+    del order
+    if dedupe_consecutive:
+        keep_rows(consecutive_duplicate_mask(users, items), "dedupe")
+    bar.update()
+
+    bar.set_postfix_str("k-core")
+    if kcore != "none":
+        keep_rows(kcore_mask(users, items, user_core, item_core, iterative=kcore == "iterative"), "kcore")
+    bar.update()
+    if len(users) == 0:
+        raise InputError(f"no events left after filtering (dropped: {_describe(dropped)}); relax the filters")
+
+    bar.set_postfix_str("vocabulary")
+    user_index, user_ids = rank_codes(user_names, used=np.bincount(users, minlength=len(user_names)) > 0)
+    users = user_index[users]
+    if np.any(users[1:] < users[:-1]):  # the survivors sort differently than all users (e.g. now all numeric)
+        order = np.argsort(users, kind="stable")
+        users, items, times = users[order], items[order], times[order]
+    item_index, item_sorted = rank_codes(item_names, used=np.bincount(items, minlength=len(item_names)) > 0, first=2)
+    items = item_index[items].astype(np.int32)
+    item_ids = item_vocabulary(item_sorted)
+    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(users, minlength=len(user_ids)), out=offsets[1:])
+    bar.update()
+
+    bar.set_postfix_str("split")
+    split_info: dict = {"protocol": split}
+    if split == "leave-one-out":
+        train_end, valid_end = leave_one_out_split(np.diff(offsets))
+        split_info["min_length_for_evaluation"] = 3
+    else:
+        valid_cut, test_cut = temporal_cutoffs(
+            times, cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile, valid_time=valid_time, valid_quantile=valid_quantile
+        )
+        train_end, valid_end = temporal_split(times, offsets, valid_cut, test_cut)
+        split_info.update(
+            cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile, valid_time=valid_time, valid_quantile=valid_quantile,
+            valid_cut=valid_cut, test_cut=test_cut,
+        )
+    position = np.arange(len(items)) - np.repeat(offsets[:-1], np.diff(offsets))
+    in_train = position < np.repeat(train_end, np.diff(offsets))
+    item_counts = np.bincount(items, minlength=len(item_ids)).astype(np.int64)
+    train_counts = np.bincount(items[in_train], minlength=len(item_ids)).astype(np.int64)
+    bar.update()
+    bar.close()
+
+    lengths = np.diff(offsets)
+    manifest = {
+        "pipeline_version": PIPELINE_VERSION,
+        "source": list(attrs.get("files", [])),
+        "reader": {"format": attrs.get("format", "dataframe"), "timestamp": attrs.get("timestamp", "column"), **attrs.get("options", {})},
+        "filters": {
+            "min_rating": min_rating,
+            "dedupe_consecutive": dedupe_consecutive,
+            "kcore": kcore,
+            "user_core": user_core if kcore != "none" else None,
+            "item_core": item_core if kcore != "none" else None,
+        },
+        "split": split_info,
+        "statistics": {
+            "users": int(len(user_ids)),
+            "items": int(len(item_ids) - 2),
+            "events": int(len(items)),
+            "train_events": int(train_end.sum()),
+            "valid_events": int((valid_end - train_end).sum()),
+            "test_events": int((lengths - valid_end).sum()),
+            "valid_users": int((valid_end > train_end).sum()),
+            "test_users": int((lengths > valid_end).sum()),
+            "mean_length": round(float(lengths.mean()), 4),
+            "median_length": float(np.median(lengths)),
+            "min_length": int(lengths.min()),
+            "max_length": int(lengths.max()),
+            "density": round(float(len(items) / (len(user_ids) * (len(item_ids) - 2))), 8),
+            "first_timestamp": int(times.min()),
+            "last_timestamp": int(times.max()),
+        },
+        "dropped": dropped,
+    }
+    return SequenceDataset(
+        user_ids=user_ids,
+        items=items,
+        timestamps=times,
+        offsets=offsets,
+        train_end=train_end,
+        valid_end=valid_end,
+        item_ids=item_ids,
+        item_counts=item_counts,
+        train_counts=train_counts,
+        manifest=manifest,
+    )
+
+
+def prepare_file(
+    format: str, path: str | Path, out_dir: str | Path, *, reader_options: dict | None = None, progress: bool | None = False, **options
+) -> SequenceDataset:
+    """Read ``path`` with :func:`read_interactions`, :func:`prepare` it and write the dataset folder.
+
+    The folder appears only complete (written beside it, then renamed); on any error nothing is left."""
+    reader_options = {k: v for k, v in (reader_options or {}).items() if v is not None}
+    frame = read_interactions(format, path, **reader_options)
+    frame.attrs["options"] = {k: v for k, v in reader_options.items()}
+    dataset = prepare(frame, progress=progress, **options)
+    write_dataset(out_dir, dataset)
+    return dataset
+
+
+def _describe(dropped: dict) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in dropped.items()) or "nothing"

@@ -1,0 +1,70 @@
+"""Splits: per-user ``train_end`` / ``valid_end`` boundaries over sequences in CSR form.
+
+``items[:train_end]`` is training history, ``items[train_end:valid_end]`` validation targets,
+``items[valid_end:]`` test targets (positions relative to the user's start).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.errors import InputError
+
+SPLIT_PROTOCOLS = ("leave-one-out", "temporal")
+
+
+def leave_one_out_split(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Last event = test, second-to-last = validation; users with fewer than 3 events train only."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    short = lengths < 3
+    train_end = np.where(short, lengths, lengths - 2).astype(np.int32)
+    valid_end = np.where(short, lengths, lengths - 1).astype(np.int32)
+    return train_end, valid_end
+
+
+def temporal_cutoffs(
+    timestamps: np.ndarray,
+    *,
+    cutoff_time: int | None = None,
+    cutoff_quantile: float | None = None,
+    valid_time: int | None = None,
+    valid_quantile: float | None = None,
+) -> tuple[int, int]:
+    """Resolve ``(valid_cut, test_cut)`` from times or quantiles of all event timestamps.
+
+    Exactly one of ``cutoff_time``/``cutoff_quantile`` sets the test cut. The validation cut comes
+    from ``valid_time``/``valid_quantile``; without either it equals the test cut (no validation events).
+    Quantiles use the "lower" method, so the cut is an actual event time.
+    """
+    if (cutoff_time is None) == (cutoff_quantile is None):
+        raise InputError("temporal split needs exactly one of --cutoff-time or --cutoff-quantile")
+    if valid_time is not None and valid_quantile is not None:
+        raise InputError("give at most one of --valid-time or --valid-quantile")
+    for name, q in (("--cutoff-quantile", cutoff_quantile), ("--valid-quantile", valid_quantile)):
+        if q is not None and not 0.0 < q < 1.0:
+            raise InputError(f"{name} must be between 0 and 1 (exclusive), got {q}")
+    ts = np.asarray(timestamps)
+
+    def cut(time, quantile):
+        return int(time) if time is not None else int(np.quantile(ts, quantile, method="lower"))
+
+    test_cut = cut(cutoff_time, cutoff_quantile)
+    valid_cut = test_cut if valid_time is None and valid_quantile is None else cut(valid_time, valid_quantile)
+    if valid_cut > test_cut:
+        raise InputError(f"validation cut {valid_cut} is after the test cut {test_cut}")
+    return valid_cut, test_cut
+
+
+def temporal_split(
+    timestamps: np.ndarray, offsets: np.ndarray, valid_cut: int, test_cut: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Global temporal split: ``t < valid_cut`` train, ``valid_cut <= t < test_cut`` validation, rest test.
+
+    Each user's timestamps must be sorted. A user whose events are all after a cut keeps them
+    (``train_end`` may be 0: no history, all events are targets)."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    users = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    n = len(offsets) - 1
+    train_end = np.bincount(users, weights=timestamps < valid_cut, minlength=n).astype(np.int32)
+    valid_end = np.bincount(users, weights=timestamps < test_cut, minlength=n).astype(np.int32)
+    return train_end, valid_end

@@ -1,0 +1,187 @@
+"""The one typed configuration of a SASRec run: model, loss, optimisation and evaluation.
+
+Defaults follow the SASRec paper's dense-data setting (ML-1M). Shipped configurations in
+``configs/*.toml`` override them; the CLI overrides a file with ``--set key=value``. The resolved
+config is saved as ``config.toml`` in every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from pipelines.errors import InputError
+
+LOSSES = ("bce", "ce", "sampled-softmax", "gbce")
+# Above this catalog size full softmax logits (batch x positions x items) get too large to be the
+# default; sampled softmax approximates it with shared negatives.
+FULL_SOFTMAX_MAX_ITEMS = 50_000
+
+
+@dataclass
+class SASRecConfig:
+    # --- model
+    maxlen: int = 200
+    """Longest history the model reads; longer ones keep their most recent ``maxlen`` items."""
+    hidden_units: int = 50
+    """Embedding and hidden size d."""
+    num_blocks: int = 2
+    """Stacked self-attention blocks."""
+    num_heads: int = 1
+    """Attention heads per block (``hidden_units`` must be divisible by it)."""
+    dropout: float = 0.2
+    """Dropout on embeddings, attention weights and the feed-forward net (0.5 for sparse data)."""
+    norm: str = "pre"
+    """``pre``: layer norm before attention and feed-forward as in the paper; ``post``: after the residual."""
+
+    # --- loss
+    loss: str = "auto"
+    """``bce`` (paper: one negative per position), ``ce`` (full softmax), ``sampled-softmax``, ``gbce``;
+    ``auto`` picks ``ce`` up to 50,000 items and ``sampled-softmax`` above."""
+    num_negatives: int = 256
+    """Negatives shared across the batch for ``sampled-softmax`` and ``gbce``."""
+    negative_sampling: str = "uniform"
+    """``uniform`` or ``popularity`` (training counts) for ``sampled-softmax``."""
+    logq_correction: bool = True
+    """Subtract log sampling probability from negative logits (``sampled-softmax`` with ``popularity``)."""
+    gbce_t: float = 0.75
+    """Calibration parameter t of gBCE (gSASRec)."""
+
+    # --- optimisation
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    beta_1: float = 0.9
+    beta_2: float = 0.98
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) when > 0."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    lr_decay: str = "none"
+    """``none`` or ``cosine`` (to 0 over all epochs)."""
+    epochs: int = 200
+    sliding_window_step: int = 0
+    """0: one window per user, the last maxlen+1 training items (paper). N > 0: also earlier windows
+    every N items for histories longer than the window."""
+    length_bucketing: bool = True
+    """Cut each batch to its longest history (rounded up to 16) instead of always maxlen: the same
+    result (positions count from the end, padding is masked) with less work on short histories."""
+    seed: int = 42
+
+    # --- evaluation during training
+    eval_every: int = 1
+    """Epochs between validation runs (full ranking, NDCG@10)."""
+    patience: int = 10
+    """Validation runs without improvement before early stopping (0 disables)."""
+    eval_batch_size: int = 256
+
+    # --- execution
+    jit_compile: bool = True
+    """XLA-compile the train and predict steps."""
+    mixed_precision: bool = False
+    """Compute in bfloat16 with float32 weights."""
+    tensorboard: bool = True
+    """Write TensorBoard logs to RUN/tensorboard (needs TensorFlow installed)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> InputError:
+            return InputError(f"config field '{name}': {why} (got {getattr(self, name)!r})")
+
+        for name in ("maxlen", "hidden_units", "num_blocks", "num_heads", "batch_size", "epochs", "eval_every"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if self.hidden_units % self.num_heads:
+            raise bad("hidden_units", f"must be divisible by num_heads={self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad("dropout", "must be in [0, 1)")
+        if self.norm not in ("pre", "post"):
+            raise bad("norm", "must be 'pre' or 'post'")
+        if self.loss not in LOSSES + ("auto",):
+            raise bad("loss", f"must be one of {', '.join(LOSSES + ('auto',))}")
+        if self.negative_sampling not in ("uniform", "popularity"):
+            raise bad("negative_sampling", "must be 'uniform' or 'popularity'")
+        if self.lr_decay not in ("none", "cosine"):
+            raise bad("lr_decay", "must be 'none' or 'cosine'")
+        if self.num_negatives < 1:
+            raise bad("num_negatives", "must be >= 1")
+        if self.learning_rate <= 0:
+            raise bad("learning_rate", "must be > 0")
+        if self.sliding_window_step < 0 or self.patience < 0 or self.warmup_steps < 0:
+            raise InputError("config fields 'sliding_window_step', 'patience', 'warmup_steps' must be >= 0")
+
+    def resolved_loss(self, num_items: int) -> str:
+        """The loss actually used: ``auto`` becomes ``ce`` or ``sampled-softmax`` by catalog size."""
+        if self.loss != "auto":
+            return self.loss
+        return "ce" if num_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled-softmax"
+
+    # --- serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "config") -> "SASRecConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InputError(f"{source}: unknown config field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        hints = typing.get_type_hints(cls)
+        coerced = {key: _coerce(key, hints[key], value, source) for key, value in values.items()}
+        return cls(**coerced)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "SASRecConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"config file {path} does not exist")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(f"{path}: invalid TOML: {exc}") from None
+        # Shipped configs keep their measured results in a [results] table; only [sasrec] or the
+        # top level holds settings.
+        values = values.get("sasrec", {k: v for k, v in values.items() if not isinstance(v, dict)})
+        return cls.from_dict(values, source=str(path))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps({"sasrec": self.to_dict()})
+
+    def with_overrides(self, assignments: list[str]) -> "SASRecConfig":
+        """Apply ``key=value`` strings (CLI ``--set``), values parsed as TOML scalars or bare strings."""
+        values = self.to_dict()
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep:
+                raise InputError(f"--set {assignment!r}: expected key=value")
+            try:
+                values[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                values[key] = raw.strip()
+        return SASRecConfig.from_dict(values, source="--set")
+
+
+def _coerce(key: str, hint, value, source: str):
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise InputError(f"{source}: config field '{key}' must be {hint.__name__}, got {value!r}")
+

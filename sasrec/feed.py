@@ -1,0 +1,194 @@
+"""Model input from a dataset: left-padded histories and training batches, numpy only.
+
+``left_pad`` is the one rule that turns histories into model input (most recent ``maxlen`` items,
+right-aligned, 0 = padding); evaluation and the training windows use it, and the exported
+SavedModel implements the same rule in its graph (tested to agree).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from pipelines.dataset import FIRST_ITEM_ID, SequenceDataset
+
+BUCKET = 16  # batch widths are rounded up to a multiple of this, bounding the number of compiled shapes
+
+
+def left_pad(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, maxlen: int) -> np.ndarray:
+    """Rows ``items[starts[i]:ends[i]]`` cut to their last ``maxlen`` items and right-aligned in an
+    ``(n, maxlen)`` int32 matrix padded with 0 on the left."""
+    starts = np.asarray(starts, dtype=np.int64)
+    ends = np.asarray(ends, dtype=np.int64)
+    lengths = np.minimum(ends - starts, maxlen).clip(min=0)
+    out = np.zeros((len(starts), maxlen), dtype=np.int32)
+    total = int(lengths.sum())
+    if total == 0:
+        return out
+    rows = np.repeat(np.arange(len(starts)), lengths)
+    within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    cols = maxlen - lengths[rows] + within
+    out[rows, cols] = items[ends[rows] - lengths[rows] + within]
+    return out
+
+
+def pad_histories(histories: list, maxlen: int) -> np.ndarray:
+    """``left_pad`` for a list of integer id sequences."""
+    lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    flat = np.concatenate([np.asarray(h, dtype=np.int32) for h in histories]) if lengths.sum() else np.zeros(0, np.int32)
+    ends = np.cumsum(lengths)
+    return left_pad(flat, ends - lengths, ends, maxlen)
+
+
+def training_windows(ds: SequenceDataset, maxlen: int, step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of ``maxlen + 1`` training items: the last one of every user (the paper) and, with
+    ``step > 0``, earlier windows every ``step`` items for longer histories.
+
+    Returns ``(windows (n, maxlen + 1) int32, user index per window)``.
+    """
+    starts = ds.offsets[:-1]
+    ends = starts + ds.train_end
+    users = np.arange(ds.num_users)
+    keep = ds.train_end >= 2  # a window needs an input and a target
+    win_ends, win_users = [ends[keep]], [users[keep]]
+    if step > 0:
+        extra = np.maximum((ds.train_end - 1 - maxlen) // step, 0)
+        extra[~keep] = 0
+        if extra.sum():
+            owner = np.repeat(users, extra)
+            k = np.arange(extra.sum()) - np.repeat(np.cumsum(extra) - extra, extra) + 1
+            win_ends.append(ends[owner] - k * step)
+            win_users.append(owner)
+    win_ends = np.concatenate(win_ends)
+    win_users = np.concatenate(win_users)
+    windows = left_pad(ds.items, starts[win_users], win_ends, maxlen + 1)
+    return windows, win_users.astype(np.int32)
+
+
+class TrainingFeed(keras.utils.PyDataset):
+    """Shuffled training batches ``(ids, {"pos", "neg", ...})`` for ``model.fit``.
+
+    Batch order and negatives depend only on ``(seed, epoch, batch)``, so an interrupted run that
+    resumes at epoch e sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(
+        self,
+        ds: SequenceDataset,
+        *,
+        maxlen: int,
+        batch_size: int,
+        loss: str,
+        num_negatives: int = 0,
+        negative_sampling: str = "uniform",
+        logq_correction: bool = False,
+        sliding_window_step: int = 0,
+        length_bucketing: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.maxlen = maxlen
+        self.batch_size = batch_size
+        self.loss = loss
+        self.num_negatives = num_negatives
+        self.length_bucketing = length_bucketing
+        self.seed = seed
+        self.epoch = 0
+        self.vocab_size = ds.vocab_size
+        self.windows, self.window_users = training_windows(ds, maxlen, sliding_window_step)
+        if len(self.windows) == 0:
+            raise ValueError("no user has two or more training events: nothing to train on")
+        self.window_lengths = np.count_nonzero(self.windows, axis=1)
+        self._order_epoch = None
+        self._batches: list[np.ndarray] = []
+        if loss == "bce":
+            # Sorted (user, item) keys of training histories: negatives are drawn from items the user
+            # has not interacted with, as in the paper.
+            lengths = ds.lengths
+            owner = np.repeat(np.arange(ds.num_users, dtype=np.int64), lengths)
+            in_train = np.arange(len(ds.items)) - ds.offsets[owner] < ds.train_end[owner]
+            self._seen_keys = np.unique(owner[in_train] * ds.vocab_size + ds.items[in_train].astype(np.int64))
+        self._sampling_p = None
+        self._logq = None
+        if loss in ("sampled-softmax", "gbce") and negative_sampling == "popularity":
+            counts = ds.train_counts.astype(np.float64).copy()
+            counts[:FIRST_ITEM_ID] = 0
+            self._sampling_p = counts / counts.sum()
+            if logq_correction and loss == "sampled-softmax":
+                with np.errstate(divide="ignore"):
+                    self._logq = np.log(self._sampling_p * num_negatives).astype(np.float32)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.windows) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _epoch_batches(self) -> list[np.ndarray]:
+        if self._order_epoch == self.epoch:
+            return self._batches
+        rng = np.random.default_rng([self.seed, self.epoch, 0])
+        order = rng.permutation(len(self.windows))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.length_bucketing and len(batches) > 1:
+            # Group windows of similar length (within chunks of 32 batches, to keep batches random)
+            # so each batch can be cut to its own width.
+            chunk = 32 * self.batch_size
+            regrouped = []
+            for i in range(0, len(order), chunk):
+                part = order[i : i + chunk]
+                part = part[np.argsort(self.window_lengths[part], kind="stable")]
+                regrouped += [part[j : j + self.batch_size] for j in range(0, len(part), self.batch_size)]
+            rng.shuffle(regrouped)
+            # TensorFlow's PyDataset adapter infers the input signature from the first two batches:
+            # make them the longest and the shortest so the width is seen as variable.
+            widths = [self._width(b) for b in regrouped]
+            first, second = int(np.argmax(widths)), int(np.argmin(widths))
+            if first != second:
+                rest = [b for i, b in enumerate(regrouped) if i not in (first, second)]
+                regrouped = [regrouped[first], regrouped[second]] + rest
+            batches = regrouped
+        self._order_epoch, self._batches = self.epoch, batches
+        return batches
+
+    def _width(self, batch: np.ndarray) -> int:
+        if not self.length_bucketing:
+            return self.maxlen
+        longest = int(self.window_lengths[batch].max()) - 1  # inputs are one shorter than the window
+        return min(self.maxlen, max(BUCKET, -(-longest // BUCKET) * BUCKET))
+
+    def __getitem__(self, index: int):
+        batch = self._epoch_batches()[index]
+        width = self._width(batch)
+        window = self.windows[batch][:, -(width + 1) :]
+        ids = window[:, :-1]
+        pos = np.where(ids != 0, window[:, 1:], 0).astype(np.int32)
+        rng = np.random.default_rng([self.seed, self.epoch, index + 1])
+        y = {"pos": pos}
+        if self.loss == "bce":
+            y["neg"] = self._unseen_negatives(rng, self.window_users[batch], pos.shape)
+        elif self.loss in ("sampled-softmax", "gbce"):
+            if self._sampling_p is not None:
+                neg = rng.choice(self.vocab_size, size=self.num_negatives, p=self._sampling_p)
+            else:
+                neg = rng.integers(FIRST_ITEM_ID, self.vocab_size, size=self.num_negatives)
+            y["neg"] = neg.astype(np.int32)
+            if self._logq is not None:
+                y["neg_logq"] = self._logq[neg]
+                y["pos_logq"] = np.where(pos != 0, self._logq[pos], 0).astype(np.float32)
+        return ids, y
+
+    def _unseen_negatives(self, rng, users: np.ndarray, shape) -> np.ndarray:
+        """One uniform negative per position, redrawn while it is in the user's training history."""
+        neg = rng.integers(FIRST_ITEM_ID, self.vocab_size, size=shape)
+        keys_base = users.astype(np.int64)[:, None] * self.vocab_size
+        for _ in range(10):
+            keys = keys_base + neg
+            idx = np.searchsorted(self._seen_keys, keys).clip(max=len(self._seen_keys) - 1)
+            seen = self._seen_keys[idx] == keys
+            if not seen.any():
+                break
+            neg[seen] = rng.integers(FIRST_ITEM_ID, self.vocab_size, size=int(seen.sum()))
+        return neg.astype(np.int32)

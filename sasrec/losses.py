@@ -1,0 +1,107 @@
+"""Training losses of SASRec over hidden states and the shared item embedding table.
+
+Each loss takes hidden states ``h`` (B, W, d), the item table ``E`` (V, d) and the targets from the
+training feed: ``pos`` (B, W) next item per position (0 where there is no target) and ``neg``
+(negatives: (B, W) one per position for ``bce``, (N,) shared by the batch for ``sampled-softmax`` and
+``gbce``). Positions without a target do not count; the loss is the mean over counted positions.
+All functions use ``keras.ops`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from keras import ops
+
+from pipelines.dataset import FIRST_ITEM_ID
+
+# Finite stand-in for -inf in logits that go through logsumexp (keeps gradients NaN-free).
+MASKED_LOGIT = -1e9
+
+
+def _masked_mean(per_position, pos):
+    weights = ops.cast(ops.not_equal(pos, 0), "float32")
+    return ops.sum(per_position * weights) / ops.maximum(ops.sum(weights), 1.0)
+
+
+def _dot(h, E, ids):
+    """Logit of item ``ids`` (B, W) for each position: (B, W)."""
+    return ops.sum(h * ops.take(E, ids, axis=0), axis=-1)
+
+
+def bce_loss(h, E, pos, neg):
+    """The paper's loss: binary cross-entropy of the next item against one sampled negative."""
+    pos_logit = _dot(h, E, pos)
+    neg_logit = _dot(h, E, neg)
+    return _masked_mean(ops.softplus(-pos_logit) + ops.softplus(neg_logit), pos)
+
+
+def ce_loss(h, E, pos):
+    """Full softmax cross-entropy over the whole catalog ("SASRec+"); padding/OOV excluded."""
+    logits = ops.matmul(h, ops.transpose(E))
+    vocab = ops.shape(E)[0]
+    reserved = ops.arange(vocab) < FIRST_ITEM_ID
+    logits = ops.where(reserved, MASKED_LOGIT, logits)
+    target = ops.take_along_axis(logits, ops.expand_dims(pos, -1), axis=-1)[..., 0]
+    return _masked_mean(ops.logsumexp(logits, axis=-1) - target, pos)
+
+
+def _shared_negative_logits(h, E, pos, neg):
+    """Positive logit (B, W) and logits of the shared negatives (B, W, N), accidental hits masked."""
+    pos_logit = _dot(h, E, pos)
+    neg_logits = ops.matmul(h, ops.transpose(ops.take(E, neg, axis=0)))
+    hit = ops.equal(ops.expand_dims(pos, -1), ops.reshape(neg, (1, 1, -1)))
+    return pos_logit, neg_logits, hit
+
+
+def sampled_softmax_loss(h, E, pos, neg, pos_logq=None, neg_logq=None):
+    """Softmax over the positive and N negatives shared by the batch.
+
+    With ``pos_logq``/``neg_logq`` (log sampling probabilities) logits are corrected by -log q, which
+    makes popularity-sampled softmax an unbiased estimate of the full softmax.
+    """
+    pos_logit, neg_logits, hit = _shared_negative_logits(h, E, pos, neg)
+    if neg_logq is not None:
+        pos_logit = pos_logit - pos_logq
+        neg_logits = neg_logits - ops.reshape(neg_logq, (1, 1, -1))
+    neg_logits = ops.where(hit, MASKED_LOGIT, neg_logits)
+    all_logits = ops.concatenate([ops.expand_dims(pos_logit, -1), neg_logits], axis=-1)
+    return _masked_mean(ops.logsumexp(all_logits, axis=-1) - pos_logit, pos)
+
+
+def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
+    """gSASRec's power on the positive probability: beta = alpha * (t * (1 - 1/alpha) + 1/alpha)."""
+    alpha = num_negatives / (num_items - 1)
+    return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def gbce_loss(h, E, pos, neg, beta: float):
+    """Generalised BCE (Petrov & Macdonald, RecSys 2023): -beta*log s(pos) - sum log(1 - s(neg))."""
+    pos_logit, neg_logits, hit = _shared_negative_logits(h, E, pos, neg)
+    neg_term = ops.sum(ops.where(hit, 0.0, ops.softplus(neg_logits)), axis=-1)
+    return _masked_mean(beta * ops.softplus(-pos_logit) + neg_term, pos)
+
+
+@dataclass(frozen=True)
+class SequenceLoss:
+    """The configured training loss, called by ``SASRec.compute_loss`` as ``loss(model, h, y)``."""
+
+    name: str
+    num_items: int = 0
+    num_negatives: int = 0
+    gbce_t: float = 0.75
+
+    def __call__(self, model, hidden, y):
+        h = ops.cast(hidden, "float32")
+        E = ops.cast(model.item_embedding.embeddings, "float32")
+        pos = ops.cast(y["pos"], "int32")
+        if self.name == "bce":
+            return bce_loss(h, E, pos, ops.cast(y["neg"], "int32"))
+        if self.name == "ce":
+            return ce_loss(h, E, pos)
+        neg = ops.cast(y["neg"], "int32")
+        if self.name == "sampled-softmax":
+            return sampled_softmax_loss(h, E, pos, neg, y.get("pos_logq"), y.get("neg_logq"))
+        if self.name == "gbce":
+            return gbce_loss(h, E, pos, neg, gbce_beta(self.num_negatives, self.num_items, self.gbce_t))
+        raise ValueError(f"unknown loss {self.name!r}")

@@ -1,0 +1,138 @@
+"""The SASRec model (Kang & McAuley, ICDM 2018) as a backend-agnostic Keras 3 model."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from pipelines.dataset import FIRST_ITEM_ID
+from sasrec.config import SASRecConfig
+from sasrec.layers import CausalSelfAttentionBlock
+
+
+@keras.saving.register_keras_serializable(package="sasrec")
+class SASRec(keras.Model):
+    """Self-attentive sequential recommender.
+
+    ``model(ids)`` takes internal item ids ``(B, W)`` with ``W <= maxlen``, left-padded with 0 so the
+    most recent item sits in the last column, and returns hidden states ``(B, W, d)``. Positions are
+    counted from the end of the window, so cutting left padding off changes nothing.
+    Scores are dot products with the item embedding table (shared between input and output).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        maxlen: int = 200,
+        hidden_units: int = 50,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        dropout: float = 0.2,
+        norm: str = "pre",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.maxlen = maxlen
+        self.hidden_units = hidden_units
+        self.num_blocks = num_blocks
+        self.num_heads = num_heads
+        self.dropout_rate = dropout
+        self.norm = norm
+        self.item_embedding = keras.layers.Embedding(
+            vocab_size, hidden_units, embeddings_initializer="glorot_normal", name="item_embedding"
+        )
+        self.position_embedding = keras.layers.Embedding(
+            maxlen, hidden_units, embeddings_initializer="glorot_normal", name="position_embedding"
+        )
+        self.embedding_dropout = keras.layers.Dropout(dropout)
+        self.blocks = [
+            CausalSelfAttentionBlock(hidden_units, num_heads, dropout, norm, name=f"block_{i}") for i in range(num_blocks)
+        ]
+        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-8, name="final_norm")
+        # Set by training code (see sasrec.losses); not part of the saved model.
+        self.training_loss = None
+
+    def build(self, input_shape=None):
+        self.item_embedding.build((None, None))
+        self.position_embedding.build((None,))
+        shape = (None, None, self.hidden_units)
+        for block in self.blocks:
+            block.build(shape)
+        self.final_norm.build(shape)
+        self.built = True
+
+    def call(self, ids, training=False):
+        ids = ops.cast(ids, "int32")
+        width = ops.shape(ids)[1]
+        valid = ops.not_equal(ids, 0)
+        x = self.item_embedding(ids) * math.sqrt(self.hidden_units)
+        positions = ops.arange(self.maxlen - width, self.maxlen, dtype="int32")
+        x = x + ops.expand_dims(self.position_embedding(positions), 0)
+        x = self.embedding_dropout(x, training=training)
+        x = x * ops.cast(ops.expand_dims(valid, -1), x.dtype)
+        for block in self.blocks:
+            x = block(x, valid, training=training)
+        return self.final_norm(x)
+
+    def item_logits(self, hidden):
+        """Scores of every item for hidden states ``(..., d)``: ``(..., vocab_size)`` in float32."""
+        table = ops.cast(self.item_embedding.embeddings, hidden.dtype)
+        return ops.cast(ops.matmul(hidden, ops.transpose(table)), "float32")
+
+    def score_last(self, ids):
+        """Next-item scores after the last position only: ``(B, vocab_size)`` float32.
+
+        Padding and the out-of-vocabulary id score ``-inf`` so they are never recommended.
+        """
+        hidden = self(ids, training=False)[:, -1, :]
+        logits = self.item_logits(hidden)
+        reserved = ops.arange(self.vocab_size) < FIRST_ITEM_ID
+        return ops.where(ops.expand_dims(reserved, 0), float("-inf"), logits)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if self.training_loss is None:
+            raise RuntimeError("SASRec.training_loss is not set; train with sasrec.train.train()")
+        return self.training_loss(self, y_pred, y)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            vocab_size=self.vocab_size,
+            maxlen=self.maxlen,
+            hidden_units=self.hidden_units,
+            num_blocks=self.num_blocks,
+            num_heads=self.num_heads,
+            dropout=self.dropout_rate,
+            norm=self.norm,
+        )
+        return config
+
+
+class LastPositionScorer(keras.Model):
+    """Wraps a SASRec so that ``predict_on_batch(ids)`` returns ``score_last(ids)``, compiled by the
+    backend's own predict machinery (tf.function, jax.jit or torch). Never saved."""
+
+    def __init__(self, sasrec: SASRec, **kwargs):
+        super().__init__(**kwargs)
+        self.sasrec = sasrec
+
+    def call(self, ids):
+        return self.sasrec.score_last(ids)
+
+
+def build_model(config: SASRecConfig, vocab_size: int) -> SASRec:
+    model = SASRec(
+        vocab_size=vocab_size,
+        maxlen=config.maxlen,
+        hidden_units=config.hidden_units,
+        num_blocks=config.num_blocks,
+        num_heads=config.num_heads,
+        dropout=config.dropout,
+        norm=config.norm,
+        name="sasrec",
+    )
+    model.build((None, config.maxlen))
+    return model
