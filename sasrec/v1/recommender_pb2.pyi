@@ -1,0 +1,67 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("history", "k", "exclude_seen", "exclude_item_ids", "user_id")
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    history: _containers.RepeatedScalarFieldContainer[str]
+    k: int
+    exclude_seen: bool
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    user_id: str
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., user_id: _Optional[str] = ...) -> None: ...
+
+class ScoredItem(_message.Message):
+    __slots__ = ("item_id", "score")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("items", "model_name", "model_version", "unknown_history_ids", "cold_start")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_HISTORY_IDS_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    model_name: str
+    model_version: int
+    unknown_history_ids: int
+    cold_start: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., unknown_history_ids: _Optional[int] = ..., cold_start: _Optional[bool] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_name", "model_version", "maxlen", "max_k", "num_items", "exported_at", "source_run", "model_card_json")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAXLEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
+    NUM_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_RUN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CARD_JSON_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: int
+    maxlen: int
+    max_k: int
+    num_items: int
+    exported_at: str
+    source_run: str
+    model_card_json: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., maxlen: _Optional[int] = ..., max_k: _Optional[int] = ..., num_items: _Optional[int] = ..., exported_at: _Optional[str] = ..., source_run: _Optional[str] = ..., model_card_json: _Optional[str] = ...) -> None: ...

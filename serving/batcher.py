@@ -1,0 +1,181 @@
+"""Dynamic micro-batching: concurrent requests share one model call.
+
+Handler threads ``submit`` a request and wait on its future. One worker thread takes the oldest
+request, then gathers more until ``max_batch_size`` requests or ``max_wait_s`` after it took the
+first; requests that arrived while the model was busy are already queued, so under load batches
+fill without waiting and an idle server answers a lone request after at most ``max_wait_s``.
+
+Requests in one batch are grouped by ``exclude_seen`` (a scalar of the signature) and called with
+the largest ``k`` of the group; each request gets its own first ``k`` columns. Requests whose
+deadline passed or whose caller went away are dropped before the model call. The model used for a
+batch is read once per batch, so a hot swap never mixes versions inside a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger("serving.batcher")
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass
+class Pending:
+    history: list
+    k: int
+    exclude_seen: bool
+    exclude_item_ids: list
+    deadline: float | None  # time.monotonic() seconds, None: no deadline
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Result:
+    item_ids: list
+    scores: list
+    unknown_count: int
+    cold_start: bool
+    version: int | None
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        get_model: Callable,
+        *,
+        max_batch_size: int = 64,
+        max_wait_s: float = 0.001,
+        metrics=None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self._get_model = get_model
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max(0.0, max_wait_s)
+        self._metrics = metrics
+        self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, history, k, exclude_seen, exclude_item_ids, deadline=None) -> Future:
+        item = Pending(list(history), int(k), bool(exclude_seen), list(exclude_item_ids), deadline)
+        if self._closed:
+            item.future.set_exception(ShuttingDown("server is shutting down"))
+        else:
+            self._queue.put(item)
+        return item.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish everything queued, then stop the worker."""
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # -- worker ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            end = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    remaining = end - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                self._process(batch)
+            except BaseException as exc:  # never let the worker die
+                log.exception("batch failed")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+        # Drain whatever is left (close() was called): answer it rather than leave callers waiting.
+        leftover = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                leftover.append(item)
+        for start in range(0, len(leftover), self.max_batch_size):
+            self._process(leftover[start : start + self.max_batch_size])
+
+    def _process(self, batch: list[Pending]) -> None:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                continue  # caller cancelled
+            if item.deadline is not None and item.deadline <= now:
+                item.future.set_exception(DeadlineExceeded())
+                continue
+            live.append(item)
+        if not live:
+            return
+        model = self._get_model()
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(len(live))
+        for exclude_seen in (True, False):
+            group = [item for item in live if item.exclude_seen == exclude_seen]
+            if group:
+                self._call(model, group, exclude_seen)
+
+    def _call(self, model, group: list[Pending], exclude_seen: bool) -> None:
+        k = max(item.k for item in group)
+        start = time.perf_counter()
+        try:
+            out = model.recommend_batch(
+                [item.history for item in group],
+                k=k,
+                exclude_seen=exclude_seen,
+                exclude_item_ids=[item.exclude_item_ids for item in group],
+            )
+        except BaseException as exc:
+            log.exception("model call failed for a batch of %d", len(group))
+            for item in group:
+                item.future.set_exception(exc)
+            return
+        if self._metrics is not None:
+            self._metrics.batch_latency.observe(time.perf_counter() - start)
+        for i, item in enumerate(group):
+            ids = out.item_ids[i, : item.k]
+            scores = out.scores[i, : item.k]
+            n = sum(1 for x in ids if x)
+            item.future.set_result(
+                Result(
+                    item_ids=list(ids[:n]),
+                    scores=scores[:n].tolist(),
+                    unknown_count=int(out.unknown_count[i]),
+                    cold_start=bool(out.cold_start[i]),
+                    version=model.version,
+                )
+            )

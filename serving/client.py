@@ -1,0 +1,119 @@
+"""A small Python client for the recommendation service.
+
+    from serving.client import RecommenderClient
+    with RecommenderClient("localhost:8500") as client:
+        response = client.recommend(["1193", "661", "914"], k=10)
+        for item in response.items:
+            print(item.item_id, item.score)
+
+Health probe for containers: ``python -m serving.client health localhost:8500`` exits 0 when the
+server reports SERVING through the standard gRPC health service, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+
+from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
+
+
+class RecommenderClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        timeout: float | None = 5.0,
+        max_message_bytes: int = 4 << 20,
+    ):
+        options = [("grpc.max_send_message_length", max_message_bytes)]
+        if tls or tls_ca:
+            root = Path(tls_ca).read_bytes() if tls_ca else None
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = recommender_pb2_grpc.RecommenderStub(self.channel)
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def recommend(
+        self,
+        history: Sequence[str],
+        k: int | None = 10,
+        *,
+        exclude_seen: bool | None = True,
+        exclude_item_ids: Sequence[str] = (),
+        user_id: str = "",
+        timeout: float | None = None,
+    ) -> recommender_pb2.RecommendResponse:
+        request = recommender_pb2.RecommendRequest(
+            history=list(history), exclude_item_ids=list(exclude_item_ids), user_id=user_id
+        )
+        if k is not None:
+            request.k = k
+        if exclude_seen is not None:
+            request.exclude_seen = exclude_seen
+        return self.stub.Recommend(request, timeout=timeout or self.timeout, metadata=self._metadata)
+
+    def model_info(self, timeout: float | None = None) -> recommender_pb2.ModelInfo:
+        return self.stub.GetModelInfo(
+            recommender_pb2.GetModelInfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """``SERVING``, ``NOT_SERVING``, ... or ``UNREACHABLE`` when the call itself fails."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
+        except grpc.RpcError:
+            return "UNREACHABLE"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "RecommenderClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def format_table(response: recommender_pb2.RecommendResponse) -> str:
+    lines = [f"{'rank':>4}  {'item_id':<24} {'score':>10}"]
+    for rank, item in enumerate(response.items, 1):
+        lines.append(f"{rank:>4}  {item.item_id:<24} {item.score:>10.4f}")
+    notes = [f"model {response.model_name} v{response.model_version}"]
+    if response.unknown_history_ids:
+        notes.append(f"{response.unknown_history_ids} unknown history ids ignored")
+    if response.cold_start:
+        notes.append("cold start: popularity ranking")
+    return "\n".join(lines) + "\n(" + "; ".join(notes) + ")"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m serving.client", description="gRPC health probe")
+    parser.add_argument("action", choices=["health"])
+    parser.add_argument("target", help="HOST:PORT")
+    parser.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    parser.add_argument("--tls-ca", help="CA certificate (PEM) when the server uses TLS")
+    parser.add_argument("--timeout", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    with RecommenderClient(args.target, tls_ca=args.tls_ca, timeout=args.timeout) as client:
+        status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""CLI commands ``export``, ``serve`` and ``recommend`` (TensorFlow and gRPC load inside the functions)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines.errors import InputError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a trained run as a SavedModel version (models/NAME/<N>/)",
+        description="Write the run's best model, vocabulary, top-k and model card as the next integer "
+        "version of a model base, atomically (TensorFlow Serving layout).",
+    )
+    p.add_argument("--run", required=True, help="run folder written by `sasrec train`")
+    p.add_argument("--model-base", required=True, help="model base folder, e.g. models/ml-1m")
+    p.add_argument("--version", type=int, help="version number (default: newest + 1)")
+    p.add_argument("--no-xla", dest="xla", action="store_false",
+                   help="do not XLA-compile the scoring part (XLA is faster on CPU, compiles per batch size)")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model base over gRPC (health, reflection, metrics, hot reload)",
+        description="gRPC recommendation server with micro-batching, hot reload of new versions, "
+        "Prometheus metrics, optional TLS and bearer-token auth. SIGTERM drains and exits 0.",
+    )
+    from serving.server import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser(
+        "recommend",
+        help="ask a running server for recommendations and print a table",
+        description="Call Recommend on a running server (sasrec serve) and print the items.",
+    )
+    p.add_argument("--target", default="localhost:8500", help="HOST:PORT of the server (default localhost:8500)")
+    p.add_argument("--history", default="", help="comma-separated item ids, oldest first")
+    p.add_argument("-k", type=int, default=10, help="number of items (default 10)")
+    p.add_argument("--include-seen", action="store_true", help="allow items already in the history")
+    p.add_argument("--exclude", default="", help="comma-separated item ids to leave out")
+    p.add_argument("--user-id", default="", help="user id for the server's logs")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds (default 5)")
+    p.add_argument("--tls-ca", help="CA certificate (PEM): connect with TLS")
+    p.add_argument("--auth-token", help="bearer token (or SASREC_AUTH_TOKEN)")
+    p.add_argument("--auth-token-file", help="file holding the bearer token")
+    p.add_argument("--info", action="store_true", help="print the model info instead of recommending")
+    p.set_defaults(func=cmd_recommend)
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sasrec.export import export_run
+
+    target = export_run(args.run, args.model_base, version=args.version, jit_compile=args.xla)
+    print(f"exported {args.run} -> {target}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from serving.server import config_from_args, serve
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(config_from_args(args))
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import grpc
+
+    from serving.client import RecommenderClient, format_table
+    from serving.security import read_token
+
+    token = read_token(args.auth_token, args.auth_token_file)
+    with RecommenderClient(args.target, token=token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
+        try:
+            if args.info:
+                info = client.model_info()
+                print(f"model {info.model_name} v{info.model_version}: {info.num_items} items, "
+                      f"maxlen {info.maxlen}, max_k {info.max_k}, exported {info.exported_at} from {info.source_run}")
+                return 0
+            response = client.recommend(
+                _split(args.history), k=args.k, exclude_seen=not args.include_seen,
+                exclude_item_ids=_split(args.exclude), user_id=args.user_id,
+            )
+        except grpc.RpcError as exc:
+            raise InputError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
+    print(format_table(response))
+    return 0

@@ -1,0 +1,229 @@
+"""``sasrec serve``: flags and wiring of the gRPC recommendation server.
+
+    sasrec serve --model-base models/ml-1m --port 8500 --metrics-port 9090
+
+Pieces: a thread-pool ``grpc.server`` (measured faster than ``grpc.aio`` for this workload, see
+BENCHMARKS.md) with the Recommender servicer, the standard health service (NOT_SERVING until a model
+is loaded and warmed) and reflection; a :class:`~serving.model_store.ModelStore` watching the model
+base; a :class:`~serving.batcher.MicroBatcher`; Prometheus metrics on ``--metrics-port``; optional TLS
+and bearer-token auth (:mod:`serving.security`). SIGTERM or SIGINT: health goes NOT_SERVING, new calls
+are refused, in-flight calls finish within ``--grace-period-s``, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("serving")
+
+
+@dataclass
+class ServerConfig:
+    model_base: str
+    model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8500
+    metrics_port: int | None = 9090  # None: no metrics endpoint
+    max_batch_size: int = 64
+    batch_timeout_ms: float = 0.0  # greedy: requests queued while the model runs form the next batch
+    poll_interval_s: float = 5.0
+    max_message_bytes: int = 1 << 20
+    grace_period_s: float = 10.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token: str | None = None
+    max_k: int | None = None
+    workers: int = 32
+    max_concurrent_rpcs: int = 1024
+
+
+def add_arguments(parser) -> None:
+    d = ServerConfig(model_base="")
+    a = parser.add_argument
+    a("--model-base", required=True, help="model base folder with integer version folders (sasrec export)")
+    a("--model-name", help="name reported in responses (default: the model base folder name)")
+    a("--host", default=d.host, help=f"address to bind (default {d.host}; use 0.0.0.0 in containers)")
+    a("--port", type=int, default=d.port, help=f"gRPC port (default {d.port}; 0 picks a free one)")
+    a("--metrics-port", type=int, default=d.metrics_port, help=f"Prometheus /metrics port (default {d.metrics_port}; -1 disables)")
+    a("--max-batch-size", type=int, default=d.max_batch_size, help=f"most requests per model call (default {d.max_batch_size})")
+    a("--batch-timeout-ms", type=float, default=d.batch_timeout_ms,
+      help=f"longest wait for a batch to fill after its first request (default {d.batch_timeout_ms}: no wait; "
+      "requests that arrive while the model is busy still batch together)")
+    a("--poll-interval-s", type=float, default=d.poll_interval_s,
+      help=f"how often to look for new model versions (default {d.poll_interval_s})")
+    a("--max-message-bytes", type=int, default=d.max_message_bytes,
+      help=f"largest accepted request; bigger ones get RESOURCE_EXHAUSTED (default {d.max_message_bytes})")
+    a("--grace-period-s", type=float, default=d.grace_period_s,
+      help=f"on SIGTERM, time for in-flight requests to finish (default {d.grace_period_s})")
+    a("--tls-cert", help="PEM certificate chain: serve over TLS (with --tls-key)")
+    a("--tls-key", help="PEM private key for --tls-cert")
+    a("--auth-token", help="require 'authorization: Bearer TOKEN' (health checks stay open); "
+      "prefer --auth-token-file or SASREC_AUTH_TOKEN, arguments are visible in ps")
+    a("--auth-token-file", help="file holding the bearer token")
+    a("--max-k", type=int, default=None, help="largest k accepted (default: every item of the model)")
+    a("--workers", type=int, default=d.workers, help=f"gRPC handler threads (default {d.workers})")
+    a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
+      help=f"calls beyond this get RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
+    a("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def config_from_args(args) -> ServerConfig:
+    from pipelines.errors import InputError
+    from serving.security import read_token
+
+    if args.max_batch_size < 1:
+        raise InputError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.batch_timeout_ms < 0:
+        raise InputError(f"--batch-timeout-ms must be >= 0, got {args.batch_timeout_ms}")
+    if args.max_k is not None and args.max_k < 1:
+        raise InputError(f"--max-k must be >= 1, got {args.max_k}")
+    if args.workers < 1:
+        raise InputError(f"--workers must be >= 1, got {args.workers}")
+    return ServerConfig(
+        model_base=args.model_base,
+        model_name=args.model_name,
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port,
+        max_batch_size=args.max_batch_size,
+        batch_timeout_ms=args.batch_timeout_ms,
+        poll_interval_s=args.poll_interval_s,
+        max_message_bytes=args.max_message_bytes,
+        grace_period_s=args.grace_period_s,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token=read_token(args.auth_token, args.auth_token_file),
+        max_k=args.max_k,
+        workers=args.workers,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+    )
+
+
+class RecommenderServer:
+    """The wired server. ``start()`` binds and starts watching; ``stop()`` drains and shuts down."""
+
+    def __init__(self, config: ServerConfig):
+        import grpc
+
+        from sasrec.v1 import recommender_pb2_grpc
+        from serving import observability, security
+        from serving.batcher import MicroBatcher
+        from serving.model_store import ModelStore
+        from serving.servicer import RecommenderServicer
+
+        self.config = config
+        base = Path(config.model_base)
+        self.model_name = config.model_name or base.resolve().name
+        self.metrics = observability.Metrics()
+        self.health = observability.make_health()
+        self.ready = threading.Event()
+        self.store = ModelStore(
+            base,
+            poll_interval_s=config.poll_interval_s,
+            metrics=self.metrics,
+            max_batch_size=config.max_batch_size,
+            on_change=self._on_model,
+        )
+        self.batcher = MicroBatcher(
+            self.store.get,
+            max_batch_size=config.max_batch_size,
+            max_wait_s=config.batch_timeout_ms / 1000.0,
+            metrics=self.metrics,
+        )
+        interceptors = [security.TokenAuthInterceptor(config.auth_token)] if config.auth_token else []
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
+            interceptors=interceptors,
+            options=options,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        recommender_pb2_grpc.add_RecommenderServicer_to_server(
+            RecommenderServicer(
+                self.store, self.batcher, model_name=self.model_name, metrics=self.metrics, max_k=config.max_k
+            ),
+            self.server,
+        )
+        observability.add_health_and_reflection(self.server, self.health)
+        address = f"{config.host}:{config.port}"
+        creds = security.server_credentials(config.tls_cert, config.tls_key)
+        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        if not self.port:
+            from pipelines.errors import InputError
+
+            raise InputError(f"cannot bind {address}")
+        self.metrics_port = None
+        self._metrics_http = None
+        self._stopped = threading.Event()
+
+    def _on_model(self, model) -> None:
+        from serving.observability import set_serving
+
+        if not self._stopped.is_set():
+            set_serving(self.health, True)
+        self.ready.set()
+
+    def start(self) -> "RecommenderServer":
+        self.server.start()
+        if self.config.metrics_port is not None:
+            self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self.metrics_port = self._metrics_http.server_port
+        self.store.start()
+        secure = "TLS" if self.config.tls_cert else "plaintext"
+        auth = "bearer token" if self.config.auth_token else "no auth"
+        log.info(
+            "listening on %s:%d (%s, %s), metrics on %s, watching %s",
+            self.config.host, self.port, secure, auth, self.metrics_port, self.config.model_base,
+        )
+        if self.config.host not in ("127.0.0.1", "localhost", "::1") and not (
+            self.config.tls_cert or self.config.auth_token
+        ):
+            log.warning("serving on %s without TLS or auth: keep this port inside a private network", self.config.host)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight calls finish within ``grace`` seconds, release everything."""
+        from serving.observability import set_serving
+
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.grace_period_s if grace is None else grace
+        set_serving(self.health, False)
+        self.store.stop()
+        done = self.server.stop(grace)
+        done.wait(grace + 1)
+        self.batcher.close(timeout=grace + 1)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self.ready.wait(timeout)
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    server = RecommenderServer(config).start()
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: draining (grace %.1f s)", signal.Signals(signum).name, config.grace_period_s)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,72 @@
+"""Training windows and batches."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.dataset import read_dataset
+from sasrec.feed import TrainingFeed, left_pad, pad_histories, training_windows
+
+
+def test_left_pad_keeps_most_recent_items_right_aligned():
+    items = np.arange(1, 11, dtype=np.int32)
+    out = left_pad(items, [0, 2, 5], [2, 9, 5], maxlen=4)
+    assert out.tolist() == [[0, 0, 1, 2], [6, 7, 8, 9], [0, 0, 0, 0]]
+    assert pad_histories([[5, 6], [], [1, 2, 3, 4, 5]], 3).tolist() == [[0, 5, 6], [0, 0, 0], [3, 4, 5]]
+
+
+def test_one_window_per_user_ends_at_the_last_training_item(tiny_dataset):
+    ds = read_dataset(tiny_dataset)
+    windows, users = training_windows(ds, maxlen=10)
+    assert len(windows) == ds.num_users
+    for w, u in zip(windows[:20], users[:20]):
+        train = ds.user_items(u)[: ds.train_end[u]]
+        assert w.tolist() == train[-11:].tolist()  # maxlen + 1 items
+
+
+def test_sliding_windows_cover_long_histories(tiny_dataset):
+    ds = read_dataset(tiny_dataset)
+    single, _ = training_windows(ds, maxlen=5)
+    sliding, users = training_windows(ds, maxlen=5, step=5)
+    assert len(sliding) > len(single)
+    u = users[-1]
+    train = ds.user_items(u)[: ds.train_end[u]].tolist()
+    assert sliding[-1].tolist() in [train[e - 6 : e] for e in range(6, len(train) + 1)]
+
+
+def test_batches_are_reproducible_by_epoch_and_cut_to_their_width(tiny_dataset):
+    ds = read_dataset(tiny_dataset)
+    make = lambda: TrainingFeed(ds, maxlen=40, batch_size=32, loss="bce", seed=7)  # noqa: E731
+    a, b = make(), make()
+    b.set_epoch(3)
+    b[0]
+    b.set_epoch(0)
+    for i in (0, 5, len(a) - 1):
+        (xa, ya), (xb, yb) = a[i], b[i]
+        assert np.array_equal(xa, xb) and np.array_equal(ya["neg"], yb["neg"])
+    widths = {a[i][0].shape[1] for i in range(len(a))}
+    assert max(widths) <= 40 and all(w % 16 == 0 or w == 40 for w in widths)
+    a.set_epoch(1)
+    assert not np.array_equal(a[0][0][:, -1], b[0][0][:, -1])  # another epoch, another order
+
+
+def test_targets_are_next_items_and_bce_negatives_are_unseen(tiny_dataset):
+    ds = read_dataset(tiny_dataset)
+    feed = TrainingFeed(ds, maxlen=40, batch_size=64, loss="bce", seed=1)
+    ids, y = feed[2]
+    assert ids.shape == y["pos"].shape == y["neg"].shape
+    assert np.array_equal(y["pos"][:, :-1][ids[:, 1:] != 0], ids[:, 1:][ids[:, 1:] != 0])
+    assert ((y["pos"] == 0) == (ids == 0)).all()
+    users = feed.window_users[feed._epoch_batches()[2]]
+    for row, user in enumerate(users):
+        seen = set(ds.user_items(user)[: ds.train_end[user]].tolist())
+        assert not seen & set(y["neg"][row].tolist())
+
+
+def test_shared_negatives_for_sampled_losses(tiny_dataset):
+    ds = read_dataset(tiny_dataset)
+    feed = TrainingFeed(ds, maxlen=40, batch_size=64, loss="sampled-softmax", num_negatives=17,
+                        negative_sampling="popularity", logq_correction=True, seed=1)
+    ids, y = feed[0]
+    assert y["neg"].shape == (17,) and (y["neg"] >= 2).all()
+    assert y["neg_logq"].shape == (17,) and y["pos_logq"].shape == ids.shape

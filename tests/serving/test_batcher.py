@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batcher import DeadlineExceeded, MicroBatcher
+from sasrec.recommender import BatchResult
+
+
+class FakeModel:
+    version = 7
+
+    def __init__(self, delay=0.0):
+        self.calls = []
+        self.delay = delay
+
+    def recommend_batch(self, histories, k, exclude_seen, exclude_item_ids):
+        self.calls.append((len(histories), k, exclude_seen))
+        time.sleep(self.delay)
+        n = len(histories)
+        ids = np.array([[f"{h[0] if h else 'pop'}-{j}" for j in range(k)] for h in histories], dtype=object)
+        ids[:, k - 1] = ""  # the last column is always "no item"
+        return BatchResult(ids, np.tile(-np.arange(k, dtype=np.float32), (n, 1)), np.zeros(n, np.int32),
+                           np.array([not h for h in histories]))
+
+
+def test_concurrent_requests_share_model_calls_and_get_their_own_k():
+    model = FakeModel(delay=0.02)
+    batcher = MicroBatcher(lambda: model, max_batch_size=16, max_wait_s=0.005)
+    futures = [batcher.submit([f"h{i}"], k=2 + i % 3, exclude_seen=i % 2 == 0, exclude_item_ids=[]) for i in range(40)]
+    results = [f.result(5) for f in futures]
+    batcher.close(5)
+    for i, r in enumerate(results):
+        assert r.item_ids == [f"h{i}-{j}" for j in range(2 + i % 3 - 1)] or len(r.item_ids) == 2 + i % 3
+        assert r.version == 7
+    assert sum(c[0] for c in model.calls) == 40
+    assert len(model.calls) < 40
+    assert all(size <= 16 for size, _, _ in model.calls)
+
+
+def test_trailing_empty_ids_are_dropped():
+    model = FakeModel()
+    batcher = MicroBatcher(lambda: model, max_batch_size=4, max_wait_s=0)
+    result = batcher.submit(["a"], k=3, exclude_seen=True, exclude_item_ids=[]).result(5)
+    assert result.item_ids == ["a-0", "a-1"] and len(result.scores) == 2
+    batcher.close(5)
+
+
+def test_expired_requests_are_dropped_before_the_model_call():
+    model = FakeModel(delay=0.1)
+    batcher = MicroBatcher(lambda: model, max_batch_size=1, max_wait_s=0)
+    first = batcher.submit(["a"], 2, True, [])
+    late = batcher.submit(["b"], 2, True, [], deadline=time.monotonic() + 0.01)
+    first.result(5)
+    with pytest.raises(DeadlineExceeded):
+        late.result(5)
+    assert len(model.calls) == 1
+    batcher.close(5)
+
+
+def test_model_errors_reach_the_caller_and_the_worker_survives():
+    class Broken(FakeModel):
+        def recommend_batch(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    model = [Broken()]
+    batcher = MicroBatcher(lambda: model[0], max_batch_size=4, max_wait_s=0)
+    with pytest.raises(RuntimeError):
+        batcher.submit(["a"], 2, True, []).result(5)
+    model[0] = FakeModel()
+    assert batcher.submit(["a"], 2, True, []).result(5).item_ids == ["a-0"]
+    batcher.close(5)
+
+
+def test_close_answers_everything_queued():
+    model = FakeModel(delay=0.05)
+    batcher = MicroBatcher(lambda: model, max_batch_size=2, max_wait_s=0)
+    futures = [batcher.submit([str(i)], 2, True, []) for i in range(10)]
+    threading.Thread(target=batcher.close).start()
+    assert all(f.result(5).item_ids for f in futures)
