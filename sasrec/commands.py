@@ -75,7 +75,9 @@ def run_train(args) -> int:
     from sasrec.train import check_tensorboard, train
 
     check_tensorboard(config)
-    with distributed.data_parallel(args.devices):
+    with distributed.data_parallel(args.devices) as strategy:
+        if strategy is not None:
+            print(f"Training on {args.devices} device(s) ({type(strategy).__name__})")
         result = train(args.data, args.out, config, verbose=0 if args.quiet else "auto")
     print_results(result)
     return 0

@@ -68,3 +68,13 @@ def _jax_devices(num_devices: int):
     if len(devices) < num_devices:
         raise InputError(f"--devices {num_devices}: only {len(devices)} JAX device(s) available")
     return devices[:num_devices]
+
+
+def xla_supported() -> bool:
+    """XLA cannot place MirroredStrategy's per-replica variables (TensorFlow known issue), so compiled
+    steps are plain tf.functions inside a strategy scope."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow" or "tensorflow" not in sys.modules:
+        return True
+    import tensorflow as tf
+
+    return not tf.distribute.has_strategy()

@@ -93,8 +93,8 @@ def rank_targets(
         targets = evalset.targets[lo:hi]
         rows = np.arange(n)
         target_scores = scores[rows, targets].copy()
+        scores[:, :FIRST_ITEM_ID] = -np.inf
         if protocol.protocol == "full":
-            scores[:, :FIRST_ITEM_ID] = -np.inf
             if protocol.exclude_seen:
                 seen_rows, seen_items = _history_entries(ds, evalset, lo, hi)
                 scores[seen_rows, seen_items] = -np.inf
@@ -116,20 +116,23 @@ def _history_entries(ds, evalset, lo, hi):
 
 
 def _sampled_candidates(ds, evalset, lo, hi, num_negatives, rng) -> np.ndarray:
-    """Target first, then ``num_negatives`` distinct uniform items the user never interacted with."""
-    out = np.empty((hi - lo, num_negatives + 1), dtype=np.int64)
+    """Target first, then ``num_negatives`` distinct uniform items the user never interacted with.
+
+    When the catalog holds fewer such items, all of them are used and the rest of the row is padding
+    (id 0, which scores -inf and so ranks last)."""
+    out = np.zeros((hi - lo, num_negatives + 1), dtype=np.int64)
     for row, user in enumerate(evalset.users[lo:hi]):
-        interacted = ds.user_items(user)
+        blocked = set(ds.user_items(user).tolist())
+        wanted = min(num_negatives, ds.num_items - len(blocked))
         chosen: set[int] = set()
-        blocked = set(interacted.tolist())
-        while len(chosen) < num_negatives:
+        while len(chosen) < wanted:
             for item in rng.integers(FIRST_ITEM_ID, ds.vocab_size, size=2 * num_negatives).tolist():
                 if item not in blocked and item not in chosen:
                     chosen.add(item)
-                    if len(chosen) == num_negatives:
+                    if len(chosen) == wanted:
                         break
         out[row, 0] = evalset.targets[lo + row]
-        out[row, 1:] = sorted(chosen)
+        out[row, 1 : 1 + wanted] = sorted(chosen)
     return out
 
 

@@ -5,8 +5,12 @@ The gRPC servicer and batch scoring both go through :class:`Recommender`, and al
 (see :mod:`sasrec.export`), so every caller gets the same answer for the same history.
 
     rec = Recommender.load("models/ml-1m")          # newest version, or a version folder
-    rec.recommend(["1193", "661"], k=10)            # -> Recommendation(items=[(id, score), ...], ...)
+    rec.recommend(["1193", "661"], k=10)            # -> [(item id, score), ...] (a Recommendation list)
     rec.recommend_batch([[...], [...]], k=10)       # -> BatchResult of numpy arrays
+    rec.score_frame(events, k=10)                   # -> long frame user_id, rank, item_id, score, ...
+
+``score_frame`` turns a pandas frame (events or list-valued histories) into padded string batches
+with numpy and calls the same signature in bounded chunks; it never re-implements a history rule.
 
 TensorFlow is imported when a model is loaded, not when this module is imported.
 """
@@ -15,29 +19,40 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from pipelines.errors import InputError
 
 SIGNATURE = "serving_default"
 MODEL_CARD = "model_card.json"
+DEFAULT_CHUNK_SIZE = 1024  # users per signature call in score_frame
 
 
-@dataclass
-class Recommendation:
-    """Top items for one history, best first (never padding, unknown or excluded ids)."""
+class Recommendation(list):
+    """Top items for one history, best first (never padding, unknown or excluded ids): a list of
+    ``(item id, score)`` tuples that also carries ``unknown_count`` and ``cold_start``."""
 
-    items: list[tuple[str, float]]
-    unknown_count: int = 0
-    cold_start: bool = False
+    def __init__(self, items=(), unknown_count: int = 0, cold_start: bool = False):
+        super().__init__(items)
+        self.unknown_count = unknown_count
+        self.cold_start = cold_start
+
+    @property
+    def items(self) -> list[tuple[str, float]]:
+        return list(self)
 
     @property
     def item_ids(self) -> list[str]:
-        return [item for item, _ in self.items]
+        return [item for item, _ in self]
+
+    def __repr__(self) -> str:
+        return (f"Recommendation({list.__repr__(self)}, unknown_count={self.unknown_count}, "
+                f"cold_start={self.cold_start})")
 
 
 @dataclass
@@ -65,6 +80,8 @@ class BatchResult:
 def resolve_version(path: str | os.PathLike) -> tuple[Path, int | None]:
     """``path`` is a version folder (holds ``saved_model.pb``) or a model base (newest integer version)."""
     path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: model not found (give a model base or a version folder from `sasrec export`)")
     if (path / "saved_model.pb").is_file():
         return path, int(path.name) if path.name.isdigit() else None
     from sasrec.export import list_versions
@@ -100,7 +117,7 @@ class Recommender:
         self.xla = bool(card.get("xla", False))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Recommender":
+    def load(cls, path: str | os.PathLike) -> Recommender:
         version_dir, version = resolve_version(path)
         card_path = version_dir / "assets" / MODEL_CARD
         if not card_path.is_file():
@@ -118,12 +135,29 @@ class Recommender:
         import tensorflow as tf
 
         out = self._fn(
-            history=tf.constant(history, tf.string),
+            history=tf.convert_to_tensor(history, tf.string),
             k=tf.constant(k, tf.int32),
             exclude_seen=tf.constant(bool(exclude_seen)),
-            exclude_item_ids=tf.constant(exclude_item_ids, tf.string),
+            exclude_item_ids=tf.convert_to_tensor(exclude_item_ids, tf.string),
         )
         return {name: value.numpy() for name, value in out.items()}
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.max_k:
+            raise InputError(f"k must be in 1..{self.max_k}, got {k}")
+
+    def _call_rows(self, hist, excl, k: int, exclude_seen: bool) -> dict:
+        """The signature on ``n`` padded rows (numpy arrays or string tensors), with the XLA bucket
+        padding added and removed; outputs are the raw numpy arrays (ids as bytes)."""
+        n = int(hist.shape[0])
+        if self.xla and bucket_size(n) != n:
+            import tensorflow as tf
+
+            extra = bucket_size(n) - n
+            hist = tf.pad(tf.convert_to_tensor(hist, tf.string), [[0, extra], [0, 0]])
+            excl = tf.pad(tf.convert_to_tensor(excl, tf.string), [[0, extra], [0, 0]])
+        out = self.call(hist, k, exclude_seen, excl)
+        return {name: value[:n] for name, value in out.items()}
 
     def recommend_batch(
         self,
@@ -138,27 +172,20 @@ class Recommender:
             return BatchResult(
                 np.empty((0, k), object), np.empty((0, k), np.float32), np.empty(0, np.int32), np.empty(0, bool)
             )
-        if not 1 <= k <= self.max_k:
-            raise InputError(f"k must be in 1..{self.max_k}, got {k}")
-        if exclude_item_ids and not isinstance(exclude_item_ids[0], str):
+        self._check_k(k)
+        if len(exclude_item_ids) and not isinstance(exclude_item_ids[0], str):
             excl = _pad(exclude_item_ids)
             if len(excl) != len(histories):
                 raise InputError("exclude_item_ids: give one list for all histories or one per history")
         else:
             excl = np.tile(_pad([list(exclude_item_ids)]), (len(histories), 1))
-        n = len(histories)
-        hist = _pad(histories)
-        if self.xla and bucket_size(n) != n:
-            extra = bucket_size(n) - n
-            hist = np.concatenate([hist, np.full((extra, hist.shape[1]), "", dtype=object)])
-            excl = np.concatenate([excl, np.full((extra, excl.shape[1]), "", dtype=object)])
-        out = self.call(hist, k, exclude_seen, excl)
-        ids = out["item_ids"][:n]
+        out = self._call_rows(_pad(histories), excl, k, exclude_seen)
+        ids = out["item_ids"]
         return BatchResult(
             item_ids=np.array([[x.decode("utf-8") for x in row] for row in ids], dtype=object).reshape(ids.shape),
-            scores=out["scores"][:n],
-            unknown_count=out["unknown_count"][:n],
-            cold_start=out["cold_start"][:n],
+            scores=out["scores"],
+            unknown_count=out["unknown_count"],
+            cold_start=out["cold_start"],
         )
 
     def recommend(
@@ -169,6 +196,106 @@ class Recommender:
         exclude_item_ids: Sequence[str] = (),
     ) -> Recommendation:
         return self.recommend_batch([list(history)], k, exclude_seen, [list(exclude_item_ids)]).row(0)
+
+    def score_frame(
+        self,
+        df: pd.DataFrame,
+        k: int = 10,
+        *,
+        user_col: str = "user_id",
+        item_col: str = "item_id",
+        time_col: str | None = "timestamp",
+        history_col: str | None = None,
+        exclude_col: str | None = None,
+        exclude_item_ids: Sequence[str] = (),
+        exclude_seen: bool = True,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        sort_by_length: bool = True,
+        progress: bool | None = None,
+    ) -> pd.DataFrame:
+        """Top-k for every user of ``df``, as a long frame, through the same signature as the service.
+
+        ``df`` is either
+
+        - an **events frame**: one row per event with ``user_col``, ``item_col`` and, when present,
+          ``time_col`` (a history is the user's events sorted by time, ties in row order; without a time
+          column, row order). ``time_col=None`` ignores any time column; a ``time_col`` other than the
+          default that is not in ``df`` is an error; or
+        - a **history frame**: one row per user with ``user_col`` and a list-valued ``history_col``
+          (oldest first; ``None``/NaN is an empty history). Chosen when ``history_col`` is given, or
+          when ``df`` has no ``item_col`` but a ``"history"`` column.
+
+        Item ids are compared as strings (``1193`` and ``"1193"`` are the same item; integral floats
+        such as ``1193.0`` are read as integers). Unknown ids are ignored and counted, the last
+        ``maxlen`` known items are scored and users with no known item get the popularity ranking
+        (``cold_start``): those rules live in the SavedModel signature, as for the gRPC service.
+
+        Exclusions: ``exclude_item_ids`` (one list for everyone) and/or ``exclude_col``, a list-valued
+        column (events frame: the value on the user's first row is used). ``exclude_seen`` masks every
+        item of the history.
+
+        Users are scored ``chunk_size`` at a time (one signature call per chunk). With
+        ``sort_by_length`` chunks hold users of similar history length, so little padding is sent;
+        the output order does not change. ``progress``: a tqdm bar on stderr (``None``: only for
+        more than 8 chunks and a terminal).
+
+        Returns one row per recommended item: ``user_id`` (the values and dtype of ``user_col``, users in
+        order of first appearance), ``rank`` (int32, 1 = best), ``item_id`` (str), ``score``
+        (float32), ``cold_start`` (bool, per user) and ``unknown_count`` (int32, per user: history ids
+        not in the vocabulary). A user gets fewer than ``k`` rows only when fewer items are left after
+        exclusions (none at all: the user is absent).
+        """
+        self._check_k(int(k))
+        if chunk_size < 1:
+            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+        if not isinstance(df, pd.DataFrame):
+            raise InputError(f"score_frame needs a pandas DataFrame, got {type(df).__name__}")
+        batch = frame_histories(df, user_col=user_col, item_col=item_col, time_col=time_col,
+                                history_col=history_col, exclude_col=exclude_col)
+        return self._score_histories(batch, int(k), exclude_seen=exclude_seen, exclude_item_ids=exclude_item_ids,
+                                     chunk_size=chunk_size, sort_by_length=sort_by_length, progress=progress)
+
+    def _score_histories(self, batch: FrameHistories, k: int, *, exclude_seen: bool, exclude_item_ids,
+                         chunk_size: int, sort_by_length: bool, progress: bool | None) -> pd.DataFrame:
+        import tensorflow as tf
+
+        n = batch.num_users
+        item_table = tf.constant(batch.item_table)  # unique history ids (+ "" for padding), as bytes
+        global_excl = [str(x) for x in exclude_item_ids if str(x) != ""]
+        if batch.exclude_offsets is not None:
+            excl_table = tf.constant(batch.exclude_table)
+        lengths = np.diff(batch.offsets)
+        order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(n)
+        # Per chunk, only the valid entries are kept, ids as one compact Arrow array (not n * k Python
+        # objects); they are put back in the input's user order at the end.
+        parts: list[tuple] = []
+        unknown_out = np.zeros(n, dtype=np.int32)
+        cold_out = np.zeros(n, dtype=bool)
+        starts = range(0, n, chunk_size)
+        bar = _progress_bar(len(starts), n, progress)
+        try:
+            for start in starts:
+                rows = order[start : start + chunk_size]
+                hist = tf.gather(item_table, _padded_codes(batch.offsets, batch.item_codes, rows,
+                                                           len(batch.item_table) - 1))
+                if batch.exclude_offsets is not None:
+                    excl = tf.gather(excl_table, _padded_codes(batch.exclude_offsets, batch.exclude_codes, rows,
+                                                               len(batch.exclude_table) - 1))
+                    if global_excl:
+                        tail = tf.broadcast_to(tf.constant(global_excl)[None, :], [len(rows), len(global_excl)])
+                        excl = tf.concat([excl, tail], axis=1)
+                else:
+                    excl = np.broadcast_to(np.array(global_excl, dtype=object)[None, :], (len(rows), len(global_excl)))
+                out = self._call_rows(hist, excl, k, exclude_seen)
+                parts.append(_chunk_part(out["item_ids"], out["scores"]))
+                unknown_out[rows] = out["unknown_count"]
+                cold_out[rows] = out["cold_start"]
+                if bar is not None:
+                    bar.update(len(rows))
+        finally:
+            if bar is not None:
+                bar.close()
+        return _long_frame(batch.users, order, parts, k, unknown_out, cold_out)
 
     def warm_up(self, max_batch_size: int = 64, k: int = 10) -> None:
         """Run the signature once per batch bucket up to ``max_batch_size`` so first requests are fast."""
@@ -184,3 +311,232 @@ def bucket_size(n: int) -> int:
     if n <= 8:
         return 1 << max(0, (n - 1).bit_length())
     return (n + 7) // 8 * 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# pandas frames -> CSR histories (numpy, no per-event Python loop) -> padded string batches
+
+
+@dataclass
+class FrameHistories:
+    """Histories of ``num_users`` users as CSR codes into ``item_table`` (bytes; last entry ``b""``)."""
+
+    users: pd.Index  # unique users, in order of first appearance (the input's dtype)
+    offsets: np.ndarray  # (U + 1,) int64
+    item_codes: np.ndarray  # (events,) int64: rows of item_table, oldest first per user
+    item_table: np.ndarray  # (I + 1,) object bytes; item_table[-1] == b""
+    exclude_offsets: np.ndarray | None = None
+    exclude_codes: np.ndarray | None = None
+    exclude_table: np.ndarray | None = None
+
+    @property
+    def num_users(self) -> int:
+        return len(self.offsets) - 1
+
+
+def _require(df: pd.DataFrame, column: str, what: str) -> None:
+    if column not in df.columns:
+        cols = ", ".join(repr(str(c)) for c in list(df.columns)[:20])
+        raise InputError(f"missing column {column!r} ({what}); the frame has columns: {cols or 'none'}")
+
+
+def _id_table(uniques) -> np.ndarray:
+    """External ids (any dtype) as UTF-8 bytes, plus ``b""`` at the end for padding."""
+    values = pd.Index(uniques)
+    if values.dtype.kind == "f":
+        finite = values.to_numpy(dtype=np.float64)
+        if np.all(finite == np.round(finite)):
+            values = pd.Index(finite.astype(np.int64))
+    strings = values.astype(str)
+    return np.array([x.encode("utf-8") for x in strings] + [b""], dtype=object)
+
+
+def _time_key(series: pd.Series, column: str) -> np.ndarray:
+    if series.isna().any():
+        raise InputError(f"column {column!r}: {int(series.isna().sum())} missing timestamps")
+    kind = series.dtype.kind
+    if kind in "iub":
+        return series.to_numpy(dtype=np.int64)
+    if kind == "f":
+        return series.to_numpy(dtype=np.float64)
+    if isinstance(series.dtype, pd.DatetimeTZDtype):
+        series = series.dt.tz_convert("UTC").dt.tz_localize(None)
+        kind = "M"
+    if kind == "M":
+        return series.to_numpy(dtype="datetime64[ns]").view(np.int64)
+    try:
+        parsed = pd.to_datetime(series, utc=True)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"column {column!r}: timestamps must be numbers or dates ({exc})") from None
+    return parsed.dt.tz_localize(None).to_numpy().astype("datetime64[ns]").view(np.int64)
+
+
+def _list_column(series: pd.Series, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A list-valued column as (offsets, codes, id table); ``None``/NaN rows are empty lists."""
+    import pyarrow as pa
+
+    arr = None
+    try:
+        arr = pa.array(series, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        arr = None
+    if arr is not None and isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr is not None and not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+                                or pa.types.is_fixed_size_list(arr.type) or pa.types.is_null(arr.type)):
+        arr = None
+    if arr is None:
+        # Find the first offending row for the message, or fall back to Python for mixed element types.
+        values = series.to_numpy(dtype=object)
+        flat: list[str] = []
+        lengths = np.zeros(len(values), np.int64)
+        for i, value in enumerate(values):
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                continue
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or not hasattr(value, "__iter__"):
+                raise InputError(
+                    f"column {column!r} must hold a list of item ids per row; row {i} "
+                    f"(user at position {i}) holds {type(value).__name__} {str(value)[:40]!r}"
+                )
+            items = [str(x) for x in value]
+            flat.extend(items)
+            lengths[i] = len(items)
+        codes, uniques = pd.factorize(pd.Series(flat, dtype=object), sort=False)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return offsets, codes.astype(np.int64), _id_table(uniques)
+    if pa.types.is_null(arr.type):
+        offsets = np.zeros(len(arr) + 1, np.int64)
+        return offsets, np.zeros(0, np.int64), _id_table([])
+    lengths = arr.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat_values = arr.flatten()
+    if flat_values.null_count:
+        raise InputError(f"column {column!r}: {flat_values.null_count} missing item ids inside the lists")
+    codes, uniques = pd.factorize(flat_values.to_pandas(), sort=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return offsets, codes.astype(np.int64), _id_table(uniques)
+
+
+def frame_histories(
+    df: pd.DataFrame,
+    *,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str | None = "timestamp",
+    history_col: str | None = None,
+    exclude_col: str | None = None,
+) -> FrameHistories:
+    """Events or list-valued histories -> :class:`FrameHistories` (see :meth:`Recommender.score_frame`)."""
+    if history_col is None and item_col not in df.columns and "history" in df.columns:
+        history_col = "history"
+    if user_col not in df.columns and df.index.name == user_col:
+        df = df.reset_index()
+    _require(df, user_col, "user ids")
+    if len(df) == 0:
+        raise InputError("the input frame is empty: no users to score")
+    users = df[user_col]
+    if users.isna().any():
+        raise InputError(f"column {user_col!r}: {int(users.isna().sum())} missing user ids")
+    if exclude_col is not None:
+        _require(df, exclude_col, "per-user exclusion lists")
+
+    if history_col is not None:
+        _require(df, history_col, "list-valued histories, oldest first")
+        duplicated = users.duplicated()
+        if duplicated.any():
+            raise InputError(f"column {user_col!r}: user {users[duplicated].iloc[0]!r} has more than one "
+                             f"history row (a history frame has one row per user)")
+        offsets, codes, table = _list_column(df[history_col], history_col)
+        out = FrameHistories(pd.Index(users.array), offsets, codes, table)
+        first_rows = None
+    else:
+        _require(df, item_col, "events frame: one row per event with user, item[, timestamp]; for one row "
+                               "per user with a list of item ids, name that column with history_col / --history-col")
+        items = df[item_col]
+        user_codes, uniques = pd.factorize(users, sort=False)
+        item_codes, item_uniques = pd.factorize(items, sort=False)
+        if (item_codes < 0).any():
+            raise InputError(f"column {item_col!r}: {int((item_codes < 0).sum())} missing item ids")
+        if time_col is not None and time_col not in df.columns and time_col != "timestamp":
+            _require(df, time_col, "event times")
+        n = len(uniques)
+        counts = np.bincount(user_codes, minlength=n)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        grouped = bool(np.all(user_codes[1:] >= user_codes[:-1]))
+        if time_col is not None and time_col in df.columns:
+            ts = _time_key(df[time_col], time_col)
+            in_order = grouped and bool(np.all((ts[1:] >= ts[:-1]) | (user_codes[1:] != user_codes[:-1])))
+            perm = None if in_order else np.lexsort((ts, user_codes))  # stable: ties keep row order
+        else:
+            perm = None if grouped else np.argsort(user_codes, kind="stable")
+        codes = item_codes.astype(np.int64) if perm is None else item_codes[perm].astype(np.int64)
+        out = FrameHistories(pd.Index(uniques), offsets, codes, _id_table(item_uniques))
+        first_rows = None
+        if exclude_col is not None:
+            first_rows = np.empty(n, np.int64)
+            first_rows[user_codes[::-1]] = np.arange(len(user_codes) - 1, -1, -1)
+    if exclude_col is not None:
+        column = df[exclude_col] if first_rows is None else df[exclude_col].iloc[first_rows].reset_index(drop=True)
+        out.exclude_offsets, out.exclude_codes, out.exclude_table = _list_column(column, exclude_col)
+    return out
+
+
+def _padded_codes(offsets: np.ndarray, codes: np.ndarray, rows: np.ndarray, pad: int) -> np.ndarray:
+    """Right-padded (len(rows), max length) matrix of codes for ``rows``; ``pad`` fills the rest."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    width = int(lengths.max()) if len(rows) else 0
+    if width == 0 or len(codes) == 0:
+        return np.full((len(rows), max(width, 0)), pad, dtype=np.int64)
+    cols = np.arange(width)
+    index = np.minimum(starts[:, None] + cols[None, :], len(codes) - 1)
+    return np.where(cols[None, :] < lengths[:, None], codes[index], pad)
+
+
+def _progress_bar(chunks: int, users: int, progress: bool | None):
+    import sys
+
+    if progress is None:
+        progress = chunks > 8 and sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=users, unit="user", desc="scoring", file=sys.stderr, smoothing=0.1)
+
+
+def _chunk_part(ids: np.ndarray, scores: np.ndarray) -> tuple:
+    """One chunk's signature outputs -> (items per row, valid ids as an Arrow binary array, valid scores)."""
+    import pyarrow as pa
+
+    valid = ids != b""  # trailing "" means fewer than k items were left
+    return valid.sum(axis=1), pa.array(ids[valid], type=pa.binary()), scores[valid].astype(np.float32)
+
+
+def _long_frame(users: pd.Index, order: np.ndarray, parts: list[tuple], k: int, unknown: np.ndarray,
+                cold: np.ndarray) -> pd.DataFrame:
+    """Chunks scored in ``order`` (user positions) -> the long frame in the input's user order."""
+    import pyarrow as pa
+
+    n = len(users)
+    per_user_processed = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    per_user = np.zeros(n, np.int64)
+    per_user[order] = per_user_processed
+    # Where each user's rows start in the processed (chunk) order, then the gather index in user order.
+    start_processed = np.concatenate([[0], np.cumsum(per_user_processed)[:-1]]).astype(np.int64)
+    start = np.zeros(n, np.int64)
+    start[order] = start_processed
+    owner = np.repeat(np.arange(n), per_user)
+    first_row = np.concatenate([[0], np.cumsum(per_user)[:-1]]).astype(np.int64)
+    within = np.arange(len(owner), dtype=np.int64) - np.repeat(first_row, per_user)
+    take = start[owner] + within
+    ids = pa.concat_arrays([p[1] for p in parts]) if parts else pa.array([], pa.binary())
+    scores = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
+    item_ids = ids.take(pa.array(take)).cast(pa.string())
+    return pd.DataFrame({
+        "user_id": users.take(owner).array,
+        "rank": (within + 1).astype(np.int32),
+        "item_id": pd.Series(item_ids, dtype=pd.StringDtype("pyarrow", na_value=np.nan)).array,
+        "score": scores[take],
+        "cold_start": cold[owner],
+        "unknown_count": unknown[owner].astype(np.int32),
+    })

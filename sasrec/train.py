@@ -33,6 +33,7 @@ from pipelines.atomic import atomic_directory, atomic_file
 from pipelines.dataset import ITEMS_FILE, MANIFEST_FILE, SequenceDataset, read_dataset
 from pipelines.errors import InputError
 from sasrec.config import SASRecConfig
+from sasrec.distributed import xla_supported
 from sasrec.evaluate import Protocol, evaluate_scores
 from sasrec.feed import TrainingFeed
 from sasrec.losses import SequenceLoss
@@ -80,7 +81,7 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
 def model_scorer(model: SASRec):
     """``ids -> scores`` through the backend's compiled predict function."""
     scorer = LastPositionScorer(model)
-    scorer.compile(jit_compile=True)
+    scorer.compile(jit_compile=xla_supported())
     return lambda ids: keras.ops.convert_to_numpy(scorer.predict_on_batch(ids))
 
 
@@ -194,7 +195,7 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
     )
     model = build_model(config, ds.vocab_size)
     model.training_loss = SequenceLoss(loss_name, ds.num_items, config.num_negatives, config.gbce_t)
-    model.compile(optimizer=make_optimizer(config, len(feed)), jit_compile=config.jit_compile)
+    model.compile(optimizer=make_optimizer(config, len(feed)), jit_compile=config.jit_compile and xla_supported())
 
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "train_seconds": 0.0,
              "stopped_early": False, "curve": []}

@@ -26,3 +26,17 @@ def tiny_dataset(tmp_path_factory):
     return make_synthetic_dataset(
         tmp_path_factory.mktemp("tiny"), users=600, items=60, chains=6, min_length=15, max_length=30, noise=0.1, seed=3
     )
+
+
+# The tiny trained run, its export and a gRPC server over it (defined in tests/serving/conftest.py),
+# shared with tests/sasrec/ (batch scoring must match the service). Re-exported here so every test
+# folder reuses the same fixtures; tests/serving/conftest.py still defines them for its own folder.
+from tests.serving.conftest import (  # noqa: F401
+    client,
+    keras_model,
+    model_base,
+    recommender,
+    run_dir,
+    server,
+    vocab,
+)

@@ -69,3 +69,15 @@ def test_sampled_candidates_are_never_interacted_items(tiny_dataset):
         interacted = set(ds.user_items(ev.users[row]).tolist())
         assert cands[row, 0] == ev.targets[row]
         assert not interacted & set(cands[row, 1:].tolist()) and len(set(cands[row, 1:])) == 20
+
+
+def test_sampled_protocol_on_a_catalog_smaller_than_the_sample(tiny_dataset):
+    """60 items, histories of up to 30: fewer than 100 unseen items exist; all are used, none twice."""
+    from sasrec.evaluate import _sampled_candidates
+
+    ds = read_dataset(tiny_dataset)
+    ev = evaluation_set(ds, "test")
+    cands = _sampled_candidates(ds, ev, 0, 5, 100, np.random.default_rng(0))
+    for row in range(5):
+        unseen = set(range(2, ds.vocab_size)) - set(ds.user_items(ev.users[row]).tolist())
+        assert set(cands[row, 1:].tolist()) - {0} == unseen

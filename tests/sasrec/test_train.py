@@ -1,0 +1,86 @@
+"""Training end to end on synthetic data: learning, resume after kill -9, data parallelism, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sasrec.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--set", "tensorboard=false", "--set", "eval_every=2", "--quiet"]
+
+
+def sasrec_subprocess(*args, backend="tensorflow", **kwargs):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "sasrec", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_model_beats_popularity_by_far_on_synthetic_chains(tiny_dataset, tmp_path, capsys):
+    started = time.perf_counter()
+    code = main(["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"), "--epochs", "12",
+                 "--set", "maxlen=32", "--set", "loss=ce", "--set", "dropout=0.1", "--set", "tensorboard=true",
+                 "--set", "eval_every=3", "--quiet"])
+    elapsed = time.perf_counter() - started
+    assert code == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    full = next(r for r in metrics["results"] if r["protocol"]["protocol"] == "full")
+    model_hr, pop_hr = full["metrics"]["hr@10"], full["popularity"]["hr@10"]
+    print(f"HR@10 model {model_hr:.3f} vs popularity {pop_hr:.3f} in {elapsed:.0f} s")
+    assert model_hr >= 3 * pop_hr and model_hr > 0.5
+    assert "hr@10" in capsys.readouterr().out
+    run = tmp_path / "run"
+    for name in ("config.toml", "best.keras", "log.csv", "curve.png", "dataset/items.parquet", "dataset/manifest.json"):
+        assert (run / name).exists(), name
+    assert any((run / "tensorboard").rglob("events.out.tfevents*"))
+    assert len((run / "log.csv").read_text().splitlines()) == 13  # header + one row per epoch
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_rerun_resumes_from_the_last_checkpoint(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--data", tiny_dataset, "--out", run, "--epochs", "6", "--set", "maxlen=32", *FAST]
+    proc = sasrec_subprocess(*args)
+    deadline = time.time() + 240
+    while not list((run / "checkpoints").glob("epoch-00002")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert list((run / "checkpoints").glob("epoch-00002")), "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists()
+    out, _ = sasrec_subprocess(*args).communicate(timeout=300)
+    assert "Resuming" in out and "after epoch" in out, out
+    state = json.loads(sorted((run / "checkpoints").glob("epoch-*"))[-1].joinpath("state.json").read_text())
+    assert state["epoch"] == 6 and len(state["curve"]) == 6  # every epoch exactly once in the loop state
+    assert json.loads((run / "metrics.json").read_text())["training"]["epoch"] == 6
+    # A different config in the same run folder is refused rather than silently mixed.
+    out, _ = sasrec_subprocess("train", "--data", tiny_dataset, "--out", run, "--epochs", "7", *FAST).communicate(timeout=120)
+    assert "different config" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_tensorflow_mirrored_strategy_over_two_cpu_devices(tiny_dataset, tmp_path):
+    out, _ = sasrec_subprocess("train", "--data", tiny_dataset, "--out", tmp_path / "run", "--epochs", "2", "--devices", "2",
+                               "--set", "maxlen=32", "--set", "length_bucketing=false", *FAST).communicate(timeout=300)
+    assert "2 device(s) (MirroredStrategy)" in out, out
+    assert (tmp_path / "run" / "metrics.json").exists(), out
+
+
+def test_train_on_a_missing_dataset_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "not a dataset folder" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_without_a_trained_model_is_a_one_line_error(tmp_path, capsys):
+    assert main(["evaluate", "--run", str(tmp_path)]) == 2
+    assert "train first" in capsys.readouterr().err
