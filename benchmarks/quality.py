@@ -54,11 +54,21 @@ def sasrec(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "sasrec", *args], cwd=ROOT, check=True)
 
 
-def run_case(case: Case, work: Path, extra: list[str]) -> dict:
+def run_case(case: Case, work: Path, extra: list[str], collect: bool = False) -> dict:
+    """Train (or resume) the case's run and return its metrics. With ``collect``, an unfinished run
+    is not trained further: its best model so far is evaluated and the row says so."""
     data = work / case.data
+    run = work / f"run-{case.name}"
+    if collect:
+        if not (run / "metrics.json").exists():
+            sasrec("evaluate", "--run", str(run), "--protocol", "both")
+        metrics = json.loads((run / "metrics.json").read_text())
+        if "training" not in metrics:
+            state = json.loads(sorted((run / "checkpoints").glob("epoch-*"))[-1].joinpath("state.json").read_text())
+            metrics["training"] = dict(state, unfinished=True)
+        return metrics
     if not (data / "manifest.json").exists():
         sasrec("prepare", *case.prepare, "--out", str(data))
-    run = work / f"run-{case.name}"
     sasrec("train", "--data", str(data), "--out", str(run), "--config", case.config, "--quiet", *extra)
     return json.loads((run / "metrics.json").read_text())
 
@@ -80,7 +90,8 @@ def rows_for(case: Case, metrics: dict) -> list[dict]:
             "target": ", ".join(f"{k} >= {v}" for k, v in case.target.items()) if on_target else "",
             "met": ("yes" if all(m[k] >= v for k, v in case.target.items()) else "no") if on_target else "",
             "published": case.published if on_target else "",
-            "epochs (best)": f"{metrics['training']['epoch']} ({metrics['training']['best_epoch']})",
+            "epochs (best)": f"{metrics['training']['epoch']} ({metrics['training']['best_epoch']})"
+            + (" unfinished" if metrics["training"].get("unfinished") else ""),
             "train s": metrics["training"]["train_seconds"],
         })
     return rows
@@ -92,6 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="datasets and run folders")
     parser.add_argument("--quick", action="store_true", help="synthetic demo data only (CI-sized)")
     parser.add_argument("--set", action="append", default=[], help="extra config override for every case")
+    parser.add_argument("--collect", action="store_true",
+                        help="do not train: report existing runs, evaluating the best model of unfinished ones")
     args = parser.parse_args(argv)
     extra = [a for s in args.set for a in ("--set", s)]
     rows = []
@@ -108,7 +121,7 @@ def main(argv=None) -> int:
             print(f"{SHARED} is absent: the quality benchmark needs the real data sets", file=sys.stderr)
             return 1
         for name in args.cases.split(","):
-            rows += rows_for(CASES[name], run_case(CASES[name], args.work, extra))
+            rows += rows_for(CASES[name], run_case(CASES[name], args.work, extra, args.collect))
     write_section("quality" + ("-quick" if args.quick else ""), "Quality (leave-one-out, all users)", rows,
                   notes="Targets apply to the row of the protocol they are stated on. Full ranking removes the "
                   "user's seen items; sampled-100 uses 100 uniform never-interacted negatives (seed 42). "
