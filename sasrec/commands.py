@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--data", required=True, type=Path, help="dataset folder (from `sasrec prepare`)")
     p.add_argument("--out", required=True, type=Path, help="run folder to create or resume")
-    p.add_argument("--config", type=Path, help="TOML config file (defaults: the SASRec paper's ML-1M setting)")
+    p.add_argument("--config", help="TOML config file, or a preset: dense | sparse (default: the preset that fits "
+                   "the data, dense when the mean history has >= 30 events)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config field (repeatable)")
     p.add_argument("--backend", choices=BACKENDS, help="Keras backend (default: $KERAS_BACKEND or tensorflow)")
     p.add_argument("--epochs", type=int, help="shortcut for --set epochs=N")
@@ -53,9 +54,18 @@ def select_backend(name: str | None) -> None:
 
 
 def load_config(args) -> "SASRecConfig":  # noqa: F821
-    from sasrec.config import SASRecConfig
+    from pipelines.dataset import read_manifest
+    from sasrec.config import PRESETS, SASRecConfig
 
-    config = SASRecConfig.from_toml(args.config) if args.config else SASRecConfig()
+    if args.config in PRESETS:
+        config = SASRecConfig.preset(args.config)
+    elif args.config:
+        config = SASRecConfig.from_toml(args.config)
+    else:
+        mean_length = read_manifest(args.data)["statistics"]["mean_length"]
+        name = SASRecConfig.preset_for(mean_length)
+        print(f"Config: the {name} preset (mean history length {mean_length:.1f}); see configs/{name}.toml")
+        config = SASRecConfig.preset(name)
     overrides = list(args.set)
     if args.epochs is not None:
         overrides.append(f"epochs={args.epochs}")

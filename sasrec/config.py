@@ -18,6 +18,19 @@ import tomli_w
 from pipelines.errors import InputError
 
 LOSSES = ("bce", "ce", "sampled-softmax", "gbce")
+# Histories at least this long on average (ML-1M: 165) get the dense preset, shorter ones (Amazon
+# Beauty: 8.9) the sparse one.
+DENSE_MIN_MEAN_LENGTH = 30.0
+
+# The shipped defaults for dense and sparse data; configs/dense.toml and configs/sparse.toml hold
+# the same values with their measured results (a test keeps them equal).
+PRESETS = {
+    "dense": dict(loss="ce", maxlen=200, hidden_units=64, num_blocks=2, num_heads=1, dropout=0.2, batch_size=128,
+                  learning_rate=1e-3, beta_2=0.98, epochs=150, eval_every=5, patience=4),
+    "sparse": dict(loss="ce", maxlen=50, hidden_units=64, num_blocks=2, num_heads=1, dropout=0.5, batch_size=128,
+                   learning_rate=1e-3, beta_2=0.98, epochs=200, eval_every=5, patience=6),
+}
+
 # Above this catalog size full softmax logits (batch x positions x items) get too large to be the
 # default; sampled softmax approximates it with shared negatives.
 FULL_SOFTMAX_MAX_ITEMS = 50_000
@@ -121,6 +134,17 @@ class SASRecConfig:
         if self.loss != "auto":
             return self.loss
         return "ce" if num_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled-softmax"
+
+    @classmethod
+    def preset(cls, name: str) -> "SASRecConfig":
+        if name not in PRESETS:
+            raise InputError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @staticmethod
+    def preset_for(mean_length: float) -> str:
+        """``dense`` for long average histories, ``sparse`` for short ones."""
+        return "dense" if mean_length >= DENSE_MIN_MEAN_LENGTH else "sparse"
 
     # --- serialisation
     def to_dict(self) -> dict:

@@ -54,11 +54,16 @@ _VERSION_RE = re.compile(r"^[0-9]+$")
 
 
 def list_versions(model_base: str | os.PathLike) -> list[int]:
-    """Integer version folders under ``model_base``, ascending (hidden temporary folders excluded)."""
+    """Integer version folders under ``model_base``, ascending (hidden temporary folders excluded).
+
+    Only canonical decimal names count (``3``, not ``03``, ``3.tmp`` or ``3\\n``), so a version number
+    always names exactly one folder."""
     base = Path(model_base)
     if not base.is_dir():
         return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
+    return sorted(
+        int(p.name) for p in base.iterdir() if _VERSION_RE.fullmatch(p.name) and str(int(p.name)) == p.name and p.is_dir()
+    )
 
 
 def popularity_scores(train_counts: np.ndarray) -> np.ndarray:
@@ -275,8 +280,8 @@ def export_model(
     with atomic_directory(target, overwrite=False) as tmp:
         card_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.card-", dir=Path(tmp).parent))
         card_path = card_dir / MODEL_CARD
-        card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
         try:
+            card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
             module.model_card = tf.saved_model.Asset(str(card_path))
             tf.saved_model.save(
                 module,

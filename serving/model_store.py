@@ -6,7 +6,11 @@ old one keeps answering, then swapped in with one reference assignment: requests
 finish on the old model, later batches use the new one, nothing fails. A version that does not load
 (broken, partial, wrong format) is logged and skipped until its folder changes; the old version
 keeps serving. Hidden temporary folders of an export in progress are not integer names and are
-never considered.
+never considered; a version folder that resolves outside the model base (a symlink) is refused.
+
+If the model base disappears or becomes unreadable, the loaded version keeps serving from memory:
+the store logs a warning once, sets ``sasrec_model_base_available`` to 0 and ``base_error`` to the
+reason, and logs again when the base is back.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class ModelStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.current = None  # the serving Recommender, swapped atomically
+        self.base_error: str | None = None  # why the model base cannot be read, None when it can
         if loader is None:
             from sasrec.recommender import Recommender
 
@@ -70,16 +75,53 @@ class ModelStore:
         model = self.current
         return None if model is None else model.version
 
+    def _list(self) -> list[int]:
+        """The base's versions; a missing or unreadable base is reported (once) and lists nothing."""
+        error = None
+        try:
+            if not self.base.is_dir():
+                error = "missing" if not self.base.exists() else "not a folder"
+            else:
+                versions = list_versions(self.base)
+        except OSError as exc:
+            error = f"unreadable ({exc.strerror or exc})"
+        if error != self.base_error:
+            serving = self.version
+            if error is not None:
+                log.warning(
+                    "model base %s is %s: %s", self.base, error,
+                    f"still serving version {serving} from memory" if serving else "no model loaded",
+                )
+            elif self.base_error is not None:
+                log.info("model base %s is readable again", self.base)
+            self.base_error = error
+            if self._metrics is not None:
+                self._metrics.model_base_available.set(0 if error else 1)
+        return [] if error else versions
+
+    def _inside_base(self, folder: Path) -> bool:
+        try:
+            return folder.resolve(strict=True).is_relative_to(self.base.resolve(strict=True))
+        except (OSError, RuntimeError):  # vanished meanwhile, or a symlink loop
+            return False
+
     def poll(self) -> bool:
         """Load the newest good version above the serving one; True when a new version was swapped in."""
         with self._lock:
             current = self.version or 0
-            for version in reversed(list_versions(self.base)):
+            for version in reversed(self._list()):
                 if version <= current:
                     break
                 folder = self.base / str(version)
                 fingerprint = _fingerprint(folder)
                 if self._failed.get(version) == fingerprint:
+                    continue
+                if not self._inside_base(folder):
+                    self._failed[version] = fingerprint
+                    log.error("skipping model version %s: %s resolves outside the model base %s",
+                              version, folder, self.base)
+                    if self._metrics is not None:
+                        self._metrics.model_loads.labels("failed").inc()
                     continue
                 start = time.perf_counter()
                 try:

@@ -35,6 +35,12 @@ class Metrics:
             "sasrec_model_call_seconds", "Time of one batched model call", buckets=LATENCY_BUCKETS, registry=r
         )
         self.model_version = Gauge("sasrec_model_version", "Loaded model version (0: none)", registry=r)
+        self.model_base_available = Gauge(
+            "sasrec_model_base_available",
+            "1 while the model base folder can be read; 0: serving the loaded version from memory",
+            registry=r,
+        )
+        self.model_base_available.set(1)
         self.model_loads = Counter("sasrec_model_loads", "Model version loads by result", ["result"], registry=r)
         self.unknown_ids = Counter("sasrec_unknown_history_ids", "History ids not in the vocabulary", registry=r)
         self.cold_starts = Counter("sasrec_cold_start", "Requests answered with the popularity fallback", registry=r)

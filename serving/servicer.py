@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
@@ -75,11 +76,15 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             remaining = context.time_remaining()
             deadline = None if remaining is None or remaining > 1e6 else time.monotonic() + remaining
             future = self._batcher.submit(history, k, exclude_seen, exclude, deadline)
+            # The caller went away (cancelled, disconnected, deadline passed): drop the queued work.
+            context.add_callback(future.cancel)
             try:
                 result = future.result(timeout=None if deadline is None else max(0.0, remaining))
             except (FutureTimeout, DeadlineExceeded):
                 future.cancel()
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the model answered")
+            except CancelledError:
+                raise RequestError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
             except ShuttingDown:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
             response = recommender_pb2.RecommendResponse(

@@ -38,3 +38,12 @@ def test_auto_loss_by_catalog_size():
     assert SASRecConfig().resolved_loss(3416) == "ce"
     assert SASRecConfig().resolved_loss(500_000) == "sampled-softmax"
     assert SASRecConfig(loss="bce").resolved_loss(500_000) == "bce"
+
+
+def test_shipped_dense_and_sparse_configs_are_the_presets():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for name in ("dense", "sparse"):
+        assert SASRecConfig.from_toml(configs / f"{name}.toml") == SASRecConfig.preset(name)
+    assert SASRecConfig.preset_for(165.5) == "dense" and SASRecConfig.preset_for(8.9) == "sparse"
