@@ -21,6 +21,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def _load(path: Path, ctx: ReadContext, *, encoding: str = "utf-8", member: str 
     if raw[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise InputError(f"{path}: corrupt gzip file ({exc})") from None
     elif raw[:4] == b"PK\x03\x04":
         data, chosen = _unzip_member(path, raw, member)
@@ -162,17 +163,40 @@ def _load(path: Path, ctx: ReadContext, *, encoding: str = "utf-8", member: str 
     return source
 
 
+# What a damaged or unusual zip archive raises (encrypted members raise RuntimeError).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, NotImplementedError, RuntimeError, ValueError)
+
+
 def _unzip_member(path: Path, raw: bytes, member: str | None) -> tuple[bytes, str]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(raw))
-    except zipfile.BadZipFile as exc:
-        raise InputError(f"{path}: corrupt zip file ({exc})") from None
-    names = [n for n in archive.namelist() if not n.endswith("/")]
-    if member is None:
-        if len(names) != 1:
-            raise InputError(f"{path}: zip holds {len(names)} files ({', '.join(names[:10])}); extract the one to read")
-        member = names[0]
-    return archive.read(member), member
+        names = [n for n in archive.namelist() if not n.endswith("/")]
+        if member is None:
+            if len(names) != 1:
+                raise InputError(
+                    f"{path}: zip holds {len(names)} files ({', '.join(names[:10])}); extract the one to read"
+                )
+            member = names[0]
+        return archive.read(member), member
+    except _ZIP_ERRORS as exc:
+        raise InputError(f"{path}: corrupt zip file ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _first_line(data: bytes) -> bytes:
+    """The first non-blank line (pyarrow skips blank lines too), without its line end."""
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        line = data[start:end].rstrip(b"\r")
+        if line.strip():
+            return line
+        start = end + 1
+    return b""
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _check_utf8(src: SourceFile) -> None:
@@ -233,13 +257,23 @@ def _read_delimited(
         found = [c.strip().strip('"') for c in first.split(sep)]
         missing = [c for c in cols if c is not None and c not in found]
         if missing:
+            shown = ", ".join(repr(_short(c, 60)) for c in found[:30]) + (", ..." if len(found) > 30 else "")
             raise InputError(
-                f"{src.name}: missing column(s) {', '.join(map(repr, missing))}; columns found: {', '.join(map(repr, found))}"
+                f"{src.name}: line 1: missing column(s) {', '.join(map(repr, missing))}; columns found: {shown or 'none'}"
             )
         read_opts = pacsv.ReadOptions(block_size=1 << 24)
     else:
-        first = src.data[: max(src.data.find(b"\n"), 0) or len(src.data)].decode("utf-8").rstrip("\r")
+        first = _first_line(src.data).decode("utf-8")
+        if not first:
+            raise InputError(f"{src.name}: no interactions found (empty file)")
         n_cols = len(names) if names else len(first.split(sep))
+        needed = max((c for c in cols if isinstance(c, int)), default=-1) + 1
+        if n_cols < needed:
+            line, _ = _line_at_byte(src.data, src.data.find(first.encode("utf-8")))
+            raise InputError(
+                f"{src.name}: line {line}: expected at least {needed} fields separated by {(original_sep or sep)!r}, "
+                f"got {n_cols}: {_short(first)!r}"
+            )
         names = names or [f"f{i}" for i in range(n_cols)]
         read_opts = pacsv.ReadOptions(column_names=names, block_size=1 << 24)
         cols = tuple(names[c] if isinstance(c, int) else c for c in cols)
@@ -262,9 +296,10 @@ def _read_delimited(
             shown_sep = original_sep or sep
             raise InputError(
                 f"{src.name}: line {line}: expected {bad.expected_columns} fields separated by {shown_sep!r}, "
-                f"got {bad.actual_columns}: {text.replace(sep, shown_sep)!r} (use --on-bad-lines skip to drop such lines)"
+                f"got {bad.actual_columns}: {_short(text.replace(sep, shown_sep))!r} "
+                "(use --on-bad-lines skip to drop such lines)"
             ) from None
-        raise InputError(f"{src.name}: cannot parse: {exc}") from None
+        raise InputError(f"{src.name}: cannot parse: {_short(str(exc).splitlines()[0] if str(exc) else repr(exc), 300)}") from None
     if table.num_rows == 0:
         raise InputError(f"{src.name}: no interactions found (empty file)")
     return _frame(src, ctx, table, cols, header)
@@ -360,8 +395,11 @@ def _read_movielens(path: Path, ctx: ReadContext) -> pd.DataFrame:
             raise InputError(f"{path}: no MovieLens ratings file ({', '.join(MOVIELENS_FILES)}) in this folder")
         path = found[0]
     elif path.suffix == ".zip":
-        with zipfile.ZipFile(path) as archive:
-            members = [n for n in archive.namelist() if Path(n).name in MOVIELENS_FILES]
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = [n for n in archive.namelist() if Path(n).name in MOVIELENS_FILES]
+        except _ZIP_ERRORS as exc:
+            raise InputError(f"{path}: corrupt zip file ({type(exc).__name__}: {str(exc)[:200]})") from None
         if not members:
             raise InputError(f"{path}: no MovieLens ratings file ({', '.join(MOVIELENS_FILES)}) in this zip")
         member = sorted(members, key=lambda n: MOVIELENS_FILES.index(Path(n).name))[0]
@@ -406,16 +444,22 @@ def _read_amazon(path: Path, ctx: ReadContext) -> pd.DataFrame:
     parent_asin, timestamp in ms, rating), plain, gzipped or in a zip with one file."""
     src = _load(path, ctx)
     _check_utf8(src)
-    first_line = src.data[: src.data.find(b"\n")] if b"\n" in src.data else src.data
+    first_line = _first_line(src.data)
+    line_no = src.data.count(b"\n", 0, src.data.find(first_line)) + 1 if first_line else 1
     try:
-        keys = set(json.loads(first_line))
-    except (json.JSONDecodeError, TypeError):
-        raise InputError(f"{src.name}: line 1: not a JSON object: {first_line[:200].decode('utf-8', 'replace')!r}") from None
+        record = json.loads(first_line)
+    except (ValueError, RecursionError):  # JSONDecodeError, a 10 MB number, deep nesting
+        record = None
+    if not isinstance(record, dict):
+        raise InputError(
+            f"{src.name}: line {line_no}: not a JSON object: {_short(first_line[:400].decode('utf-8', 'replace'))!r}"
+        )
+    keys = set(record)
     fields = next((f for f in AMAZON_FIELDS if {f[0], f[1], f[2]} <= keys), None)
     if fields is None:
         raise InputError(
             f"{src.name}: missing Amazon review fields (reviewerID/asin/unixReviewTime or user_id/parent_asin/timestamp); "
-            f"fields found: {', '.join(sorted(keys))}"
+            f"fields found: {_short(', '.join(sorted(keys)), 300)}"
         )
     user, item, time, rating = fields
     schema = pa.schema([(user, pa.string()), (item, pa.string()), (time, pa.int64())] + ([(rating, pa.float64())] if rating in keys else []))
@@ -445,12 +489,12 @@ def _read_json_lines_slowly(src: SourceFile, ctx: ReadContext, schema: pa.Schema
             record = json.loads(line)
             values = (str(record[user]), str(record[item]), int(record[time]))
             score = float(record[rating]) if rating and record.get(rating) is not None else None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
             if ctx.on_bad_lines == "skip":
                 ctx.bad_lines += 1
                 continue
             reason = f"missing field {exc}" if isinstance(exc, KeyError) else type(exc).__name__
-            raise InputError(f"{src.name}: line {number}: bad review record ({reason}): {line[:200]!r}") from None
+            raise InputError(f"{src.name}: line {number}: bad review record ({reason}): {_short(line)!r}") from None
         for name, value in zip((user, item, time), values):
             rows[name].append(value)
         if rating:

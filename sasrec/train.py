@@ -181,7 +181,7 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     ds = read_dataset(data_dir)
     loss_name = config.resolved_loss(ds.num_items)
-    run_info = {"backend": keras.backend.backend(), "loss": loss_name, "data": str(data_dir)}
+    run_info = {"backend": keras.backend.backend(), "loss": loss_name, "data": str(data_dir.resolve())}
     prepare_run_dir(run_dir, data_dir, config, run_info)
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
