@@ -253,7 +253,8 @@ def _read_delimited(
         return "error"
 
     if header:
-        first = src.data[: src.data.find(b"\n")].decode("utf-8").rstrip("\r")
+        end = src.data.find(b"\n")
+        first = src.data[: end if end >= 0 else len(src.data)].decode("utf-8").rstrip("\r")
         found = [c.strip().strip('"') for c in first.split(sep)]
         missing = [c for c in cols if c is not None and c not in found]
         if missing:
@@ -404,7 +405,7 @@ def _read_movielens(path: Path, ctx: ReadContext) -> pd.DataFrame:
             raise InputError(f"{path}: no MovieLens ratings file ({', '.join(MOVIELENS_FILES)}) in this zip")
         member = sorted(members, key=lambda n: MOVIELENS_FILES.index(Path(n).name))[0]
     src = _load(path, ctx, member=member)
-    first = src.data[: src.data.find(b"\n")]
+    first = _first_line(src.data)
     if b"::" in first:
         # ML-1M/10M: '::' separated, no header. One byte replace lets the C parser do the rest.
         src.data = src.data.replace(b"::", b"\x1f")

@@ -78,10 +78,12 @@ def load_config(args) -> "SASRecConfig":  # noqa: F821
 
 def run_train(args) -> int:
     select_backend(args.backend)
+    from sasrec import distributed
+
+    distributed.expose_host_devices(args.devices)
     if not (args.data / "manifest.json").is_file():
         raise InputError(f"--data {args.data}: not a dataset folder (no manifest.json); make one with `sasrec prepare`")
     config = load_config(args)
-    from sasrec import distributed
     from sasrec.train import check_tensorboard, train
 
     check_tensorboard(config)

@@ -2,8 +2,8 @@
 
 TensorFlow: ``tf.distribute.MirroredStrategy`` over local devices (on a CPU-only machine the CPU is
 split into logical devices, which is how tests exercise it). JAX: ``keras.distribution.DataParallel``
-(on CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` must be set before JAX starts;
-this module sets it when JAX has not been imported yet).
+(on CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` must be set before JAX starts:
+see :func:`expose_host_devices`).
 """
 
 from __future__ import annotations
@@ -57,11 +57,16 @@ def _mirrored_strategy(num_devices: int):
     return tf.distribute.MirroredStrategy([d.name for d in devices[:num_devices]])
 
 
-def _jax_devices(num_devices: int):
-    if "jax" not in sys.modules:
+def expose_host_devices(num_devices: int) -> None:
+    """On a CPU-only JAX, split the host into ``num_devices`` devices. Must run before JAX is imported
+    (before Keras, with the JAX backend); on a machine with accelerators it changes nothing."""
+    if num_devices > 1 and os.environ.get("KERAS_BACKEND") == "jax" and "jax" not in sys.modules:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
+
+
+def _jax_devices(num_devices: int):
     import jax
 
     devices = jax.devices()

@@ -59,3 +59,16 @@ def test_trained_on_jax_loads_on_every_backend(tiny_dataset, tmp_path):
     out = rec.recommend_batch(histories, k=5, exclude_seen=False)
     expected = -np.sort(-reference, axis=1)[:, :5]
     np.testing.assert_allclose(out.scores, expected, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("jax" not in BACKENDS, reason="JAX is not installed (pip install '.[jax]')")
+def test_jax_data_parallel_over_two_host_devices(tiny_dataset, tmp_path):
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run([sys.executable, "-m", "sasrec", "train", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
+                           "--epochs", "1", "--devices", "2", "--set", "maxlen=32", "--set", "tensorboard=false", "--quiet"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Training on 2 device(s) (DataParallel)" in done.stdout
+    assert (tmp_path / "run" / "metrics.json").exists()
