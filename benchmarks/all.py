@@ -1,6 +1,6 @@
 """Run every benchmark (`make bench`); `--quick` runs the CI-sized variants.
 
-Each script writes its own section of BENCHMARKS.md. The quality benchmark's full variant trains on
+Each script writes its own section of BENCHMARKS.md (the soak test: RELIABILITY.md). The quality benchmark's full variant trains on
 the real data sets for hours on a CPU; the quick variant trains the synthetic demo data.
 """
 
@@ -25,6 +25,7 @@ def main(argv=None) -> int:
         ("serving", ["--seconds", "2", "--concurrency", "1,16"] if args.quick else []),
         ("batch", quick),
         ("quality", quick),
+        ("soak", quick),  # writes RELIABILITY.md
     ]
     failed = []
     for name, extra in scripts:
