@@ -10,6 +10,7 @@ import numpy as np
 
 from pipelines.atomic import atomic_directory
 from pipelines.dataset import FIRST_ITEM_ID, SequenceDataset, write_dataset
+from sasrec.feed import pad_histories
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -67,13 +68,11 @@ def make_run(run: Path, *, num_items: int = 40, maxlen: int = 12, hidden_units: 
 
 def reference_topk(model, vocab: np.ndarray, history: list[str], k: int, exclude_seen: bool = True,
                    exclude: list[str] = ()) -> tuple[list[str], np.ndarray]:
-    """The history rule written out in plain Python/numpy on the Keras model: the oracle for tests."""
+    """The history rule written out in plain Python/numpy on the Keras model, padded by the training and
+    evaluation code's own rule: the oracle that ties the SavedModel graph to it."""
     index = {name: i for i, name in enumerate(vocab) if i >= FIRST_ITEM_ID}
     known = [index[h] for h in history if h in index]
-    window = known[-model.maxlen:]
-    ids = np.zeros((1, model.maxlen), np.int32)
-    if window:
-        ids[0, -len(window):] = window
+    ids = pad_histories([known], model.maxlen)  # the padding rule of training and evaluation
     scores = np.asarray(model.score_last(ids))[0].astype(np.float64)
     if not known:
         raise ValueError("cold start: no model scores")
