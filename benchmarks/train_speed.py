@@ -105,10 +105,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-xla", action="store_true", help="plain tf.function / no jit")
     parser.add_argument("--quick", action="store_true", help="few steps, no ML-1M epoch (CI-sized)")
+    parser.add_argument("--epoch-backends", default="tensorflow,jax",
+                        help="backends whose ML-1M epoch is timed too (the others: full windows only)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.steps, not args.no_xla, not args.quick)))
+        print("RESULT " + json.dumps(child(args.child, args.steps, not args.no_xla, epoch=not args.quick)))
         return 0
     steps = 3 if args.quick else args.steps
     peak, peak_text = cpu_peak_flops()
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
     for backend in args.backends.split(","):
         for loss in args.losses.split(","):
             cmd = [sys.executable, "-m", "benchmarks.train_speed", "--child", loss, "--steps", str(steps)]
-            cmd += ["--no-xla"] * args.no_xla + ["--quick"] * args.quick
+            cmd += ["--no-xla"] * args.no_xla + ["--quick"] * (args.quick or backend not in args.epoch_backends.split(","))
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
             done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
