@@ -61,7 +61,14 @@ def test_kill_9_mid_training_then_rerun_resumes_from_the_last_checkpoint(tiny_da
     assert "Resuming" in out and "after epoch" in out, out
     state = json.loads(sorted((run / "checkpoints").glob("epoch-*"))[-1].joinpath("state.json").read_text())
     assert state["epoch"] == 6 and len(state["curve"]) == 6  # every epoch exactly once in the loop state
-    assert json.loads((run / "metrics.json").read_text())["training"]["epoch"] == 6
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["training"]["epoch"] == 6
+    # Same quality (within noise) as a run that was never interrupted.
+    straight = tmp_path / "straight"
+    out, _ = sasrec_subprocess(*[straight if a == run else a for a in args]).communicate(timeout=300)
+    uninterrupted = json.loads((straight / "metrics.json").read_text())
+    hr = lambda m: m["results"][0]["metrics"]["hr@10"]  # noqa: E731  (test split, full ranking)
+    assert abs(hr(resumed) - hr(uninterrupted)) <= 0.05, (hr(resumed), hr(uninterrupted))
     # A different config in the same run folder is refused rather than silently mixed.
     out, _ = sasrec_subprocess("train", "--data", tiny_dataset, "--out", run, "--epochs", "7", *FAST).communicate(timeout=120)
     assert "different config" in out and "Traceback" not in out
