@@ -221,6 +221,8 @@ def test_bearer_token_auth(model_base, tmp_path):
     try:
         assert srv.wait_ready(60)
         target = f"127.0.0.1:{srv.port}"
+        model_calls = lambda: srv.metrics.registry.get_sample_value("sasrec_batch_size_count") or 0.0  # noqa: E731
+        before = model_calls()
         with RecommenderClient(target) as anonymous:
             assert anonymous.health() == "SERVING"  # the health service stays open
             with pytest.raises(grpc.RpcError) as err:
@@ -228,10 +230,15 @@ def test_bearer_token_auth(model_base, tmp_path):
             assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
         with RecommenderClient(target, token="wrong") as wrong:
             with pytest.raises(grpc.RpcError) as err:
+                wrong.recommend(NAMES[:2])
+            assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
                 wrong.model_info()
             assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert model_calls() == before  # rejected calls never reached the model
         with RecommenderClient(target, token="s3cret") as good:
             assert len(good.recommend(NAMES[:2], k=3).items) == 3
+        assert model_calls() == before + 1  # the counter does see calls that get through
     finally:
         srv.stop(1)
 
