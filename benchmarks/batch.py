@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if section is None:
         from benchmarks.report import write_section
 
-        write_section("batch", "Batch scoring from pandas: `score_frame` vs the SavedModel signature", rows, notes)
+        write_section("batch" + ("-quick" if args.quick else ""), "Batch scoring from pandas: `score_frame` vs the SavedModel signature", rows, notes)
     else:
         section()
     return 0

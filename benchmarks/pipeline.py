@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "`prepare` defaults: iterative 5/5 k-core, leave-one-out split; time = read + clean + sort + vocabulary + split + "
         "atomic write of the dataset folder, in a fresh process (peak RSS = that process's ru_maxrss)."
     )
-    write_section("pipeline", "Data pipeline: `prepare` wall time and peak memory", rows, "\n".join(f"- {n}" for n in notes))
+    write_section("pipeline" + ("-quick" if args.quick else ""), "Data pipeline: `prepare` wall time and peak memory", rows, "\n".join(f"- {n}" for n in notes))
     return 0
 
 
