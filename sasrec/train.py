@@ -97,6 +97,12 @@ class RunState(keras.callbacks.Callback):
         self.state = state
         self.protocol = Protocol(split="valid", protocol="full", seed=config.seed)
         self._epoch_start = 0.0
+        self._scorer = None  # compiled once, shares the model's weights
+
+    def _score(self, ids):
+        if self._scorer is None:
+            self._scorer = model_scorer(self.model)
+        return self._scorer(ids)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.feed.set_epoch(epoch)
@@ -109,7 +115,7 @@ class RunState(keras.callbacks.Callback):
         last_epoch = epoch + 1 == self.config.epochs
         if (epoch + 1) % self.config.eval_every == 0 or last_epoch:
             result = evaluate_scores(
-                model_scorer(self.model), self.ds, self.protocol, self.config.maxlen,
+                self._score, self.ds, self.protocol, self.config.maxlen,
                 self.config.eval_batch_size, with_popularity=False,
             )
             val = result["metrics"][VALIDATION_METRIC]
