@@ -18,6 +18,7 @@ import tomli_w
 from pipelines.errors import InputError
 
 LOSSES = ("bce", "ce", "sampled-softmax", "gbce")
+POSITIONS = ("from_end", "from_start")
 # Histories at least this long on average (ML-1M: 165) get the dense preset, shorter ones (Amazon
 # Beauty: 8.9) the sparse one.
 DENSE_MIN_MEAN_LENGTH = 30.0
@@ -51,6 +52,13 @@ class SASRecConfig:
     """Dropout on embeddings, attention weights and the feed-forward net (0.5 for sparse data)."""
     norm: str = "pre"
     """``pre``: layer norm before attention and feed-forward as in the paper; ``post``: after the residual."""
+    positions: str = "from_end"
+    """Which position each item's learned embedding encodes: ``from_end`` (the paper: the most recent
+    item always has the same position) or ``from_start`` (the first item of the window is position 0,
+    so short histories also tell how far into them the user is)."""
+    init_std: float = 0.0
+    """0: Glorot-normal weights (the paper's reference code); > 0: normal(0, init_std) for embeddings
+    and dense kernels (GPT-2 / RecBole style, e.g. 0.02)."""
 
     # --- loss
     loss: str = "auto"
@@ -116,6 +124,10 @@ class SASRecConfig:
             raise bad("dropout", "must be in [0, 1)")
         if self.norm not in ("pre", "post"):
             raise bad("norm", "must be 'pre' or 'post'")
+        if self.positions not in POSITIONS:
+            raise bad("positions", f"must be one of {', '.join(POSITIONS)}")
+        if self.init_std < 0:
+            raise bad("init_std", "must be >= 0")
         if self.loss not in LOSSES + ("auto",):
             raise bad("loss", f"must be one of {', '.join(LOSSES + ('auto',))}")
         if self.negative_sampling not in ("uniform", "popularity"):

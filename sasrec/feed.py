@@ -123,6 +123,12 @@ class TrainingFeed(keras.utils.PyDataset):
     def __len__(self) -> int:
         return math.ceil(len(self.windows) / self.batch_size)
 
+    @property
+    def targets_per_batch(self) -> float:
+        """Mean number of counted target positions per batch over an epoch."""
+        targets = np.maximum(self.window_lengths.astype(np.int64) - 1, 0).sum()
+        return float(targets) / len(self)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

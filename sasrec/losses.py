@@ -3,8 +3,10 @@
 Each loss takes hidden states ``h`` (B, W, d), the item table ``E`` (V, d) and the targets from the
 training feed: ``pos`` (B, W) next item per position (0 where there is no target) and ``neg``
 (negatives: (B, W) one per position for ``bce``, (N,) shared by the batch for ``sampled-softmax`` and
-``gbce``). Positions without a target do not count; the loss is the mean over counted positions.
-All functions use ``keras.ops`` only.
+``gbce``). Positions without a target do not count. The loss is the mean over counted positions, or,
+with ``normaliser``, their sum divided by it: training passes the epoch's mean number of targets per
+batch, so that every position weighs the same whether its batch holds long or short (length-bucketed)
+histories, as in the paper's randomly mixed batches. All functions use ``keras.ops`` only.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from pipelines.dataset import FIRST_ITEM_ID
 MASKED_LOGIT = -1e9
 
 
-def _masked_mean(per_position, pos):
+def _masked_mean(per_position, pos, normaliser=None):
     weights = ops.cast(ops.not_equal(pos, 0), "float32")
-    return ops.sum(per_position * weights) / ops.maximum(ops.sum(weights), 1.0)
+    total = ops.sum(per_position * weights)
+    if normaliser:
+        return total / normaliser
+    return total / ops.maximum(ops.sum(weights), 1.0)
 
 
 def _dot(h, E, ids):
@@ -29,21 +34,21 @@ def _dot(h, E, ids):
     return ops.sum(h * ops.take(E, ids, axis=0), axis=-1)
 
 
-def bce_loss(h, E, pos, neg):
+def bce_loss(h, E, pos, neg, normaliser=None):
     """The paper's loss: binary cross-entropy of the next item against one sampled negative."""
     pos_logit = _dot(h, E, pos)
     neg_logit = _dot(h, E, neg)
-    return _masked_mean(ops.softplus(-pos_logit) + ops.softplus(neg_logit), pos)
+    return _masked_mean(ops.softplus(-pos_logit) + ops.softplus(neg_logit), pos, normaliser)
 
 
-def ce_loss(h, E, pos):
+def ce_loss(h, E, pos, normaliser=None):
     """Full softmax cross-entropy over the whole catalog ("SASRec+"); padding/OOV excluded."""
     logits = ops.matmul(h, ops.transpose(E))
     vocab = ops.shape(E)[0]
     reserved = ops.arange(vocab) < FIRST_ITEM_ID
     logits = ops.where(reserved, MASKED_LOGIT, logits)
     target = ops.take_along_axis(logits, ops.expand_dims(pos, -1), axis=-1)[..., 0]
-    return _masked_mean(ops.logsumexp(logits, axis=-1) - target, pos)
+    return _masked_mean(ops.logsumexp(logits, axis=-1) - target, pos, normaliser)
 
 
 def _shared_negative_logits(h, E, pos, neg):
@@ -54,7 +59,7 @@ def _shared_negative_logits(h, E, pos, neg):
     return pos_logit, neg_logits, hit
 
 
-def sampled_softmax_loss(h, E, pos, neg, pos_logq=None, neg_logq=None):
+def sampled_softmax_loss(h, E, pos, neg, pos_logq=None, neg_logq=None, normaliser=None):
     """Softmax over the positive and N negatives shared by the batch.
 
     With ``pos_logq``/``neg_logq`` (log sampling probabilities) logits are corrected by -log q, which
@@ -66,7 +71,7 @@ def sampled_softmax_loss(h, E, pos, neg, pos_logq=None, neg_logq=None):
         neg_logits = neg_logits - ops.reshape(neg_logq, (1, 1, -1))
     neg_logits = ops.where(hit, MASKED_LOGIT, neg_logits)
     all_logits = ops.concatenate([ops.expand_dims(pos_logit, -1), neg_logits], axis=-1)
-    return _masked_mean(ops.logsumexp(all_logits, axis=-1) - pos_logit, pos)
+    return _masked_mean(ops.logsumexp(all_logits, axis=-1) - pos_logit, pos, normaliser)
 
 
 def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
@@ -75,11 +80,11 @@ def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
     return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
 
 
-def gbce_loss(h, E, pos, neg, beta: float):
+def gbce_loss(h, E, pos, neg, beta: float, normaliser=None):
     """Generalised BCE (Petrov & Macdonald, RecSys 2023): -beta*log s(pos) - sum log(1 - s(neg))."""
     pos_logit, neg_logits, hit = _shared_negative_logits(h, E, pos, neg)
     neg_term = ops.sum(ops.where(hit, 0.0, ops.softplus(neg_logits)), axis=-1)
-    return _masked_mean(beta * ops.softplus(-pos_logit) + neg_term, pos)
+    return _masked_mean(beta * ops.softplus(-pos_logit) + neg_term, pos, normaliser)
 
 
 @dataclass(frozen=True)
@@ -90,18 +95,22 @@ class SequenceLoss:
     num_items: int = 0
     num_negatives: int = 0
     gbce_t: float = 0.75
+    targets_per_batch: float = 0.0
+    """Divide the summed loss by this (the feed's mean) instead of each batch's own target count."""
 
     def __call__(self, model, hidden, y):
         h = ops.cast(hidden, "float32")
         E = ops.cast(model.item_embedding.embeddings, "float32")
         pos = ops.cast(y["pos"], "int32")
+        norm = self.targets_per_batch or None
         if self.name == "bce":
-            return bce_loss(h, E, pos, ops.cast(y["neg"], "int32"))
+            return bce_loss(h, E, pos, ops.cast(y["neg"], "int32"), normaliser=norm)
         if self.name == "ce":
-            return ce_loss(h, E, pos)
+            return ce_loss(h, E, pos, normaliser=norm)
         neg = ops.cast(y["neg"], "int32")
         if self.name == "sampled-softmax":
-            return sampled_softmax_loss(h, E, pos, neg, y.get("pos_logq"), y.get("neg_logq"))
+            return sampled_softmax_loss(h, E, pos, neg, y.get("pos_logq"), y.get("neg_logq"), normaliser=norm)
         if self.name == "gbce":
-            return gbce_loss(h, E, pos, neg, gbce_beta(self.num_negatives, self.num_items, self.gbce_t))
+            beta = gbce_beta(self.num_negatives, self.num_items, self.gbce_t)
+            return gbce_loss(h, E, pos, neg, beta, normaliser=norm)
         raise ValueError(f"unknown loss {self.name!r}")

@@ -9,7 +9,7 @@ from keras import ops
 
 from pipelines.dataset import FIRST_ITEM_ID
 from sasrec.config import SASRecConfig
-from sasrec.layers import CausalSelfAttentionBlock
+from sasrec.layers import CausalSelfAttentionBlock, weight_initializer
 
 
 @keras.saving.register_keras_serializable(package="sasrec")
@@ -18,7 +18,8 @@ class SASRec(keras.Model):
 
     ``model(ids)`` takes internal item ids ``(B, W)`` with ``W <= maxlen``, left-padded with 0 so the
     most recent item sits in the last column, and returns hidden states ``(B, W, d)``. Positions are
-    counted from the end of the window, so cutting left padding off changes nothing.
+    counted from the end of the window (``positions="from_end"``) or from its first real item
+    (``"from_start"``); either way cutting left padding off changes nothing.
     Scores are dot products with the item embedding table (shared between input and output).
     """
 
@@ -31,6 +32,8 @@ class SASRec(keras.Model):
         num_heads: int = 1,
         dropout: float = 0.2,
         norm: str = "pre",
+        positions: str = "from_end",
+        init_std: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -41,15 +44,18 @@ class SASRec(keras.Model):
         self.num_heads = num_heads
         self.dropout_rate = dropout
         self.norm = norm
+        self.positions = positions
+        self.init_std = init_std
         self.item_embedding = keras.layers.Embedding(
-            vocab_size, hidden_units, embeddings_initializer="glorot_normal", name="item_embedding"
+            vocab_size, hidden_units, embeddings_initializer=weight_initializer(init_std), name="item_embedding"
         )
         self.position_embedding = keras.layers.Embedding(
-            maxlen, hidden_units, embeddings_initializer="glorot_normal", name="position_embedding"
+            maxlen, hidden_units, embeddings_initializer=weight_initializer(init_std), name="position_embedding"
         )
         self.embedding_dropout = keras.layers.Dropout(dropout)
         self.blocks = [
-            CausalSelfAttentionBlock(hidden_units, num_heads, dropout, norm, name=f"block_{i}") for i in range(num_blocks)
+            CausalSelfAttentionBlock(hidden_units, num_heads, dropout, norm, init_std=init_std, name=f"block_{i}")
+            for i in range(num_blocks)
         ]
         self.final_norm = keras.layers.LayerNormalization(epsilon=1e-8, name="final_norm")
         # Set by training code (see sasrec.losses); not part of the saved model.
@@ -64,17 +70,23 @@ class SASRec(keras.Model):
         self.final_norm.build(shape)
         self.built = True
 
-    def call(self, ids, training=False):
+    def call(self, ids, training=False, last_only=False):
+        """Hidden states ``(B, W, d)``; with ``last_only`` just the last position's, ``(B, 1, d)``."""
         ids = ops.cast(ids, "int32")
         width = ops.shape(ids)[1]
         valid = ops.not_equal(ids, 0)
         x = self.item_embedding(ids) * math.sqrt(self.hidden_units)
-        positions = ops.arange(self.maxlen - width, self.maxlen, dtype="int32")
-        x = x + ops.expand_dims(self.position_embedding(positions), 0)
+        if self.positions == "from_start":
+            # Histories are left-padded: the running count of real items is the position from the start.
+            positions = ops.maximum(ops.cumsum(ops.cast(valid, "int32"), axis=1) - 1, 0)
+            x = x + self.position_embedding(positions)
+        else:
+            positions = ops.arange(self.maxlen - width, self.maxlen, dtype="int32")
+            x = x + ops.expand_dims(self.position_embedding(positions), 0)
         x = self.embedding_dropout(x, training=training)
         x = x * ops.cast(ops.expand_dims(valid, -1), x.dtype)
-        for block in self.blocks:
-            x = block(x, valid, training=training)
+        for i, block in enumerate(self.blocks):
+            x = block(x, valid, training=training, last_only=last_only and i == len(self.blocks) - 1)
         return self.final_norm(x)
 
     def item_logits(self, hidden):
@@ -87,7 +99,7 @@ class SASRec(keras.Model):
 
         Padding and the out-of-vocabulary id score ``-inf`` so they are never recommended.
         """
-        hidden = self(ids, training=False)[:, -1, :]
+        hidden = self(ids, training=False, last_only=True)[:, -1, :]
         logits = self.item_logits(hidden)
         reserved = ops.arange(self.vocab_size) < FIRST_ITEM_ID
         return ops.where(ops.expand_dims(reserved, 0), float("-inf"), logits)
@@ -107,6 +119,8 @@ class SASRec(keras.Model):
             num_heads=self.num_heads,
             dropout=self.dropout_rate,
             norm=self.norm,
+            positions=self.positions,
+            init_std=self.init_std,
         )
         return config
 
@@ -132,6 +146,8 @@ def build_model(config: SASRecConfig, vocab_size: int) -> SASRec:
         num_heads=config.num_heads,
         dropout=config.dropout,
         norm=config.norm,
+        positions=config.positions,
+        init_std=config.init_std,
         name="sasrec",
     )
     model.build((None, config.maxlen))

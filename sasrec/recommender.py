@@ -92,9 +92,11 @@ def resolve_version(path: str | os.PathLike) -> tuple[Path, int | None]:
     return path / str(versions[-1]), versions[-1]
 
 
-def _pad(rows: Sequence[Sequence[str]], min_width: int = 0) -> np.ndarray:
+def _pad(rows: Sequence[Sequence[str]], min_width: int = 0, num_rows: int = 0) -> np.ndarray:
+    """Rows padded with "" to one width; ``num_rows`` adds empty rows (XLA batch buckets), which is
+    far cheaper here than padding the string tensor in TensorFlow."""
     width = max([len(r) for r in rows] + [min_width])
-    out = np.full((len(rows), width), "", dtype=object)
+    out = np.full((max(len(rows), num_rows), width), "", dtype=object)
     for i, row in enumerate(rows):
         if row:
             out[i, : len(row)] = list(row)
@@ -146,14 +148,14 @@ class Recommender:
         if not 1 <= k <= self.max_k:
             raise InputError(f"k must be in 1..{self.max_k}, got {k}")
 
-    def _call_rows(self, hist, excl, k: int, exclude_seen: bool) -> dict:
-        """The signature on ``n`` padded rows (numpy arrays or string tensors), with the XLA bucket
-        padding added and removed; outputs are the raw numpy arrays (ids as bytes)."""
-        n = int(hist.shape[0])
-        if self.xla and bucket_size(n) != n:
+    def _call_rows(self, hist, excl, k: int, exclude_seen: bool, n: int | None = None) -> dict:
+        """The signature on padded rows (numpy arrays or string tensors), with the XLA bucket padding
+        added where missing; returns the first ``n`` (default all) rows of the raw numpy outputs."""
+        n = int(hist.shape[0]) if n is None else n
+        if self.xla and bucket_size(int(hist.shape[0])) != int(hist.shape[0]):
             import tensorflow as tf
 
-            extra = bucket_size(n) - n
+            extra = bucket_size(int(hist.shape[0])) - int(hist.shape[0])
             hist = tf.pad(tf.convert_to_tensor(hist, tf.string), [[0, extra], [0, 0]])
             excl = tf.pad(tf.convert_to_tensor(excl, tf.string), [[0, extra], [0, 0]])
         out = self.call(hist, k, exclude_seen, excl)
@@ -173,13 +175,15 @@ class Recommender:
                 np.empty((0, k), object), np.empty((0, k), np.float32), np.empty(0, np.int32), np.empty(0, bool)
             )
         self._check_k(k)
+        n = len(histories)
+        rows = bucket_size(n) if self.xla else n
         if len(exclude_item_ids) and not isinstance(exclude_item_ids[0], str):
-            excl = _pad(exclude_item_ids)
-            if len(excl) != len(histories):
+            if len(exclude_item_ids) != n:
                 raise InputError("exclude_item_ids: give one list for all histories or one per history")
+            excl = _pad(exclude_item_ids, num_rows=rows)
         else:
-            excl = np.tile(_pad([list(exclude_item_ids)]), (len(histories), 1))
-        out = self._call_rows(_pad(histories), excl, k, exclude_seen)
+            excl = np.tile(_pad([list(exclude_item_ids)]), (rows, 1))
+        out = self._call_rows(_pad(histories, num_rows=rows), excl, k, exclude_seen, n=n)
         ids = out["item_ids"]
         return BatchResult(
             item_ids=np.array([[x.decode("utf-8") for x in row] for row in ids], dtype=object).reshape(ids.shape),

@@ -200,7 +200,9 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
         length_bucketing=config.length_bucketing, seed=config.seed,
     )
     model = build_model(config, ds.vocab_size)
-    model.training_loss = SequenceLoss(loss_name, ds.num_items, config.num_negatives, config.gbce_t)
+    model.training_loss = SequenceLoss(
+        loss_name, ds.num_items, config.num_negatives, config.gbce_t, targets_per_batch=feed.targets_per_batch
+    )
     model.compile(optimizer=make_optimizer(config, len(feed)), jit_compile=config.jit_compile and xla_supported())
 
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "train_seconds": 0.0,

@@ -1,9 +1,12 @@
 """Dynamic micro-batching: concurrent requests share one model call.
 
-Handler threads ``submit`` a request and wait on its future. One worker thread takes the oldest
+Handler threads ``submit`` a request and wait on its future. A model worker thread takes the oldest
 request, then gathers more until ``max_batch_size`` requests or ``max_wait_s`` after it took the
 first; requests that arrived while the model was busy are already queued, so under load batches
 fill without waiting and an idle server answers a lone request after at most ``max_wait_s``.
+``model_workers`` threads do this side by side: TensorFlow releases the GIL inside a model call, so
+two batches in flight keep both cores of a small machine busy where one leaves a core idle while
+it gathers, converts and answers.
 
 Requests in one batch are grouped by ``exclude_seen`` (a scalar of the signature) and called with
 the largest ``k`` of the group; each request gets its own first ``k`` columns. Requests whose
@@ -58,18 +61,24 @@ class MicroBatcher:
         *,
         max_batch_size: int = 64,
         max_wait_s: float = 0.001,
+        model_workers: int = 1,
         metrics=None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if model_workers < 1:
+            raise ValueError("model_workers must be >= 1")
         self._get_model = get_model
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_s)
         self._metrics = metrics
         self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"micro-batcher-{i}", daemon=True) for i in range(model_workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, history, k, exclude_seen, exclude_item_ids, deadline=None) -> Future:
         item = Pending(list(history), int(k), bool(exclude_seen), list(exclude_item_ids), deadline)
@@ -80,10 +89,12 @@ class MicroBatcher:
         return item.future
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish everything queued, then stop the worker."""
+        """Finish everything queued, then stop the workers."""
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout)
+        self._queue.put(None)  # one sentinel, passed on by each worker that sees it
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
 
     # -- worker ---------------------------------------------------------------------------------
 
@@ -117,7 +128,8 @@ class MicroBatcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
-        # Drain whatever is left (close() was called): answer it rather than leave callers waiting.
+        # Drain whatever is left (close() was called): answer it rather than leave callers waiting,
+        # then hand the sentinel on to the next worker.
         leftover = []
         while True:
             try:
@@ -126,6 +138,7 @@ class MicroBatcher:
                 break
             if item is not None:
                 leftover.append(item)
+        self._queue.put(None)
         for start in range(0, len(leftover), self.max_batch_size):
             self._process(leftover[start : start + self.max_batch_size])
 

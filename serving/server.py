@@ -39,6 +39,7 @@ class ServerConfig:
     auth_token: str | None = None
     max_k: int | None = None
     workers: int = 32
+    model_workers: int = 2  # batches in flight at once (TensorFlow releases the GIL while computing)
     max_concurrent_rpcs: int = 1024
 
 
@@ -67,6 +68,8 @@ def add_arguments(parser) -> None:
     a("--auth-token-file", help="file holding the bearer token")
     a("--max-k", type=int, default=None, help="largest k accepted (default: every item of the model)")
     a("--workers", type=int, default=d.workers, help=f"gRPC handler threads (default {d.workers})")
+    a("--model-workers", type=int, default=d.model_workers,
+      help=f"threads that form batches and call the model side by side (default {d.model_workers})")
     a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
       help=f"calls beyond this get RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
     a("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -82,8 +85,9 @@ def config_from_args(args) -> ServerConfig:
         raise InputError(f"--batch-timeout-ms must be >= 0, got {args.batch_timeout_ms}")
     if args.max_k is not None and args.max_k < 1:
         raise InputError(f"--max-k must be >= 1, got {args.max_k}")
-    if args.workers < 1:
-        raise InputError(f"--workers must be >= 1, got {args.workers}")
+    for flag in ("workers", "model_workers"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return ServerConfig(
         model_base=args.model_base,
         model_name=args.model_name,
@@ -100,6 +104,7 @@ def config_from_args(args) -> ServerConfig:
         auth_token=read_token(args.auth_token, args.auth_token_file),
         max_k=args.max_k,
         workers=args.workers,
+        model_workers=args.model_workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
 
@@ -133,6 +138,7 @@ class RecommenderServer:
             self.store.get,
             max_batch_size=config.max_batch_size,
             max_wait_s=config.batch_timeout_ms / 1000.0,
+            model_workers=config.model_workers,
             metrics=self.metrics,
         )
         interceptors = [security.TokenAuthInterceptor(config.auth_token)] if config.auth_token else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipelines.dataset import read_dataset
 from sasrec.feed import TrainingFeed, left_pad, pad_histories, training_windows
@@ -48,6 +49,12 @@ def test_batches_are_reproducible_by_epoch_and_cut_to_their_width(tiny_dataset):
     assert max(widths) <= 40 and all(w % 16 == 0 or w == 40 for w in widths)
     a.set_epoch(1)
     assert not np.array_equal(a[0][0][:, -1], b[0][0][:, -1])  # another epoch, another order
+
+
+def test_targets_per_batch_is_the_epoch_mean(tiny_dataset):
+    feed = TrainingFeed(read_dataset(tiny_dataset), maxlen=40, batch_size=32, loss="ce", seed=3)
+    counted = sum(int(np.count_nonzero(feed[i][1]["pos"])) for i in range(len(feed)))
+    assert feed.targets_per_batch == pytest.approx(counted / len(feed))
 
 
 def test_targets_are_next_items_and_bce_negatives_are_unseen(tiny_dataset):

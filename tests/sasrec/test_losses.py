@@ -40,6 +40,15 @@ def test_bce():
     assert value(bce_loss(H, E, POS, NEG)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_normaliser_replaces_the_batch_target_count():
+    # Length-bucketed batches: every position weighs 1/normaliser whatever its batch's target count.
+    per_batch_mean = value(ce_loss(H, E, POS))
+    assert value(ce_loss(H, E, POS, normaliser=10.0)) == pytest.approx(per_batch_mean * MASK.sum() / 10.0, rel=1e-5)
+    assert value(bce_loss(H, E, POS, NEG, normaliser=3.0)) == pytest.approx(
+        value(bce_loss(H, E, POS, NEG)) * MASK.sum() / 3.0, rel=1e-5
+    )
+
+
 def test_full_softmax_ce_ignores_padding_and_oov_columns():
     def per_position(b, w):
         logits = H[b, w] @ E[2:].T  # real items only

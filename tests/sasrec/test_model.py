@@ -13,10 +13,15 @@ from sasrec.model import SASRec, build_model
 VOCAB = 40
 
 
-@pytest.fixture(params=["pre", "post"])
+@pytest.fixture(
+    params=[("pre", "from_end", 0.0), ("post", "from_end", 0.0), ("pre", "from_start", 0.02)],
+    ids=lambda p: "-".join(map(str, p)),
+)
 def model(request):
     keras.utils.set_random_seed(0)
-    return build_model(SASRecConfig(maxlen=12, hidden_units=16, num_heads=2, norm=request.param), VOCAB)
+    norm, positions, init_std = request.param
+    config = SASRecConfig(maxlen=12, hidden_units=16, num_heads=2, norm=norm, positions=positions, init_std=init_std)
+    return build_model(config, VOCAB)
 
 
 def random_ids(rng, batch=3, width=12):
@@ -49,6 +54,34 @@ def test_padding_is_invisible_and_width_does_not_matter(model):
     np.testing.assert_allclose(out, keras.ops.convert_to_numpy(model.score_last(cut)), atol=1e-4)
 
 
+def test_position_encoding_counts_from_the_chosen_end(model):
+    # The first item of a 1-item and of a 5-item history: the same position only when counting from
+    # the start (causality makes everything else equal).
+    alone, five = np.zeros((1, 12), "int32"), np.zeros((1, 12), "int32")
+    alone[0, -1] = 7
+    five[0, -5:] = [7, 3, 9, 4, 5]
+    a = keras.ops.convert_to_numpy(model(alone))[0, -1]
+    b = keras.ops.convert_to_numpy(model(five))[0, -5]
+    assert np.allclose(a, b, atol=1e-5) == (model.positions == "from_start")
+
+
+def test_init_std_sets_the_weight_scale():
+    keras.utils.set_random_seed(0)
+    small = build_model(SASRecConfig(maxlen=12, hidden_units=32, init_std=0.02), VOCAB)
+    glorot = build_model(SASRecConfig(maxlen=12, hidden_units=32), VOCAB)
+    kernel = lambda m: keras.ops.convert_to_numpy(m.blocks[0].ffn_inner.kernel)  # noqa: E731
+    assert abs(kernel(small).std() - 0.02) < 0.004
+    assert abs(kernel(glorot).std() - (2 / 64) ** 0.5) < 0.03
+
+
+def test_last_position_shortcut_matches_the_full_forward_pass(model):
+    ids = random_ids(np.random.default_rng(4))
+    ids[0, :5] = 0  # a padded row too
+    full = keras.ops.convert_to_numpy(model.item_logits(model(ids)[:, -1, :]))
+    last = keras.ops.convert_to_numpy(model.score_last(ids))
+    np.testing.assert_allclose(last[:, 2:], full[:, 2:], atol=1e-4)
+
+
 def test_padding_and_oov_are_never_scored(model):
     scores = keras.ops.convert_to_numpy(model.score_last(random_ids(np.random.default_rng(2))))
     assert scores.shape == (3, VOCAB)
@@ -70,6 +103,6 @@ def test_keras_file_round_trip(model, tmp_path):
 
 
 def test_block_config_round_trip():
-    block = CausalSelfAttentionBlock(16, num_heads=4, dropout=0.3, norm="post", name="b")
+    block = CausalSelfAttentionBlock(16, num_heads=4, dropout=0.3, norm="post", init_std=0.02, name="b")
     clone = CausalSelfAttentionBlock.from_config(block.get_config())
     assert clone.get_config() == block.get_config()

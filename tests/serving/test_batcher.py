@@ -75,9 +75,36 @@ def test_model_errors_reach_the_caller_and_the_worker_survives():
     batcher.close(5)
 
 
-def test_close_answers_everything_queued():
+@pytest.mark.parametrize("model_workers", [1, 3])
+def test_close_answers_everything_queued_and_stops_every_worker(model_workers):
     model = FakeModel(delay=0.05)
-    batcher = MicroBatcher(lambda: model, max_batch_size=2, max_wait_s=0)
+    batcher = MicroBatcher(lambda: model, max_batch_size=2, max_wait_s=0, model_workers=model_workers)
     futures = [batcher.submit([str(i)], 2, True, []) for i in range(10)]
-    threading.Thread(target=batcher.close).start()
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
     assert all(f.result(5).item_ids for f in futures)
+    closer.join(5)
+    assert not any(t.is_alive() for t in batcher._threads)
+
+
+def test_model_workers_run_batches_side_by_side():
+    class Overlap(FakeModel):
+        running = peak = 0
+        lock = threading.Lock()
+
+        def recommend_batch(self, *args, **kwargs):
+            with self.lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            try:
+                return super().recommend_batch(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+    model = Overlap(delay=0.05)
+    batcher = MicroBatcher(lambda: model, max_batch_size=2, max_wait_s=0, model_workers=2)
+    futures = [batcher.submit([str(i)], 2, True, []) for i in range(8)]
+    assert all(f.result(5).item_ids for f in futures)
+    batcher.close(5)
+    assert model.peak == 2
