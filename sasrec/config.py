@@ -26,8 +26,9 @@ DENSE_MIN_MEAN_LENGTH = 30.0
 # The shipped defaults for dense and sparse data; configs/dense.toml and configs/sparse.toml hold
 # the same values with their measured results (a test keeps them equal).
 PRESETS = {
-    "dense": dict(loss="ce", maxlen=200, hidden_units=64, num_blocks=2, num_heads=1, dropout=0.2, batch_size=128,
-                  learning_rate=1e-3, beta_2=0.98, epochs=150, eval_every=5, patience=4),
+    "dense": dict(loss="ce", maxlen=200, hidden_units=64, num_blocks=2, num_heads=1, dropout=0.1,
+                  positions="from_start", init_std=0.02, batch_size=128, learning_rate=1e-3, beta_2=0.98,
+                  epochs=150, eval_every=2, patience=5),
     "sparse": dict(loss="ce", maxlen=50, hidden_units=64, num_blocks=2, num_heads=1, dropout=0.5, batch_size=128,
                    learning_rate=1e-3, beta_2=0.98, epochs=200, eval_every=5, patience=6),
 }
