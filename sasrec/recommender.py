@@ -151,11 +151,12 @@ class Recommender:
     def _call_rows(self, hist, excl, k: int, exclude_seen: bool, n: int | None = None) -> dict:
         """The signature on padded rows (numpy arrays or string tensors), with the XLA bucket padding
         added where missing; returns the first ``n`` (default all) rows of the raw numpy outputs."""
-        n = int(hist.shape[0]) if n is None else n
-        if self.xla and bucket_size(int(hist.shape[0])) != int(hist.shape[0]):
+        given = int(hist.shape[0])
+        n = given if n is None else n
+        if self.xla and bucket_size(given) != given:
             import tensorflow as tf
 
-            extra = bucket_size(int(hist.shape[0])) - int(hist.shape[0])
+            extra = bucket_size(given) - given
             hist = tf.pad(tf.convert_to_tensor(hist, tf.string), [[0, extra], [0, 0]])
             excl = tf.pad(tf.convert_to_tensor(excl, tf.string), [[0, extra], [0, 0]])
         out = self.call(hist, k, exclude_seen, excl)
