@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 share = 100 * r["rps"] / ceil["users_per_s"]
                 print(f"clients={c}: {r['rps']:.0f} req/s ({share:.0f}% of ceiling), p50 {r['p50']:.2f} ms, "
                       f"p95 {r['p95']:.2f} ms, p99 {r['p99']:.2f} ms, errors {r['errors']}", flush=True)
-                rows.append({"setting": "gRPC `sasrec serve` (thread pool, micro-batching, 2 model workers)", "clients": c,
+                rows.append({"setting": f"gRPC `sasrec serve` (grpc.aio, micro-batching{(', ' + args.server_args) if args.server_args else ''})", "clients": c,
                              "throughput (req/s)": r["rps"], "p50 ms": r["p50"], "p95 ms": r["p95"],
                              "p99 ms": r["p99"], "% of ceiling": share, "errors": r["errors"]})
         finally:

@@ -53,21 +53,21 @@ class Metrics:
         return httpd
 
 
-def make_health():
-    from grpc_health.v1 import health, health_pb2
+async def make_health():
+    """The standard ``grpc.health.v1`` service (asyncio flavour), NOT_SERVING until told otherwise."""
+    from grpc_health.v1 import health
 
-    servicer = health.HealthServicer(experimental_non_blocking=True)
-    for name in ("", SERVICE_NAME):
-        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    servicer = health.aio.HealthServicer()
+    await set_serving(servicer, False)
     return servicer
 
 
-def set_serving(servicer, serving: bool) -> None:
+async def set_serving(servicer, serving: bool) -> None:
     from grpc_health.v1 import health_pb2
 
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
-        servicer.set(name, status)
+        await servicer.set(name, status)
 
 
 def add_health_and_reflection(server, health_servicer) -> None:
