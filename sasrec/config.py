@@ -73,6 +73,10 @@ class SASRecConfig:
     """Subtract log sampling probability from negative logits (``sampled-softmax`` with ``popularity``)."""
     gbce_t: float = 0.75
     """Calibration parameter t of gBCE (gSASRec)."""
+    exclude_seen_negatives: bool = False
+    """``ce`` and ``sampled-softmax``: leave the user's other training items out of the softmax, so the
+    model is not pushed away from items it will never be asked to rank (evaluation and serving remove
+    seen items). SASRec+ with 3000 negatives (Klenitskiy & Vasilev 2023) draws negatives this way."""
 
     # --- optimisation
     batch_size: int = 128
@@ -139,6 +143,8 @@ class SASRecConfig:
             raise bad("num_negatives", "must be >= 1")
         if self.learning_rate <= 0:
             raise bad("learning_rate", "must be > 0")
+        if self.exclude_seen_negatives and self.loss not in ("ce", "sampled-softmax", "auto"):
+            raise bad("exclude_seen_negatives", "applies to the 'ce' and 'sampled-softmax' losses only")
         if self.sliding_window_step < 0 or self.patience < 0 or self.warmup_steps < 0:
             raise InputError("config fields 'sliding_window_step', 'patience', 'warmup_steps' must be >= 0")
 

@@ -86,6 +86,7 @@ class TrainingFeed(keras.utils.PyDataset):
         logq_correction: bool = False,
         sliding_window_step: int = 0,
         length_bucketing: bool = True,
+        exclude_seen_negatives: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -97,6 +98,10 @@ class TrainingFeed(keras.utils.PyDataset):
         self.seed = seed
         self.epoch = 0
         self.vocab_size = ds.vocab_size
+        self.exclude_seen_negatives = exclude_seen_negatives and loss in ("ce", "sampled-softmax")
+        self._train_offsets = ds.offsets[:-1]
+        self._train_end = ds.train_end
+        self._items = ds.items
         self.windows, self.window_users = training_windows(ds, maxlen, sliding_window_step)
         if len(self.windows) == 0:
             raise ValueError("no user has two or more training events: nothing to train on")
@@ -184,7 +189,19 @@ class TrainingFeed(keras.utils.PyDataset):
             if self._logq is not None:
                 y["neg_logq"] = self._logq[neg]
                 y["pos_logq"] = np.where(pos != 0, self._logq[pos], 0).astype(np.float32)
+        if self.exclude_seen_negatives:
+            y["seen"] = self._seen_matrix(self.window_users[batch])
         return ids, y
+
+    def _seen_matrix(self, users: np.ndarray) -> np.ndarray:
+        """``(B, vocab_size)`` bool: the items of each row's user's training history."""
+        starts = self._train_offsets[users]
+        lengths = self._train_end[users].astype(np.int64)
+        rows = np.repeat(np.arange(len(users)), lengths)
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        seen = np.zeros((len(users), self.vocab_size), dtype=bool)
+        seen[rows, self._items[np.repeat(starts, lengths) + within]] = True
+        return seen
 
     def _unseen_negatives(self, rng, users: np.ndarray, shape) -> np.ndarray:
         """One uniform negative per position, redrawn while it is in the user's training history."""

@@ -41,12 +41,25 @@ def bce_loss(h, E, pos, neg, normaliser=None):
     return _masked_mean(ops.softplus(-pos_logit) + ops.softplus(neg_logit), pos, normaliser)
 
 
-def ce_loss(h, E, pos, normaliser=None):
-    """Full softmax cross-entropy over the whole catalog ("SASRec+"); padding/OOV excluded."""
+def _not_target(seen, pos):
+    """``seen`` (B, V) spread over positions, without each position's own target: (B, W, V) bool."""
+    vocab = ops.shape(seen)[-1]
+    target = ops.expand_dims(pos, -1) == ops.reshape(ops.arange(vocab, dtype=pos.dtype), (1, 1, -1))
+    return ops.logical_and(ops.expand_dims(seen, 1), ops.logical_not(target))
+
+
+def ce_loss(h, E, pos, normaliser=None, seen=None):
+    """Full softmax cross-entropy over the whole catalog ("SASRec+"); padding/OOV excluded.
+
+    ``seen`` (B, V) bool: items left out of each row's softmax (the user's other items; each
+    position's own target always stays in).
+    """
     logits = ops.matmul(h, ops.transpose(E))
     vocab = ops.shape(E)[0]
     reserved = ops.arange(vocab) < FIRST_ITEM_ID
     logits = ops.where(reserved, MASKED_LOGIT, logits)
+    if seen is not None:
+        logits = ops.where(_not_target(seen, pos), MASKED_LOGIT, logits)
     target = ops.take_along_axis(logits, ops.expand_dims(pos, -1), axis=-1)[..., 0]
     return _masked_mean(ops.logsumexp(logits, axis=-1) - target, pos, normaliser)
 
@@ -59,13 +72,16 @@ def _shared_negative_logits(h, E, pos, neg):
     return pos_logit, neg_logits, hit
 
 
-def sampled_softmax_loss(h, E, pos, neg, pos_logq=None, neg_logq=None, normaliser=None):
+def sampled_softmax_loss(h, E, pos, neg, pos_logq=None, neg_logq=None, normaliser=None, seen=None):
     """Softmax over the positive and N negatives shared by the batch.
 
     With ``pos_logq``/``neg_logq`` (log sampling probabilities) logits are corrected by -log q, which
-    makes popularity-sampled softmax an unbiased estimate of the full softmax.
+    makes popularity-sampled softmax an unbiased estimate of the full softmax. ``seen`` (B, V) bool:
+    negatives that are among the row's user's items are dropped.
     """
     pos_logit, neg_logits, hit = _shared_negative_logits(h, E, pos, neg)
+    if seen is not None:
+        hit = ops.logical_or(hit, ops.expand_dims(ops.take(seen, neg, axis=1), 1))
     if neg_logq is not None:
         pos_logit = pos_logit - pos_logq
         neg_logits = neg_logits - ops.reshape(neg_logq, (1, 1, -1))
@@ -103,13 +119,15 @@ class SequenceLoss:
         E = ops.cast(model.item_embedding.embeddings, "float32")
         pos = ops.cast(y["pos"], "int32")
         norm = self.targets_per_batch or None
+        seen = y.get("seen")
         if self.name == "bce":
             return bce_loss(h, E, pos, ops.cast(y["neg"], "int32"), normaliser=norm)
         if self.name == "ce":
-            return ce_loss(h, E, pos, normaliser=norm)
+            return ce_loss(h, E, pos, normaliser=norm, seen=seen)
         neg = ops.cast(y["neg"], "int32")
         if self.name == "sampled-softmax":
-            return sampled_softmax_loss(h, E, pos, neg, y.get("pos_logq"), y.get("neg_logq"), normaliser=norm)
+            return sampled_softmax_loss(h, E, pos, neg, y.get("pos_logq"), y.get("neg_logq"), normaliser=norm,
+                                        seen=seen)
         if self.name == "gbce":
             beta = gbce_beta(self.num_negatives, self.num_items, self.gbce_t)
             return gbce_loss(h, E, pos, neg, beta, normaliser=norm)

@@ -197,7 +197,8 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
         ds, maxlen=config.maxlen, batch_size=config.batch_size, loss=loss_name,
         num_negatives=config.num_negatives, negative_sampling=config.negative_sampling,
         logq_correction=config.logq_correction, sliding_window_step=config.sliding_window_step,
-        length_bucketing=config.length_bucketing, seed=config.seed,
+        length_bucketing=config.length_bucketing, exclude_seen_negatives=config.exclude_seen_negatives,
+        seed=config.seed,
     )
     model = build_model(config, ds.vocab_size)
     model.training_loss = SequenceLoss(

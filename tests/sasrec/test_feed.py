@@ -78,3 +78,15 @@ def test_shared_negatives_for_sampled_losses(tiny_dataset):
     ids, y = feed[0]
     assert y["neg"].shape == (17,) and (y["neg"] >= 2).all()
     assert y["neg_logq"].shape == (17,) and y["pos_logq"].shape == ids.shape
+
+
+def test_seen_matrix_holds_each_users_training_items(tiny_dataset):
+    ds = read_dataset(tiny_dataset)
+    feed = TrainingFeed(ds, maxlen=5, batch_size=16, loss="ce", exclude_seen_negatives=True, seed=1)
+    ids, y = feed[1]
+    assert y["seen"].shape == (len(ids), ds.vocab_size) and y["seen"].dtype == bool
+    for row, user in enumerate(feed.window_users[feed._epoch_batches()[1]]):
+        train_items = set(ds.user_items(user)[: ds.train_end[user]].tolist())
+        assert set(np.flatnonzero(y["seen"][row]).tolist()) == train_items  # whole history, not just the window
+        assert set(y["pos"][row][y["pos"][row] != 0].tolist()) <= train_items
+    assert "seen" not in TrainingFeed(ds, maxlen=5, batch_size=16, loss="ce", seed=1)[0][1]

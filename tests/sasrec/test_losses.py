@@ -87,3 +87,27 @@ def test_gbce():
 def test_gbce_with_t_zero_is_bce_with_weighted_positive():
     # t = 0 gives beta = 1: plain BCE over the positive and every negative.
     assert gbce_beta(256, 3417, 0.0) == pytest.approx(1.0)
+
+
+SEEN = np.zeros((B, V), dtype=bool)
+SEEN[0, [3, 4, 7]] = True  # row 0's other items: 7 is never a target of row 0
+SEEN[1, [2, 8]] = True
+
+
+def test_ce_leaves_the_users_other_items_out_of_the_softmax():
+    def per_position(b, w):
+        items = [i for i in range(2, V) if not SEEN[b, i] or i == POS[b, w]]  # own target always stays
+        logits = np.array([logit(b, w, i) for i in items])
+        return np.log(np.exp(logits).sum()) - logit(b, w, POS[b, w])
+
+    assert value(ce_loss(H, E, POS, seen=SEEN)) == pytest.approx(reference(per_position), rel=1e-5)
+    assert value(ce_loss(H, E, POS, seen=SEEN)) < value(ce_loss(H, E, POS))
+
+
+def test_sampled_softmax_drops_negatives_the_user_has_seen():
+    def per_position(b, w):
+        p = POS[b, w]
+        negs = [logit(b, w, n) for n in SHARED if n != p and not SEEN[b, n]]
+        return np.log(np.exp(logit(b, w, p)) + np.exp(negs).sum()) - logit(b, w, p)
+
+    assert value(sampled_softmax_loss(H, E, POS, SHARED, seen=SEEN)) == pytest.approx(reference(per_position), rel=1e-5)
