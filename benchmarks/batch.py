@@ -38,7 +38,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = Path("/work/shared/data/ml-1m/ml-1m.txt.gz")
+from benchmarks.report import SHARED_DATA  # noqa: E402
+
+DATA = SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"
 NUM_ITEMS, MAXLEN, D = 3416, 200, 50
 
 

@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import write_section
+from benchmarks.report import SHARED_DATA, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
-ML1M = ROOT.parent / "shared" / "data" / "ml-1m" / "ml-1m.txt.gz"
+ML1M = SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"
 CASE_SCRIPT = """
 import json, resource, sys, time
 from pipelines.prepare import prepare_file

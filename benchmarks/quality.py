@@ -17,10 +17,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.report import write_section
+from benchmarks.report import SHARED_DATA, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
 
 
 @dataclass(frozen=True)
@@ -37,13 +36,13 @@ class Case:
 CASES = {
     c.name: c
     for c in (
-        Case("ml1m-bce", "ml1m", ("--format", "pairs", "--input", str(SHARED / "ml-1m" / "ml-1m.txt.gz"), "--kcore", "none"),
+        Case("ml1m-bce", "ml1m", ("--format", "pairs", "--input", str(SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"), "--kcore", "none"),
              "configs/ml-1m-paper.toml", "sampled-100", "SASRec paper: HR@10 0.8245, NDCG@10 0.5905",
              {"hr@10": 0.82, "ndcg@10": 0.59}),
-        Case("ml1m-ce", "ml1m", ("--format", "pairs", "--input", str(SHARED / "ml-1m" / "ml-1m.txt.gz"), "--kcore", "none"),
+        Case("ml1m-ce", "ml1m", ("--format", "pairs", "--input", str(SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"), "--kcore", "none"),
              "configs/dense.toml", "full", "SASRec+ 3000: HR@10 0.3159, NDCG@10 0.1857",
              {"hr@10": 0.316, "ndcg@10": 0.186}),
-        Case("beauty-ce", "beauty", ("--format", "sequences", "--input", str(SHARED / "beauty" / "Beauty.txt"), "--kcore", "none"),
+        Case("beauty-ce", "beauty", ("--format", "sequences", "--input", str(SHARED_DATA / "beauty" / "Beauty.txt"), "--kcore", "none"),
              "configs/sparse.toml", "full", "SASRec+SS (eSASRec paper): HR@10 0.0921, NDCG@10 0.0531",
              {"hr@10": 0.092, "ndcg@10": 0.053}),
     )
@@ -117,8 +116,8 @@ def main(argv=None) -> int:
                     "", {"hr@10": 0.0})
         rows += rows_for(case, run_case(case, work, extra))
     else:
-        if not SHARED.is_dir():
-            print(f"{SHARED} is absent: the quality benchmark needs the real data sets", file=sys.stderr)
+        if not SHARED_DATA.is_dir():
+            print(f"{SHARED_DATA} is absent: the quality benchmark needs the real data sets", file=sys.stderr)
             return 1
         for name in args.cases.split(","):
             rows += rows_for(CASES[name], run_case(CASES[name], args.work, extra, args.collect))

@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 
 REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+# The real data sets (never inside the repo); SASREC_SHARED_DATA points elsewhere, e.g. on the GPU machine.
+SHARED_DATA = Path(os.environ.get("SASREC_SHARED_DATA") or REPORT.parent.parent / "shared" / "data")
 HEADER = (
     "# Benchmarks\n\n"
     "Written by the scripts in `benchmarks/` (`make bench` runs them all). Each section says the command,\n"
@@ -40,6 +42,19 @@ def machine() -> str:
     except (OSError, ValueError, IndexError):
         pass
     return f"{os.cpu_count()} CPUs ({cpu}){mem}, {platform.system()} {platform.release()}"
+
+
+def accelerator() -> str:
+    """The GPU(s) ``nvidia-smi`` lists, else ``CPU``."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+        gpus = [line.split(":", 1)[1].split("(")[0].strip() for line in listed.splitlines() if ":" in line]
+        if gpus:
+            return ", ".join(gpus)
+    return "CPU"
 
 
 def versions(*packages: str) -> str:

@@ -66,13 +66,20 @@ def ceiling(base: Path, users: list[list[str]], batch: int = 64, seconds: float 
         t = time.perf_counter()
         rec.recommend(h, k=10)
         single.append(time.perf_counter() - t)
-    done, start, i = 0, time.perf_counter(), 0
+    done, start, cpu, i = 0, time.perf_counter(), time.process_time(), 0
     while time.perf_counter() - start < seconds:
         rec.recommend_batch(users[i : i + batch], k=10)
         done += batch
         i = (i + batch) % (len(users) - batch)
     elapsed = time.perf_counter() - start
-    return {"users_per_s": done / elapsed, "single_p50_ms": 1000 * float(np.median(single))}
+    return {"users_per_s": done / elapsed, "single_p50_ms": 1000 * float(np.median(single)),
+            "cpu_ms": 1000 * (time.process_time() - cpu) / done}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -98,7 +105,8 @@ def start_server(base: Path, port: int, extra: list[str]) -> subprocess.Popen:
     return proc
 
 
-async def closed_loop(target: str, users: list[list[str]], concurrency: int, seconds: float) -> dict:
+async def closed_loop(target: str, users: list[list[str]], concurrency: int, seconds: float,
+                      server_pid: int | None = None) -> dict:
     import grpc
 
     from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
@@ -123,11 +131,16 @@ async def closed_loop(target: str, users: list[list[str]], concurrency: int, sec
                     errors[0] += 1
                 i += concurrency
 
-        start = time.perf_counter()
+        start, client_cpu = time.perf_counter(), time.process_time()
+        server_cpu = process_cpu_seconds(server_pid) if server_pid else 0.0
         await asyncio.gather(*(client(c) for c in range(concurrency)))
         elapsed = time.perf_counter() - start
+        client_cpu = time.process_time() - client_cpu
+        server_cpu = process_cpu_seconds(server_pid) - server_cpu if server_pid else float("nan")
     lat = np.array(latencies) * 1000
     return {
+        "server_cpu_ms": 1000 * server_cpu / max(len(lat), 1),
+        "client_cpu_ms": 1000 * client_cpu / max(len(lat), 1),
         "rps": len(lat) / elapsed,
         "p50": float(np.percentile(lat, 50)),
         "p95": float(np.percentile(lat, 95)),
@@ -157,16 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         proc = start_server(base, port, args.server_args.split())
         rows = [{"setting": "in-process SavedModel, batch 64 (ceiling)", "clients": "-",
                  "throughput (req/s)": ceil["users_per_s"], "p50 ms": ceil["single_p50_ms"],
-                 "p95 ms": "", "p99 ms": "", "% of ceiling": 100.0, "errors": 0}]
+                 "p95 ms": "", "p99 ms": "", "% of ceiling": 100.0, "errors": 0,
+                 "server CPU ms/req": ceil["cpu_ms"], "client CPU ms/req": ""}]
         try:
             for c in [int(x) for x in args.concurrency.split(",")]:
-                r = asyncio.run(closed_loop(f"127.0.0.1:{port}", users, c, args.seconds))
+                r = asyncio.run(closed_loop(f"127.0.0.1:{port}", users, c, args.seconds, proc.pid))
                 share = 100 * r["rps"] / ceil["users_per_s"]
                 print(f"clients={c}: {r['rps']:.0f} req/s ({share:.0f}% of ceiling), p50 {r['p50']:.2f} ms, "
-                      f"p95 {r['p95']:.2f} ms, p99 {r['p99']:.2f} ms, errors {r['errors']}", flush=True)
+                      f"p95 {r['p95']:.2f} ms, p99 {r['p99']:.2f} ms, errors {r['errors']}, "
+                      f"CPU ms/req server {r['server_cpu_ms']:.3f} client {r['client_cpu_ms']:.3f}", flush=True)
                 rows.append({"setting": f"gRPC `sasrec serve` (grpc.aio, micro-batching{(', ' + args.server_args) if args.server_args else ''})", "clients": c,
                              "throughput (req/s)": r["rps"], "p50 ms": r["p50"], "p95 ms": r["p95"],
-                             "p99 ms": r["p99"], "% of ceiling": share, "errors": r["errors"]})
+                             "p99 ms": r["p99"], "% of ceiling": share, "errors": r["errors"],
+                             "server CPU ms/req": r["server_cpu_ms"], "client CPU ms/req": r["client_cpu_ms"]})
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
@@ -179,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             "ML-1M-sized SASRec (3,416 items, maxlen 200, d 50, 2 blocks), random weights, exported with "
             f"XLA {'on' if args.xla else 'off'}; histories with ML-1M-like lengths (median ~96, many > 200). "
             "Closed loop: each `grpc.aio` client sends its next request when the previous answer arrives; "
-            "clients run in the benchmark process on the same 2 cores as the server. "
+            "clients run in the benchmark process on the same 2 cores as the server. CPU ms/req: CPU time of the "
+            "server process (ceiling row: of the in-process model calls, per user) and of the clients per answered "
+            "request; the gap between a served request and a user of the ceiling is gRPC and batching overhead. "
             "Targets: unloaded (1 client) p50 <= 3 ms; served throughput >= 60% of the ceiling with p99 <= 25 ms."
         )
         write_section("serving", "Serving: gRPC latency and throughput vs in-process ceiling", rows, notes)

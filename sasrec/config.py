@@ -103,6 +103,8 @@ class SASRecConfig:
     """Epochs between validation runs (full ranking, NDCG@10)."""
     patience: int = 10
     """Validation runs without improvement before early stopping (0 disables)."""
+    stop_at_ndcg: float = 0.0
+    """Stop as soon as validation NDCG@10 reaches this (0: off): time-to-quality runs."""
     eval_batch_size: int = 256
 
     # --- execution
@@ -131,6 +133,8 @@ class SASRecConfig:
             raise bad("norm", "must be 'pre' or 'post'")
         if self.positions not in POSITIONS:
             raise bad("positions", f"must be one of {', '.join(POSITIONS)}")
+        if not 0.0 <= self.stop_at_ndcg <= 1.0:
+            raise bad("stop_at_ndcg", "must be in [0, 1]")
         if self.init_std < 0:
             raise bad("init_std", "must be >= 0")
         if self.loss not in LOSSES + ("auto",):

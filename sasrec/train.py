@@ -123,6 +123,9 @@ class RunState(keras.callbacks.Callback):
             if val > self.state["best"]:
                 self.state.update(best=val, best_epoch=epoch + 1, bad_evals=0)
                 save_model_atomically(self.model, self.run_dir / BEST_MODEL)
+                if self.config.stop_at_ndcg and val >= self.config.stop_at_ndcg:
+                    self.model.stop_training = True
+                    self.state["stopped_early"] = True
             else:
                 self.state["bad_evals"] += 1
                 if self.config.patience and self.state["bad_evals"] >= self.config.patience:

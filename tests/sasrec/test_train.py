@@ -91,3 +91,13 @@ def test_train_on_a_missing_dataset_is_a_one_line_error(tmp_path, capsys):
 def test_evaluate_without_a_trained_model_is_a_one_line_error(tmp_path, capsys):
     assert main(["evaluate", "--run", str(tmp_path)]) == 2
     assert "train first" in capsys.readouterr().err
+
+
+def test_stop_at_ndcg_ends_training_once_validation_reaches_it(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(tiny_dataset), "--out", str(run), "--epochs", "30", "--set", "maxlen=32",
+                 "--set", "loss=ce", "--set", "eval_every=1", "--set", "stop_at_ndcg=0.3", *FAST[:2], "--quiet"])
+    assert code == 0
+    training = json.loads((run / "metrics.json").read_text())["training"]
+    assert training["stopped_early"] and training["epoch"] < 30
+    assert training["best"] >= 0.3 and training["best_epoch"] == training["epoch"]
