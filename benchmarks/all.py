@@ -27,6 +27,7 @@ def main(argv=None) -> int:
         ("serving", ["--seconds", "2", "--concurrency", "1,16", "--no-report"] if args.quick else []),
         ("batch", quick),
         ("quality", quick),
+        ("time_to_quality", quick),
         ("soak", ["--quick", "--no-report"] if args.quick else []),  # writes RELIABILITY.md
     ]
     failed = []

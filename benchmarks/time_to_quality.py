@@ -63,7 +63,7 @@ def prepare(work: Path, quick: bool) -> Path:
     return data
 
 
-def run_case(name: str, case: Case, data: Path, work: Path, backend: str, extra: list[str]) -> dict:
+def run_case(name: str, case: Case, data: Path, work: Path, backend: str, extra: list[str], quick: bool) -> dict:
     run = work / f"run-{name}-{backend}"
     shutil.rmtree(run, ignore_errors=True)  # from scratch: a resumed run would not be a time to quality
     sets = [a for s in (*case.overrides, "tensorboard=false", *extra) for a in ("--set", s)]
@@ -84,8 +84,8 @@ def run_case(name: str, case: Case, data: Path, work: Path, backend: str, extra:
         "wall s (process)": wall,
         "test NDCG@10": ndcg,
         "protocol": case.protocol,
-        "target": f"NDCG@10 >= {case.target} in <= 60 s",
-        "met": "yes" if ndcg >= case.target and wall <= 60 else "no",
+        "target": "" if quick else f"NDCG@10 >= {case.target} in <= 60 s",
+        "met": "" if quick else ("yes" if ndcg >= case.target and wall <= 60 else "no"),
     }
 
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.cases.split(","):
         extra = getattr(args, f"{name}_set") + (["epochs=2", "maxlen=50", "stop_at_ndcg=0"] if args.quick else [])
-        row = run_case(name, CASES[name], data, args.work, args.backend, extra)
+        row = run_case(name, CASES[name], data, args.work, args.backend, extra, args.quick)
         print(row, flush=True)
         rows.append(row)
     write_section(
