@@ -26,9 +26,9 @@ DENSE_MIN_MEAN_LENGTH = 30.0
 # The shipped defaults for dense and sparse data; configs/dense.toml and configs/sparse.toml hold
 # the same values with their measured results (a test keeps them equal).
 PRESETS = {
-    "dense": dict(loss="ce", maxlen=200, hidden_units=64, num_blocks=2, num_heads=1, dropout=0.1,
-                  positions="from_start", init_std=0.02, batch_size=128, learning_rate=1e-3, beta_2=0.98,
-                  epochs=150, eval_every=2, patience=5),
+    "dense": dict(loss="ce", exclude_seen_negatives=True, maxlen=200, hidden_units=128, num_blocks=2, num_heads=1,
+                  dropout=0.2, positions="from_start", init_std=0.02, batch_size=128, learning_rate=1e-3,
+                  beta_2=0.999, epochs=150, eval_every=2, patience=5),
     "sparse": dict(loss="ce", maxlen=50, hidden_units=64, num_blocks=2, num_heads=1, dropout=0.5, batch_size=128,
                    learning_rate=1e-3, beta_2=0.98, epochs=200, eval_every=5, patience=6),
 }
@@ -76,7 +76,8 @@ class SASRecConfig:
     exclude_seen_negatives: bool = False
     """``ce`` and ``sampled-softmax``: leave the user's other training items out of the softmax, so the
     model is not pushed away from items it will never be asked to rank (evaluation and serving remove
-    seen items). SASRec+ with 3000 negatives (Klenitskiy & Vasilev 2023) draws negatives this way."""
+    seen items). SASRec+ with 3000 negatives (Klenitskiy & Vasilev 2023) draws negatives this way.
+    Like ``num_negatives``, other losses ignore it."""
 
     # --- optimisation
     batch_size: int = 128
@@ -147,8 +148,6 @@ class SASRecConfig:
             raise bad("num_negatives", "must be >= 1")
         if self.learning_rate <= 0:
             raise bad("learning_rate", "must be > 0")
-        if self.exclude_seen_negatives and self.loss not in ("ce", "sampled-softmax", "auto"):
-            raise bad("exclude_seen_negatives", "applies to the 'ce' and 'sampled-softmax' losses only")
         if self.sliding_window_step < 0 or self.patience < 0 or self.warmup_steps < 0:
             raise InputError("config fields 'sliding_window_step', 'patience', 'warmup_steps' must be >= 0")
 
