@@ -162,11 +162,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def prepare_run_dir(run_dir: Path, data_dir: Path, config: SASRecConfig, extra: dict) -> None:
     """Create the run folder, or check that an existing one was made with the same config and data."""
-    config_text = config.to_toml()
     config_path = run_dir / "config.toml"
     manifest = (data_dir / MANIFEST_FILE).read_text()
     if config_path.exists():
-        if config_path.read_text() != config_text + _extra_toml(extra):
+        # Compared as values, so a run saved before a config field was added (at its default) resumes.
+        if SASRecConfig.from_toml(config_path) != config or _run_info(run_dir) != extra:
             raise InputError(f"{run_dir} holds a run with a different config; use a new --out folder to start another run")
         if (run_dir / "dataset" / MANIFEST_FILE).read_text() != manifest:
             raise InputError(f"{run_dir} holds a run on a different dataset; use a new --out folder")
@@ -176,7 +176,7 @@ def prepare_run_dir(run_dir: Path, data_dir: Path, config: SASRecConfig, extra: 
         shutil.copyfile(data_dir / MANIFEST_FILE, tmp / MANIFEST_FILE)
         shutil.copyfile(data_dir / ITEMS_FILE, tmp / ITEMS_FILE)
     with atomic_file(config_path, "w") as handle:
-        handle.write(config_text + _extra_toml(extra))
+        handle.write(config.to_toml() + _extra_toml(extra))
 
 
 def _extra_toml(extra: dict) -> str:

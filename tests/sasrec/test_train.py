@@ -101,3 +101,20 @@ def test_stop_at_ndcg_ends_training_once_validation_reaches_it(tiny_dataset, tmp
     training = json.loads((run / "metrics.json").read_text())["training"]
     assert training["stopped_early"] and training["epoch"] < 30
     assert training["best"] >= 0.3 and training["best_epoch"] == training["epoch"]
+
+
+def test_a_run_saved_before_a_config_field_existed_still_resumes(tiny_dataset, tmp_path):
+    from pipelines.errors import InputError
+    from sasrec.config import SASRecConfig
+    from sasrec.train import prepare_run_dir
+
+    run, config, info = tmp_path / "run", SASRecConfig(maxlen=16), {"backend": "tensorflow", "loss": "ce"}
+    prepare_run_dir(run, tiny_dataset, config, info)
+    saved = (run / "config.toml").read_text()
+    # As written by a version without `stop_at_ndcg`: the field is at its default, nothing differs.
+    (run / "config.toml").write_text("\n".join(l for l in saved.splitlines() if not l.startswith("stop_at_ndcg")))
+    prepare_run_dir(run, tiny_dataset, config, info)
+    with pytest.raises(InputError, match="different config"):
+        prepare_run_dir(run, tiny_dataset, SASRecConfig(maxlen=16, stop_at_ndcg=0.2), info)
+    with pytest.raises(InputError, match="different config"):
+        prepare_run_dir(run, tiny_dataset, config, {**info, "loss": "bce"})
