@@ -4,7 +4,8 @@
 
 1. Exports a randomly initialised ML-1M-sized SASRec (weights do not change the cost) to a temporary
    model base, XLA on as `sasrec export` does by default.
-2. Ceiling: in-process batched SavedModel throughput (``Recommender.recommend_batch``, batch 64).
+2. Ceiling: in-process batched SavedModel throughput (``Recommender.recommend_batch``, batch 64),
+   best of three rounds.
 3. Starts `sasrec serve` as a subprocess and drives it with closed-loop ``grpc.aio`` clients on
    localhost: one client (unloaded latency), then N concurrent clients. Clients share the 2 cores
    with the server, as they would on a single machine.
@@ -66,14 +67,17 @@ def ceiling(base: Path, users: list[list[str]], batch: int = 64, seconds: float 
         t = time.perf_counter()
         rec.recommend(h, k=10)
         single.append(time.perf_counter() - t)
-    done, start, cpu, i = 0, time.perf_counter(), time.process_time(), 0
-    while time.perf_counter() - start < seconds:
-        rec.recommend_batch(users[i : i + batch], k=10)
-        done += batch
-        i = (i + batch) % (len(users) - batch)
-    elapsed = time.perf_counter() - start
-    return {"users_per_s": done / elapsed, "single_p50_ms": 1000 * float(np.median(single)),
-            "cpu_ms": 1000 * (time.process_time() - cpu) / done}
+    best = None
+    for _ in range(3):  # best of 3: a noisy neighbour must not lower the ceiling (and flatter the ratio)
+        done, start, cpu, i = 0, time.perf_counter(), time.process_time(), 0
+        while time.perf_counter() - start < seconds:
+            rec.recommend_batch(users[i : i + batch], k=10)
+            done += batch
+            i = (i + batch) % (len(users) - batch)
+        rate, cpu_ms = done / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / done
+        if best is None or rate > best[0]:
+            best = (rate, cpu_ms)
+    return {"users_per_s": best[0], "single_p50_ms": 1000 * float(np.median(single)), "cpu_ms": best[1]}
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.report import write_section
 
         notes = (
-            "ML-1M-sized SASRec (3,416 items, maxlen 200, d 50, 2 blocks), random weights, exported with "
+            "Ceiling: best of three 5 s rounds. ML-1M-sized SASRec (3,416 items, maxlen 200, d 50, 2 blocks), random weights, exported with "
             f"XLA {'on' if args.xla else 'off'}; histories with ML-1M-like lengths (median ~96, many > 200). "
             "Closed loop: each `grpc.aio` client sends its next request when the previous answer arrives; "
             "clients run in the benchmark process on the same 2 cores as the server. CPU ms/req: CPU time of the "
