@@ -44,7 +44,7 @@ def bce_loss(h, E, pos, neg, normaliser=None):
 def _not_target(seen, pos):
     """``seen`` (B, V) spread over positions, without each position's own target: (B, W, V) bool."""
     vocab = ops.shape(seen)[-1]
-    target = ops.expand_dims(pos, -1) == ops.reshape(ops.arange(vocab, dtype=pos.dtype), (1, 1, -1))
+    target = ops.equal(ops.expand_dims(pos, -1), ops.reshape(ops.arange(vocab, dtype=pos.dtype), (1, 1, -1)))
     return ops.logical_and(ops.expand_dims(seen, 1), ops.logical_not(target))
 
 
