@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"clients={c}: {r['rps']:.0f} req/s ({share:.0f}% of ceiling), p50 {r['p50']:.2f} ms, "
                       f"p95 {r['p95']:.2f} ms, p99 {r['p99']:.2f} ms, errors {r['errors']}, "
                       f"CPU ms/req server {r['server_cpu_ms']:.3f} client {r['client_cpu_ms']:.3f}", flush=True)
-                rows.append({"setting": f"gRPC `sasrec serve` (grpc.aio, micro-batching{(', ' + args.server_args) if args.server_args else ''})", "clients": c,
+                rows.append({"setting": f"gRPC `sasrec serve` (thread pool, micro-batching{(', ' + args.server_args) if args.server_args else ''})", "clients": c,
                              "throughput (req/s)": r["rps"], "p50 ms": r["p50"], "p95 ms": r["p95"],
                              "p99 ms": r["p99"], "% of ceiling": share, "errors": r["errors"],
                              "server CPU ms/req": r["server_cpu_ms"], "client CPU ms/req": r["client_cpu_ms"]})

@@ -1,30 +1,27 @@
-"""Dynamic micro-batching on the server's event loop: concurrent requests share one model call.
+"""Dynamic micro-batching: concurrent requests share one model call.
 
-Handlers ``await batcher.submit(...)``. Requests queue on the event loop; whenever a model worker is
-free it takes up to ``max_batch_size`` of them (after waiting up to ``max_wait_s`` from the oldest one
-for the batch to fill) and computes them in its thread, so the loop keeps receiving requests while
-TensorFlow computes (it releases the GIL). Requests that arrive while the model is busy form the next
-batch: under load batches grow with the load without any waiting, and an idle server answers a lone
-request at once. One model worker (the default) keeps batches as large as possible; more workers
-overlap batches, which only pays where cores would otherwise be idle.
+Handler threads ``submit`` a request and wait on its future. A model worker thread takes the oldest
+request, then gathers more until ``max_batch_size`` requests or ``max_wait_s`` after it took the
+first; requests that arrived while the model was busy are already queued, so under load batches
+fill without waiting and an idle server answers a lone request after at most ``max_wait_s``.
+``model_workers`` threads do this side by side: TensorFlow releases the GIL inside a model call, so
+two batches in flight keep both cores of a small machine busy where one leaves a core idle while
+it gathers, converts and answers.
 
 Requests in one batch are grouped by ``exclude_seen`` (a scalar of the signature) and called with
 the largest ``k`` of the group; each request gets its own first ``k`` columns. Requests whose
 deadline passed or whose caller went away are dropped before the model call. The model used for a
 batch is read once per batch, so a hot swap never mixes versions inside a batch.
-
-Everything except the model call runs on the event loop, so no state here needs a lock.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
+import queue
+import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger("serving.batcher")
@@ -45,8 +42,7 @@ class Pending:
     exclude_seen: bool
     exclude_item_ids: list
     deadline: float | None  # time.monotonic() seconds, None: no deadline
-    future: asyncio.Future
-    queued_at: float
+    future: Future = field(default_factory=Future)
 
 
 @dataclass
@@ -64,7 +60,7 @@ class MicroBatcher:
         get_model: Callable,
         *,
         max_batch_size: int = 64,
-        max_wait_s: float = 0.0,
+        max_wait_s: float = 0.001,
         model_workers: int = 1,
         metrics=None,
     ):
@@ -75,146 +71,124 @@ class MicroBatcher:
         self._get_model = get_model
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_s)
-        self.model_workers = model_workers
         self._metrics = metrics
-        self._pending: deque[Pending] = deque()
-        self._free = model_workers
-        self._executor = ThreadPoolExecutor(model_workers, thread_name_prefix="model")
-        self._timer: asyncio.TimerHandle | None = None
+        self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._closed = False
-        self._idle: asyncio.Event | None = None  # created by close(), set once nothing is queued or running
+        self._threads = [
+            threading.Thread(target=self._run, name=f"micro-batcher-{i}", daemon=True) for i in range(model_workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    @property
-    def queued(self) -> int:
-        """Requests waiting for a model worker."""
-        return len(self._pending)
-
-    @property
-    def running(self) -> int:
-        """Batches being computed."""
-        return self.model_workers - self._free
-
-    def submit(self, history, k, exclude_seen, exclude_item_ids, deadline=None) -> asyncio.Future:
-        """Queue one request (on the event loop); the future resolves to a :class:`Result`."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+    def submit(self, history, k, exclude_seen, exclude_item_ids, deadline=None) -> Future:
+        item = Pending(list(history), int(k), bool(exclude_seen), list(exclude_item_ids), deadline)
         if self._closed:
-            future.set_exception(ShuttingDown("server is shutting down"))
-            return future
-        self._pending.append(
-            Pending(history, int(k), bool(exclude_seen), exclude_item_ids, deadline, future, time.monotonic())
-        )
-        self._dispatch()
-        return future
+            item.future.set_exception(ShuttingDown("server is shutting down"))
+        else:
+            self._queue.put(item)
+        return item.future
 
-    async def close(self, timeout: float | None = None) -> None:
-        """Refuse new requests, compute everything queued at once, wait for running batches."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish everything queued, then stop the workers."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._idle = asyncio.Event()
-        self._dispatch()
-        self._check_idle()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            log.warning("batcher closed with %d queued and %d running batches", self.queued, self.running)
-        self._executor.shutdown(wait=False)
+        self._queue.put(None)  # one sentinel, passed on by each worker that sees it
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
 
-    # -- event loop side ------------------------------------------------------------------------
+    # -- worker ---------------------------------------------------------------------------------
 
-    def _dispatch(self) -> None:
-        while self._free and self._pending:
-            if self.max_wait_s and not self._closed and len(self._pending) < self.max_batch_size:
-                wait = self._pending[0].queued_at + self.max_wait_s - time.monotonic()
-                if wait > 0:
-                    if self._timer is None:
-                        self._timer = asyncio.get_running_loop().call_later(wait, self._on_timer)
-                    return
-            take = min(self.max_batch_size, len(self._pending))
-            batch = self._live([self._pending.popleft() for _ in range(take)])
-            if not batch:
-                continue
-            self._free -= 1
-            model = self._get_model()
-            done = asyncio.get_running_loop().run_in_executor(self._executor, self._compute, model, batch)
-            done.add_done_callback(functools.partial(self._deliver, batch))
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            end = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    remaining = end - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                self._process(batch)
+            except BaseException as exc:  # never let the worker die
+                log.exception("batch failed")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+        # Drain whatever is left (close() was called): answer it rather than leave callers waiting,
+        # then hand the sentinel on to the next worker.
+        leftover = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                leftover.append(item)
+        self._queue.put(None)
+        for start in range(0, len(leftover), self.max_batch_size):
+            self._process(leftover[start : start + self.max_batch_size])
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._dispatch()
-
-    @staticmethod
-    def _live(batch: list[Pending]) -> list[Pending]:
-        """Drop requests whose caller went away; answer expired ones with DeadlineExceeded."""
+    def _process(self, batch: list[Pending]) -> None:
         now = time.monotonic()
         live = []
         for item in batch:
-            if item.future.done():  # cancelled by the caller, or timed out by the handler
-                continue
+            if not item.future.set_running_or_notify_cancel():
+                continue  # caller cancelled
             if item.deadline is not None and item.deadline <= now:
                 item.future.set_exception(DeadlineExceeded())
                 continue
             live.append(item)
-        return live
-
-    def _deliver(self, batch: list[Pending], done: asyncio.Future) -> None:
-        self._free += 1
-        error = done.exception()
-        results = [error] * len(batch) if error is not None else done.result()
-        for item, result in zip(batch, results):
-            if item.future.done():
-                continue
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
-        self._dispatch()
-        self._check_idle()
-
-    def _check_idle(self) -> None:
-        if self._idle is not None and not self._pending and self._free == self.model_workers:
-            self._idle.set()
-
-    # -- model worker thread --------------------------------------------------------------------
-
-    def _compute(self, model, batch: list[Pending]) -> list:
-        """Results (or the exception of a failed group) for ``batch``, in order."""
+        if not live:
+            return
+        model = self._get_model()
         if self._metrics is not None:
-            self._metrics.batch_size.observe(len(batch))
-        results: list = [None] * len(batch)
+            self._metrics.batch_size.observe(len(live))
         for exclude_seen in (True, False):
-            group = [i for i, item in enumerate(batch) if item.exclude_seen == exclude_seen]
+            group = [item for item in live if item.exclude_seen == exclude_seen]
             if group:
-                self._call(model, batch, group, exclude_seen, results)
-        return results
+                self._call(model, group, exclude_seen)
 
-    def _call(self, model, batch: list[Pending], group: list[int], exclude_seen: bool, results: list) -> None:
-        k = max(batch[i].k for i in group)
+    def _call(self, model, group: list[Pending], exclude_seen: bool) -> None:
+        k = max(item.k for item in group)
         start = time.perf_counter()
         try:
             out = model.recommend_batch(
-                [batch[i].history for i in group],
+                [item.history for item in group],
                 k=k,
                 exclude_seen=exclude_seen,
-                exclude_item_ids=[batch[i].exclude_item_ids for i in group],
+                exclude_item_ids=[item.exclude_item_ids for item in group],
             )
-        except Exception as exc:  # answered to each caller; the worker stays alive
+        except BaseException as exc:
             log.exception("model call failed for a batch of %d", len(group))
-            for i in group:
-                results[i] = exc
+            for item in group:
+                item.future.set_exception(exc)
             return
         if self._metrics is not None:
             self._metrics.batch_latency.observe(time.perf_counter() - start)
-        for row, i in enumerate(group):
-            item_k = batch[i].k
-            ids = out.item_ids[row, :item_k]
-            n = int((ids != "").sum())
-            results[i] = Result(
-                item_ids=list(ids[:n]),
-                scores=out.scores[row, :n].tolist(),
-                unknown_count=int(out.unknown_count[row]),
-                cold_start=bool(out.cold_start[row]),
-                version=model.version,
+        for i, item in enumerate(group):
+            ids = out.item_ids[i, : item.k]
+            scores = out.scores[i, : item.k]
+            n = sum(1 for x in ids if x)
+            item.future.set_result(
+                Result(
+                    item_ids=list(ids[:n]),
+                    scores=scores[:n].tolist(),
+                    unknown_count=int(out.unknown_count[i]),
+                    cold_start=bool(out.cold_start[i]),
+                    version=model.version,
+                )
             )

@@ -53,21 +53,21 @@ class Metrics:
         return httpd
 
 
-async def make_health():
-    """The standard ``grpc.health.v1`` service (asyncio flavour), NOT_SERVING until told otherwise."""
-    from grpc_health.v1 import health
+def make_health():
+    from grpc_health.v1 import health, health_pb2
 
-    servicer = health.aio.HealthServicer()
-    await set_serving(servicer, False)
+    servicer = health.HealthServicer(experimental_non_blocking=True)
+    for name in ("", SERVICE_NAME):
+        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     return servicer
 
 
-async def set_serving(servicer, serving: bool) -> None:
+def set_serving(servicer, serving: bool) -> None:
     from grpc_health.v1 import health_pb2
 
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
-        await servicer.set(name, status)
+        servicer.set(name, status)
 
 
 def add_health_and_reflection(server, health_servicer) -> None:

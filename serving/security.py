@@ -56,8 +56,8 @@ def _deny(handler, message: str):
     if handler is None:
         return None
 
-    async def abort(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    def abort(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort)
@@ -68,24 +68,24 @@ def _deny(handler, message: str):
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Rejects calls without ``authorization: Bearer <token>`` (constant-time comparison)."""
 
     def __init__(self, token: str, open_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES):
         self._expected = f"Bearer {token}".encode()
         self._open = open_prefixes
 
-    async def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
         if method.startswith(self._open):
-            return await continuation(handler_call_details)
+            return continuation(handler_call_details)
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else value
                 if hmac.compare_digest(given, self._expected):
-                    return await continuation(handler_call_details)
-                return _deny(await continuation(handler_call_details), "invalid bearer token")
+                    return continuation(handler_call_details)
+                return _deny(continuation(handler_call_details), "invalid bearer token")
         return _deny(
-            await continuation(handler_call_details),
+            continuation(handler_call_details),
             "missing authorization metadata (expected 'authorization: Bearer <token>')",
         )

@@ -2,21 +2,20 @@
 
     sasrec serve --model-base models/ml-1m --port 8500 --metrics-port 9090
 
-Pieces: a ``grpc.aio`` server (one event loop, no thread per call; on the 2-core machine it served
-5-10% more requests than the thread-pool server it replaced, at the same CPU per request) with the
-Recommender servicer, the standard health service (NOT_SERVING until a model is loaded and warmed)
-and reflection; a :class:`~serving.model_store.ModelStore` watching the model base; a
-:class:`~serving.batcher.MicroBatcher`; Prometheus metrics on ``--metrics-port``; optional TLS and
-bearer-token auth (:mod:`serving.security`). SIGTERM or SIGINT: health goes NOT_SERVING, new calls
+Pieces: a thread-pool ``grpc.server`` (measured faster than ``grpc.aio`` for this workload, see
+BENCHMARKS.md) with the Recommender servicer, the standard health service (NOT_SERVING until a model
+is loaded and warmed) and reflection; a :class:`~serving.model_store.ModelStore` watching the model
+base; a :class:`~serving.batcher.MicroBatcher`; Prometheus metrics on ``--metrics-port``; optional TLS
+and bearer-token auth (:mod:`serving.security`). SIGTERM or SIGINT: health goes NOT_SERVING, new calls
 are refused, in-flight calls finish within ``--grace-period-s``, exit 0.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import threading
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,8 @@ class ServerConfig:
     tls_key: str | None = None
     auth_token: str | None = None
     max_k: int | None = None
-    model_workers: int = 1  # batches computed side by side
+    workers: int = 32
+    model_workers: int = 2  # batches in flight at once (TensorFlow releases the GIL while computing)
     max_concurrent_rpcs: int = 1024
 
 
@@ -67,9 +67,9 @@ def add_arguments(parser) -> None:
       "prefer --auth-token-file or SASREC_AUTH_TOKEN, arguments are visible in ps")
     a("--auth-token-file", help="file holding the bearer token")
     a("--max-k", type=int, default=None, help="largest k accepted (default: every item of the model)")
+    a("--workers", type=int, default=d.workers, help=f"gRPC handler threads (default {d.workers})")
     a("--model-workers", type=int, default=d.model_workers,
-      help=f"batches computed side by side (default {d.model_workers}: one batch at a time, so requests that "
-      "arrive meanwhile form the next, largest batch)")
+      help=f"threads that form batches and call the model side by side (default {d.model_workers})")
     a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
       help=f"calls beyond this get RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
     a("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -85,8 +85,9 @@ def config_from_args(args) -> ServerConfig:
         raise InputError(f"--batch-timeout-ms must be >= 0, got {args.batch_timeout_ms}")
     if args.max_k is not None and args.max_k < 1:
         raise InputError(f"--max-k must be >= 1, got {args.max_k}")
-    if args.model_workers < 1:
-        raise InputError(f"--model-workers must be >= 1, got {args.model_workers}")
+    for flag in ("workers", "model_workers"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return ServerConfig(
         model_base=args.model_base,
         model_name=args.model_name,
@@ -102,49 +103,30 @@ def config_from_args(args) -> ServerConfig:
         tls_key=args.tls_key,
         auth_token=read_token(args.auth_token, args.auth_token_file),
         max_k=args.max_k,
+        workers=args.workers,
         model_workers=args.model_workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
 
 
-def _event_loop() -> asyncio.AbstractEventLoop:
-    """The process's event loop for gRPC servers, run by a daemon thread started on first use.
-
-    One loop for every server of the process (tests run several): grpc.aio binds its completion
-    queue to the loops that use it, and one loop avoids waking several on every event.
-    """
-    global _LOOP
-    with _LOOP_LOCK:
-        if _LOOP is None:
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="grpc-event-loop", daemon=True).start()
-            _LOOP = loop
-        return _LOOP
-
-
-_LOOP: asyncio.AbstractEventLoop | None = None
-_LOOP_LOCK = threading.Lock()
-
-
 class RecommenderServer:
-    """The wired server. ``start()`` binds and starts watching; ``stop()`` drains and shuts down.
-
-    Both are plain blocking calls: the gRPC server itself lives on an event loop in a background
-    thread (see :func:`_event_loop`), the model store's watcher and the metrics endpoint in their own.
-    """
+    """The wired server. ``start()`` binds and starts watching; ``stop()`` drains and shuts down."""
 
     def __init__(self, config: ServerConfig):
-        from serving import observability
+        import grpc
+
+        from sasrec.v1 import recommender_pb2_grpc
+        from serving import observability, security
         from serving.batcher import MicroBatcher
         from serving.model_store import ModelStore
+        from serving.servicer import RecommenderServicer
 
         self.config = config
         base = Path(config.model_base)
         self.model_name = config.model_name or base.resolve().name
         self.metrics = observability.Metrics()
+        self.health = observability.make_health()
         self.ready = threading.Event()
-        self._loop = _event_loop()
-        self._stopped = threading.Event()
         self.store = ModelStore(
             base,
             poll_interval_s=config.poll_interval_s,
@@ -159,33 +141,17 @@ class RecommenderServer:
             model_workers=config.model_workers,
             metrics=self.metrics,
         )
-        self.health = None
-        self.server = None
-        self.port = self._run(self._create())
-        self.metrics_port = None
-        self._metrics_http = None
-
-    def _run(self, coroutine, timeout: float | None = None):
-        """Run ``coroutine`` on the server's event loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
-
-    async def _create(self) -> int:
-        import grpc
-
-        from sasrec.v1 import recommender_pb2_grpc
-        from serving import observability, security
-        from serving.servicer import RecommenderServicer
-
-        config = self.config
-        self.health = await observability.make_health()
         interceptors = [security.TokenAuthInterceptor(config.auth_token)] if config.auth_token else []
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", 64 << 20),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(
-            interceptors=interceptors, options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
+            interceptors=interceptors,
+            options=options,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         recommender_pb2_grpc.add_RecommenderServicer_to_server(
             RecommenderServicer(
@@ -196,26 +162,24 @@ class RecommenderServer:
         observability.add_health_and_reflection(self.server, self.health)
         address = f"{config.host}:{config.port}"
         creds = security.server_credentials(config.tls_cert, config.tls_key)
-        try:
-            port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
-        except RuntimeError:
-            port = 0
-        if not port:
+        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        if not self.port:
             from pipelines.errors import InputError
 
             raise InputError(f"cannot bind {address}")
-        return port
+        self.metrics_port = None
+        self._metrics_http = None
+        self._stopped = threading.Event()
 
     def _on_model(self, model) -> None:
-        """Called by the model store's watcher thread after a version is loaded and warmed."""
         from serving.observability import set_serving
 
         if not self._stopped.is_set():
-            self._run(set_serving(self.health, True))
+            set_serving(self.health, True)
         self.ready.set()
 
     def start(self) -> "RecommenderServer":
-        self._run(self.server.start())
+        self.server.start()
         if self.config.metrics_port is not None:
             self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
             self.metrics_port = self._metrics_http.server_port
@@ -234,23 +198,20 @@ class RecommenderServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight calls finish within ``grace`` seconds, release everything."""
+        from serving.observability import set_serving
+
         if self._stopped.is_set():
             return
         self._stopped.set()
         grace = self.config.grace_period_s if grace is None else grace
+        set_serving(self.health, False)
         self.store.stop()
-        self._run(self._drain(grace), timeout=2 * grace + 5)
+        done = self.server.stop(grace)
+        done.wait(grace + 1)
+        self.batcher.close(timeout=grace + 1)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-
-    async def _drain(self, grace: float) -> None:
-        from serving.observability import set_serving
-
-        await set_serving(self.health, False)
-        # New calls are refused at once; calls in flight (queued in the batcher) finish within grace.
-        await self.server.stop(grace)
-        await self.batcher.close(timeout=grace + 1)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self.ready.wait(timeout)

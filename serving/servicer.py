@@ -9,10 +9,11 @@ An unexpected failure is logged and answered UNAVAILABLE (retryable), never INTE
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
@@ -42,9 +43,11 @@ def validate(request, model, max_k_flag: int | None) -> tuple[list, int, bool, l
     history = list(request.history)
     exclude = list(request.exclude_item_ids)
     for name, values in (("history", history), ("exclude_item_ids", exclude)):
-        if values and max(map(len, values)) > MAX_ID_BYTES:
-            i = next(i for i, value in enumerate(values) if len(value) > MAX_ID_BYTES)
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}[{i}] is longer than {MAX_ID_BYTES} characters")
+        for i, value in enumerate(values):
+            if len(value) > MAX_ID_BYTES:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{name}[{i}] is longer than {MAX_ID_BYTES} characters"
+                )
     exclude_seen = request.exclude_seen if request.HasField("exclude_seen") else True
     return history, k, exclude_seen, exclude
 
@@ -60,42 +63,37 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._latency = {m: metrics.latency.labels(m) for m in ("Recommend", "GetModelInfo")}
 
     def _finish(self, method, context, start, code=grpc.StatusCode.OK, message=""):
-        if code is not grpc.StatusCode.OK and context is not None:
+        if code is not grpc.StatusCode.OK:
             context.set_code(code)
             context.set_details(message)
         self._requests.labels(method, code.name).inc()
         self._latency[method].observe(time.perf_counter() - start)
 
-    async def Recommend(self, request, context):
+    def Recommend(self, request, context):
         start = time.perf_counter()
         try:
             history, k, exclude_seen, exclude = validate(request, self._store.get(), self._max_k)
             remaining = context.time_remaining()
             deadline = None if remaining is None or remaining > 1e6 else time.monotonic() + remaining
             future = self._batcher.submit(history, k, exclude_seen, exclude, deadline)
-            # A cancelled or disconnected caller cancels this coroutine, and with it the queued future:
-            # the batcher then drops the work. A deadline that passes first answers DEADLINE_EXCEEDED.
-            expire = None
-            if deadline is not None:
-                expire = asyncio.get_running_loop().call_later(max(0.0, remaining), _expire, future)
+            # The caller went away (cancelled, disconnected, deadline passed): drop the queued work.
+            context.add_callback(future.cancel)
             try:
-                result = await future
-            except DeadlineExceeded:
+                result = future.result(timeout=None if deadline is None else max(0.0, remaining))
+            except (FutureTimeout, DeadlineExceeded):
+                future.cancel()
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the model answered")
+            except CancelledError:
+                raise RequestError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
             except ShuttingDown:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-            finally:
-                if expire is not None:
-                    expire.cancel()
             response = recommender_pb2.RecommendResponse(
+                items=[recommender_pb2.ScoredItem(item_id=i, score=s) for i, s in zip(result.item_ids, result.scores)],
                 model_name=self._name,
                 model_version=result.version or 0,
                 unknown_history_ids=result.unknown_count,
                 cold_start=result.cold_start,
             )
-            add = response.items.add
-            for item_id, score in zip(result.item_ids, result.scores):
-                add(item_id=item_id, score=score)
             if result.unknown_count:
                 self._metrics.unknown_ids.inc(result.unknown_count)
             if result.cold_start:
@@ -109,15 +107,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             return response
         except RequestError as exc:
             self._finish("Recommend", context, start, exc.code, exc.message)
-        except asyncio.CancelledError:
-            self._finish("Recommend", None, start, grpc.StatusCode.CANCELLED)  # counted; the call is gone
-            raise
         except Exception:
             log.exception("Recommend failed unexpectedly (user_id=%r)", request.user_id)
             self._finish("Recommend", context, start, grpc.StatusCode.UNAVAILABLE, "temporary failure, retry")
         return recommender_pb2.RecommendResponse()
 
-    async def GetModelInfo(self, request, context):
+    def GetModelInfo(self, request, context):
         start = time.perf_counter()
         model = self._store.get()
         if model is None:
@@ -137,8 +132,3 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         )
         self._finish("GetModelInfo", context, start)
         return info
-
-
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(DeadlineExceeded())

@@ -284,19 +284,19 @@ def test_cancelled_and_expired_calls_free_server_resources(model_base):
         channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
         stub = recommender_pb2_grpc.RecommenderStub(channel)
         request = recommender_pb2.RecommendRequest(history=NAMES[:8], k=5)
-        # Warm: concurrent bursts start every thread the server will ever use.
+        # Warm: concurrent bursts start every gRPC worker thread (the pool grows lazily up to --workers).
         for _ in range(3):
             for f in [stub.Recommend.future(request, timeout=10) for _ in range(128)]:
                 f.result()
         threads_before = threading.active_count()
-        assert threads_before - threads_elsewhere <= 8  # no thread per call: handlers are coroutines
+        assert threads_before - threads_elsewhere <= 8 + srv.config.workers
         requests_before = _requests_total(srv)
         codes = _cancel_storm(stub, request, 10_000)
         # Let the server finish whatever reached it, then nothing is left behind.
-        _wait(lambda: srv.batcher.queued == 0, timeout=30)
+        _wait(lambda: srv.batcher._queue.qsize() == 0, timeout=30)
         time.sleep(0.5)
         assert threading.active_count() <= threads_before, (threads_before, threading.active_count())
-        assert srv.batcher.queued == 0
+        assert srv.batcher._queue.qsize() == 0
         assert len(stub.Recommend(request, timeout=10).items) == 5
         print(f"\n[faults] 10,000 cancelled/expired calls: client saw {codes}; server counted "
               f"{_requests_total(srv) - requests_before:.0f} handled; threads {threads_before} -> {threading.active_count()}")
@@ -307,13 +307,13 @@ def test_cancelled_and_expired_calls_free_server_resources(model_base):
 
 def test_calls_cancelled_inside_the_server_never_reach_the_model(model_base):
     """Calls cancelled while they wait for their batch are dropped before the model call, and their
-    handlers are released at once."""
+    handler threads are released at once."""
     srv = start_server(model_base, metrics_port=None, batch_timeout_ms=1000.0, max_batch_size=64)
     try:
         assert srv.wait_ready(60)
         stub = recommender_pb2_grpc.RecommenderStub(grpc.insecure_channel(f"127.0.0.1:{srv.port}"))
         request = recommender_pb2.RecommendRequest(history=NAMES[:8], k=5)
-        for f in [stub.Recommend.future(request, timeout=10) for _ in range(64)]:  # warm every batch size
+        for f in [stub.Recommend.future(request, timeout=10) for _ in range(64)]:  # start the worker threads
             f.result()
         sample = srv.metrics.registry.get_sample_value
         batched_before = sample("sasrec_batch_size_sum")
@@ -338,7 +338,7 @@ def test_calls_cancelled_inside_the_server_never_reach_the_model(model_base):
             time.sleep(1.1)  # the batch window closes (empty) before the next round
         reached_model = sample("sasrec_batch_size_sum") - batched_before
         assert reached_model <= 10, f"{reached_model} cancelled calls were still computed"
-        assert srv.batcher.queued == 0 and threading.active_count() <= threads_before
+        assert srv.batcher._queue.qsize() == 0 and threading.active_count() <= threads_before
         assert len(stub.Recommend(request, timeout=10).items) == 5
     finally:
         srv.stop(1)

@@ -147,7 +147,7 @@ def test_server_alive_after_fuzzing(stub, fuzz_server, capsys):
     assert len(response.items) == 5 and response.model_version == 1
     with RecommenderClient(f"127.0.0.1:{fuzz_server.port}") as client:
         assert client.health() == "SERVING"
-    assert fuzz_server.batcher.queued == 0
+    assert fuzz_server.batcher._queue.qsize() == 0
     with capsys.disabled():
         print(f"\n[hostile input] Recommend fuzz cases run: {CASES['run']}, outcomes: {OUTCOMES}")
     if CASES["run"]:  # zero when the fuzz test was deselected
