@@ -2,14 +2,12 @@
 # Prepare, on this (CPU) machine, what the GPU machine of the `device` tool lacks: it has JAX with
 # CUDA, numpy, pandas, pyarrow, h5py, rich, ml-dtypes and no internet, but no TensorFlow, Keras or
 # tomli-w. Downloads the pure-Python / cp312 wheels into .whl/ and copies ML-1M into .gpudata/; both
-# folders are git-ignored and only travel to that machine (the data's licence forbids committing it).
+# folders are in .gitignore and only travel to that machine (the data's licence forbids committing it).
 #
 #   bash benchmarks/gpu/fetch.sh
 #   then, with the device tool: run(command="bash benchmarks/gpu/run.sh", carry=[".whl", ".gpudata"])
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-grep -qx '/.gpudata/' .git/info/exclude 2>/dev/null || echo '/.gpudata/' >> .git/info/exclude
 keras=$(python3 -c 'from importlib.metadata import version; print(version("keras"))' 2>/dev/null || echo 3.15.1)
 rm -rf .whl && mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
