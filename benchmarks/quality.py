@@ -53,6 +53,15 @@ def sasrec(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "sasrec", *args], cwd=ROOT, check=True)
 
 
+def synthetic_source(work: Path) -> tuple[str, ...]:
+    """`sasrec prepare` arguments (without --out) for the seeded synthetic log, written once into ``work``."""
+    log = work / "log.csv"
+    if not log.exists():
+        sasrec("synth", "--out", str(log))
+    return ("--format", "csv", "--input", str(log), "--user-col", "user_id", "--item-col", "item_id",
+            "--time-col", "timestamp")
+
+
 def run_case(case: Case, work: Path, extra: list[str], collect: bool = False) -> dict:
     """Train (or resume) the case's run and return its metrics. With ``collect``, an unfinished run
     is not trained further: its best model so far is evaluated and the row says so."""
@@ -109,11 +118,7 @@ def main(argv=None) -> int:
     rows = []
     if args.quick:
         work = args.work / "quick"
-        if not (work / "log.csv").exists():
-            sasrec("synth", "--out", str(work / "log.csv"))
-        case = Case("synthetic", "synthetic", ("--format", "csv", "--input", str(work / "log.csv"), "--user-col", "user_id",
-                    "--item-col", "item_id", "--time-col", "timestamp"), "configs/demo.toml", "full",
-                    "", {"hr@10": 0.0})
+        case = Case("synthetic", "synthetic", synthetic_source(work), "configs/demo.toml", "full", "", {"hr@10": 0.0})
         rows += rows_for(case, run_case(case, work, extra))
     else:
         if not SHARED_DATA.is_dir():

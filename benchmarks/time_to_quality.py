@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.quality import CASES as QUALITY_CASES
+from benchmarks.quality import sasrec, synthetic_source
 from benchmarks.report import SHARED_DATA, accelerator, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,21 +46,11 @@ CASES = {
 }
 
 
-def sasrec(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sasrec", *args], cwd=ROOT, check=True, **kwargs)
-
-
 def prepare(work: Path, quick: bool) -> Path:
     data = work / ("synthetic" if quick else "ml1m")
-    if (data / "manifest.json").exists():
-        return data
-    if quick:
-        sasrec("synth", "--out", str(work / "log.csv"))
-        source = ["--format", "csv", "--input", str(work / "log.csv"), "--user-col", "user_id", "--item-col",
-                  "item_id", "--time-col", "timestamp"]
-    else:
-        source = ["--format", "pairs", "--input", str(SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"), "--kcore", "none"]
-    sasrec("prepare", *source, "--out", str(data))
+    if not (data / "manifest.json").exists():
+        source = synthetic_source(work) if quick else QUALITY_CASES["ml1m-ce"].prepare
+        sasrec("prepare", *source, "--out", str(data))
     return data
 
 

@@ -99,7 +99,7 @@ class TrainingFeed(keras.utils.PyDataset):
         self.epoch = 0
         self.vocab_size = ds.vocab_size
         self.exclude_seen_negatives = exclude_seen_negatives and loss in ("ce", "sampled-softmax")
-        self._train_offsets = ds.offsets[:-1]
+        self._train_starts = ds.offsets[:-1]
         self._train_end = ds.train_end
         self._items = ds.items
         self.windows, self.window_users = training_windows(ds, maxlen, sliding_window_step)
@@ -195,12 +195,11 @@ class TrainingFeed(keras.utils.PyDataset):
 
     def _seen_matrix(self, users: np.ndarray) -> np.ndarray:
         """``(B, vocab_size)`` bool: the items of each row's user's training history."""
-        starts = self._train_offsets[users]
-        lengths = self._train_end[users].astype(np.int64)
-        rows = np.repeat(np.arange(len(users)), lengths)
-        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        starts = self._train_starts[users]
+        histories = left_pad(self._items, starts, starts + self._train_end[users], int(self._train_end[users].max()))
         seen = np.zeros((len(users), self.vocab_size), dtype=bool)
-        seen[rows, self._items[np.repeat(starts, lengths) + within]] = True
+        seen[np.arange(len(users))[:, None], histories] = True
+        seen[:, 0] = False  # padding
         return seen
 
     def _unseen_negatives(self, rng, users: np.ndarray, shape) -> np.ndarray:
