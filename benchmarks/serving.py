@@ -7,8 +7,11 @@
 2. Ceiling: in-process batched SavedModel throughput (``Recommender.recommend_batch``, batch 64),
    best of three rounds.
 3. Starts `sasrec serve` as a subprocess and drives it with closed-loop ``grpc.aio`` clients on
-   localhost: one client (unloaded latency), then N concurrent clients. Clients share the 2 cores
+   localhost: one client (unloaded latency), then N concurrent clients. Clients share the cores
    with the server, as they would on a single machine.
+4. The same load against two floors (``benchmarks/serving_floor.py``): the server with a model that
+   answers at once, and a bare gRPC server with a fixed answer; with the ceiling's CPU per user they
+   bound what any Python gRPC server could serve here.
 Results go to the `serving` section of BENCHMARKS.md.
 """
 
@@ -92,21 +95,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: Path, port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "sasrec", "serve", "--model-base", str(base), "--port", str(port),
-           "--metrics-port", "-1", "--log-level", "WARNING", *extra]
+def start_server(cmd: list[str], port: int, health: bool = True) -> subprocess.Popen:
+    """Start a server process; return once it answers (``health``: once its health service says SERVING)."""
+    import grpc
+
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     from serving.client import RecommenderClient
 
+    end = time.monotonic() + 180
     with RecommenderClient(f"127.0.0.1:{port}", timeout=2) as client:
-        end = time.monotonic() + 180
-        while client.health() != "SERVING":
+        while True:
             if proc.poll() is not None:
                 raise RuntimeError(proc.stderr.read())
             if time.monotonic() > end:
-                raise RuntimeError("server did not become SERVING")
+                proc.kill()
+                raise RuntimeError(f"{' '.join(cmd)}: not ready within 180 s")
+            try:
+                if client.health() == "SERVING" if health else client.recommend(["1"]).items:
+                    return proc
+            except grpc.RpcError:
+                pass
             time.sleep(0.2)
-    return proc
+
+
+def serve_command(base: Path, port: int, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "sasrec", "serve", "--model-base", str(base), "--port", str(port),
+            "--metrics-port", "-1", "--log-level", "WARNING", *extra]
 
 
 async def closed_loop(target: str, users: list[list[str]], concurrency: int, seconds: float,
@@ -153,14 +167,38 @@ async def closed_loop(target: str, users: list[list[str]], concurrency: int, sec
     }
 
 
+def measure(cmd: list[str], port: int, users, levels: list[int], seconds: float, ceiling_rate: float,
+            setting: str, health: bool = True) -> list[dict]:
+    """Closed-loop load at each level against the server ``cmd`` starts; one row per level."""
+    proc = start_server(cmd, port, health)
+    rows = []
+    try:
+        for c in levels:
+            r = asyncio.run(closed_loop(f"127.0.0.1:{port}", users, c, seconds, proc.pid))
+            share = 100 * r["rps"] / ceiling_rate
+            print(f"{setting} clients={c}: {r['rps']:.0f} req/s ({share:.0f}% of ceiling), p50 {r['p50']:.2f} ms, "
+                  f"p95 {r['p95']:.2f} ms, p99 {r['p99']:.2f} ms, errors {r['errors']}, "
+                  f"CPU ms/req server {r['server_cpu_ms']:.3f} client {r['client_cpu_ms']:.3f}", flush=True)
+            rows.append({"setting": setting, "clients": c, "throughput (req/s)": r["rps"], "p50 ms": r["p50"],
+                         "p95 ms": r["p95"], "p99 ms": r["p99"], "% of ceiling": share, "errors": r["errors"],
+                         "server CPU ms/req": r["server_cpu_ms"], "client CPU ms/req": r["client_cpu_ms"]})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load level")
     parser.add_argument("--concurrency", default="1,8,32,64", help="closed-loop client counts")
     parser.add_argument("--server-args", default="", help="extra `sasrec serve` flags")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the echo and instant-model servers (benchmarks/serving_floor.py)")
     parser.add_argument("--no-xla", dest="xla", action="store_false")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write BENCHMARKS.md")
     args = parser.parse_args(argv)
+    levels = [int(x) for x in args.concurrency.split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="sasrec-bench-"))
     try:
@@ -170,28 +208,36 @@ def main(argv: list[str] | None = None) -> int:
         ceil = ceiling(base, users, seconds=args.seconds)
         print(f"ceiling: {ceil['users_per_s']:.0f} users/s (in-process, batch 64); "
               f"single call p50 {ceil['single_p50_ms']:.2f} ms", flush=True)
-        port = free_port()
-        proc = start_server(base, port, args.server_args.split())
         rows = [{"setting": "in-process SavedModel, batch 64 (ceiling)", "clients": "-",
                  "throughput (req/s)": ceil["users_per_s"], "p50 ms": ceil["single_p50_ms"],
                  "p95 ms": "", "p99 ms": "", "% of ceiling": 100.0, "errors": 0,
                  "server CPU ms/req": ceil["cpu_ms"], "client CPU ms/req": ""}]
-        try:
-            for c in [int(x) for x in args.concurrency.split(",")]:
-                r = asyncio.run(closed_loop(f"127.0.0.1:{port}", users, c, args.seconds, proc.pid))
-                share = 100 * r["rps"] / ceil["users_per_s"]
-                print(f"clients={c}: {r['rps']:.0f} req/s ({share:.0f}% of ceiling), p50 {r['p50']:.2f} ms, "
-                      f"p95 {r['p95']:.2f} ms, p99 {r['p99']:.2f} ms, errors {r['errors']}, "
-                      f"CPU ms/req server {r['server_cpu_ms']:.3f} client {r['client_cpu_ms']:.3f}", flush=True)
-                rows.append({"setting": f"gRPC `sasrec serve` (thread pool, micro-batching{(', ' + args.server_args) if args.server_args else ''})", "clients": c,
-                             "throughput (req/s)": r["rps"], "p50 ms": r["p50"], "p95 ms": r["p95"],
-                             "p99 ms": r["p99"], "% of ceiling": share, "errors": r["errors"],
-                             "server CPU ms/req": r["server_cpu_ms"], "client CPU ms/req": r["client_cpu_ms"]})
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+        port = free_port()
+        served = "gRPC `sasrec serve` (thread pool, micro-batching" + (f", {args.server_args}" if args.server_args else "") + ")"
+        rows += measure(serve_command(base, port, args.server_args.split()), port, users, levels, args.seconds,
+                        ceil["users_per_s"], served)
+        floor = []
+        if args.floor:
+            floor_cmd = [sys.executable, "-m", "benchmarks.serving_floor"]
+            floor += measure([*floor_cmd, "instant", "--port", str(port)], port, users, levels, args.seconds,
+                             ceil["users_per_s"], "same server, instant model (no model cost)")
+            floor += measure([*floor_cmd, "echo", "--port", str(port)], port, users, levels, args.seconds,
+                             ceil["users_per_s"], "gRPC floor: fixed answer, no server logic", health=False)
+            rows += floor
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    bound = ""
+    if floor:
+        # Every served request costs at least the model's CPU per user (ceiling row) plus what the bare
+        # gRPC server and the clients spend on one call; on all cores that caps the served rate.
+        echo = max((r for r in floor if r["setting"].startswith("gRPC floor")), key=lambda r: r["throughput (req/s)"])
+        per_request = ceil["cpu_ms"] + echo["server CPU ms/req"] + echo["client CPU ms/req"]
+        cap = 1000 * (os.cpu_count() or 1) / per_request
+        bound = (f" CPU bound: model {ceil['cpu_ms']:.3f} + bare gRPC server {echo['server CPU ms/req']:.3f} + "
+                 f"clients {echo['client CPU ms/req']:.3f} CPU ms per request on {os.cpu_count()} cores caps the "
+                 f"served rate at {cap:.0f} req/s ({100 * cap / ceil['users_per_s']:.0f}% of the ceiling) with "
+                 "every core busy and no server logic at all.")
+        print(bound.strip(), flush=True)
     if args.report:
         from benchmarks.report import write_section
 
@@ -199,10 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             "Ceiling: best of three 5 s rounds. ML-1M-sized SASRec (3,416 items, maxlen 200, d 50, 2 blocks), random weights, exported with "
             f"XLA {'on' if args.xla else 'off'}; histories with ML-1M-like lengths (median ~96, many > 200). "
             "Closed loop: each `grpc.aio` client sends its next request when the previous answer arrives; "
-            "clients run in the benchmark process on the same 2 cores as the server. CPU ms/req: CPU time of the "
+            "clients run in the benchmark process on the same cores as the server. CPU ms/req: CPU time of the "
             "server process (ceiling row: of the in-process model calls, per user) and of the clients per answered "
-            "request; the gap between a served request and a user of the ceiling is gRPC and batching overhead. "
-            "Targets: unloaded (1 client) p50 <= 3 ms; served throughput >= 60% of the ceiling with p99 <= 25 ms."
+            "request. Floor rows (`benchmarks/serving_floor.py`, same clients and port): the `sasrec serve` stack "
+            "with a model that answers at once (its own cost: validation, batching, threads, metrics), and a "
+            "bare thread-pool gRPC server returning a fixed 10-item answer (the cost of a Python gRPC call)."
+            f"{bound} Targets: unloaded (1 client) p50 <= 3 ms; served throughput >= 60% of the ceiling with "
+            "p99 <= 25 ms."
         )
         write_section("serving", "Serving: gRPC latency and throughput vs in-process ceiling", rows, notes)
     return 0

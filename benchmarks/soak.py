@@ -301,7 +301,7 @@ def write_report(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.serving import export_ml1m_sized, free_port, histories, start_server
+    from benchmarks.serving import export_ml1m_sized, free_port, histories, serve_command, start_server
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         export_ml1m_sized(base)
         users = histories(4096)
         port = free_port()
-        proc = start_server(base, port, ["--grace-period-s", "10", *args.server_args.split()])
+        proc = start_server(serve_command(base, port, ["--grace-period-s", "10", *args.server_args.split()]), port)
         results = asyncio.run(measure(f"127.0.0.1:{port}", users, args, proc))
         results["loadavg"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     finally:

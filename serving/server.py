@@ -114,7 +114,8 @@ def config_from_args(args) -> ServerConfig:
 class RecommenderServer:
     """The wired server. ``start()`` binds and starts watching; ``stop()`` drains and shuts down."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, *, loader=None):
+        """``loader(version folder) -> model`` replaces ``Recommender.load`` (benchmarks, tests)."""
         import grpc
 
         from sasrec.v1 import recommender_pb2_grpc
@@ -131,6 +132,7 @@ class RecommenderServer:
         self.ready = threading.Event()
         self.store = ModelStore(
             base,
+            loader=loader,
             poll_interval_s=config.poll_interval_s,
             metrics=self.metrics,
             max_batch_size=config.max_batch_size,
