@@ -19,6 +19,7 @@ from pipelines.errors import InputError
 
 LOSSES = ("bce", "ce", "sampled-softmax", "gbce")
 POSITIONS = ("from_end", "from_start")
+PROTOCOLS = ("full", "sampled-100")  # evaluation candidates, see sasrec.evaluate
 # Histories at least this long on average (ML-1M: 165) get the dense preset, shorter ones (Amazon
 # Beauty: 8.9) the sparse one.
 DENSE_MIN_MEAN_LENGTH = 30.0
@@ -101,7 +102,10 @@ class SASRecConfig:
 
     # --- evaluation during training
     eval_every: int = 1
-    """Epochs between validation runs (full ranking, NDCG@10)."""
+    """Epochs between validation runs (NDCG@10 on ``val_protocol``)."""
+    val_protocol: str = "full"
+    """Validation candidates: ``full`` (every item) or ``sampled-100`` (100 sampled negatives, for
+    targets stated on that protocol)."""
     patience: int = 10
     """Validation runs without improvement before early stopping (0 disables)."""
     stop_at_ndcg: float = 0.0
@@ -134,6 +138,8 @@ class SASRecConfig:
             raise bad("norm", "must be 'pre' or 'post'")
         if self.positions not in POSITIONS:
             raise bad("positions", f"must be one of {', '.join(POSITIONS)}")
+        if self.val_protocol not in PROTOCOLS:
+            raise bad("val_protocol", f"must be one of {', '.join(PROTOCOLS)}")
         if not 0.0 <= self.stop_at_ndcg <= 1.0:
             raise bad("stop_at_ndcg", "must be in [0, 1]")
         if self.init_std < 0:

@@ -14,10 +14,10 @@ from typing import Callable
 import numpy as np
 
 from pipelines.dataset import FIRST_ITEM_ID, SequenceDataset
+from sasrec.config import PROTOCOLS
 from sasrec.feed import left_pad
 from sasrec.metrics import DEFAULT_KS, metrics_from_ranks, rank_of_target
 
-PROTOCOLS = ("full", "sampled-100")
 SPLITS = ("valid", "test")
 
 

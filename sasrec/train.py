@@ -95,7 +95,7 @@ class RunState(keras.callbacks.Callback):
         self.config = config
         self.feed = feed
         self.state = state
-        self.protocol = Protocol(split="valid", protocol="full", seed=config.seed)
+        self.protocol = Protocol(split="valid", protocol=config.val_protocol, seed=config.seed)
         self._epoch_start = 0.0
         self._scorer = None  # compiled once, shares the model's weights
 
@@ -224,7 +224,7 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
         if config.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
         model.fit(feed, epochs=config.epochs, initial_epoch=state["epoch"], callbacks=callbacks, verbose=verbose)
-    write_training_curve(run_dir, state["curve"])
+    write_training_curve(run_dir, state["curve"], config.val_protocol)
     return evaluate_run(run_dir, ds=ds, training=state)
 
 
@@ -262,7 +262,7 @@ def _run_info(run_dir: Path) -> dict:
     return tomllib.loads((run_dir / "config.toml").read_text()).get("run", {})
 
 
-def write_training_curve(run_dir: Path, curve: list) -> None:
+def write_training_curve(run_dir: Path, curve: list, protocol: str = "full") -> None:
     """Validation NDCG@10 against training wall time, as ``RUN/curve.png``."""
     points = [(seconds, val) for _, seconds, _, val in curve if val == val]  # skip NaN (no evaluation)
     if not points:
@@ -275,7 +275,7 @@ def write_training_curve(run_dir: Path, curve: list) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(*zip(*points), marker="o", markersize=3)
     ax.set_xlabel("training wall time (s)")
-    ax.set_ylabel(f"validation {VALIDATION_METRIC} (full ranking)")
+    ax.set_ylabel(f"validation {VALIDATION_METRIC} ({protocol})")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     fig.tight_layout()

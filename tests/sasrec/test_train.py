@@ -118,3 +118,31 @@ def test_a_run_saved_before_a_config_field_existed_still_resumes(tiny_dataset, t
         prepare_run_dir(run, tiny_dataset, SASRecConfig(maxlen=16, stop_at_ndcg=0.2), info)
     with pytest.raises(InputError, match="different config"):
         prepare_run_dir(run, tiny_dataset, config, {**info, "loss": "bce"})
+
+
+def test_val_protocol_sampled_100_validates_against_sampled_negatives(tiny_dataset, tmp_path):
+    from pipelines.dataset import read_dataset
+    from sasrec.evaluate import Protocol, evaluate_scores
+    from sasrec.export import load_run_model
+    from sasrec.train import model_scorer
+
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(tiny_dataset), "--out", str(run), "--epochs", "2", "--set", "maxlen=32",
+                 "--set", "loss=ce", "--set", "val_protocol=sampled-100", *FAST[:2], "--set", "eval_every=1", "--quiet"])
+    assert code == 0
+    training = json.loads((run / "metrics.json").read_text())["training"]
+    score, ds = model_scorer(load_run_model(run)), read_dataset(tiny_dataset)
+    validation = {
+        name: evaluate_scores(score, ds, Protocol(split="valid", protocol=name, seed=42), 32, with_popularity=False)
+        for name in ("full", "sampled-100")
+    }
+    assert training["best"] == pytest.approx(validation["sampled-100"]["metrics"]["ndcg@10"], abs=1e-6)
+    assert training["best"] != pytest.approx(validation["full"]["metrics"]["ndcg@10"], abs=1e-3)
+
+
+def test_unknown_val_protocol_is_a_config_error():
+    from pipelines.errors import InputError
+    from sasrec.config import SASRecConfig
+
+    with pytest.raises(InputError, match="val_protocol"):
+        SASRecConfig(val_protocol="sampled-50")
