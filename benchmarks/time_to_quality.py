@@ -44,10 +44,10 @@ class Case:
 
 CASES = {
     "ce": Case("configs/dense.toml", "full", 0.18, ("stop_at_ndcg=0.19", "eval_every=1", "patience=5")),
-    # Validated on sampled-100, the target's protocol; stops 0.01 above the target as ce does (the
-    # validation-to-test gap of ce on ML-1M was about 0.01).
+    # Validated on sampled-100, the target's protocol. Validation runs ahead of test: stopped at
+    # validation 0.6003 (epoch 64, 2026-11-29, CPU) the test NDCG@10 was 0.5788, hence 0.615.
     "bce": Case("configs/ml-1m-paper.toml", "sampled-100", 0.59,
-                ("val_protocol=sampled-100", "stop_at_ndcg=0.6", "eval_every=2")),
+                ("val_protocol=sampled-100", "stop_at_ndcg=0.615", "eval_every=2")),
 }
 
 
