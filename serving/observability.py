@@ -54,11 +54,11 @@ class Metrics:
 
 
 def make_health():
-    from grpc_health.v1 import health, health_pb2
+    """The standard ``grpc.health.v1`` service, NOT_SERVING until told otherwise."""
+    from grpc_health.v1 import health
 
     servicer = health.HealthServicer(experimental_non_blocking=True)
-    for name in ("", SERVICE_NAME):
-        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    set_serving(servicer, False)
     return servicer
 
 
