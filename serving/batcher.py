@@ -72,7 +72,9 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_s)
         self._metrics = metrics
-        self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: with several model workers, CPython 3.11's SimpleQueue.get(timeout)
+        # could block forever once its deadline passed during a wake-up another worker won (seen here).
+        self._queue: queue.Queue[Pending | None] = queue.Queue()
         self._closed = False
         self._threads = [
             threading.Thread(target=self._run, name=f"micro-batcher-{i}", daemon=True) for i in range(model_workers)
