@@ -42,6 +42,11 @@ class ServerConfig:
     max_k: int | None = None
     workers: int = 32
     model_workers: int = 2  # batches in flight at once (TensorFlow releases the GIL while computing)
+    # One thread per model call: each model worker computes on its own core, and a lone request
+    # does not wait for sleeping pool threads to wake (measured: batch-1 p50 1.4 ms instead of 2.2 ms
+    # after a 2 ms pause). 0: TensorFlow's default (one thread per core).
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
     max_concurrent_rpcs: int = 1024
 
 
@@ -72,6 +77,11 @@ def add_arguments(parser) -> None:
     a("--workers", type=int, default=d.workers, help=f"gRPC handler threads (default {d.workers})")
     a("--model-workers", type=int, default=d.model_workers,
       help=f"threads that form batches and call the model side by side (default {d.model_workers})")
+    a("--intra-op-threads", type=int, default=d.intra_op_threads,
+      help=f"TensorFlow threads inside one op (default {d.intra_op_threads}: each model worker on one core; "
+      "0: TensorFlow's default, every core)")
+    a("--inter-op-threads", type=int, default=d.inter_op_threads,
+      help=f"TensorFlow threads running independent ops (default {d.inter_op_threads}; 0: TensorFlow's default)")
     a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
       help=f"calls beyond this get RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
     a("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -90,6 +100,9 @@ def config_from_args(args) -> ServerConfig:
     for flag in ("workers", "model_workers"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("intra_op_threads", "inter_op_threads"):
+        if getattr(args, flag) < 0:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     return ServerConfig(
         model_base=args.model_base,
         model_name=args.model_name,
@@ -107,8 +120,31 @@ def config_from_args(args) -> ServerConfig:
         max_k=args.max_k,
         workers=args.workers,
         model_workers=args.model_workers,
+        intra_op_threads=args.intra_op_threads,
+        inter_op_threads=args.inter_op_threads,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
+
+
+def set_tensorflow_threads(intra_op: int, inter_op: int) -> None:
+    """Size TensorFlow's thread pools for this process (0: TensorFlow's default). They can only be set
+    before TensorFlow first runs an op; a process that already did keeps its pools, with a warning."""
+    import tensorflow as tf
+
+    threading_config = tf.config.threading
+    for name, value, get, set_ in (
+        ("intra-op", intra_op, threading_config.get_intra_op_parallelism_threads,
+         threading_config.set_intra_op_parallelism_threads),
+        ("inter-op", inter_op, threading_config.get_inter_op_parallelism_threads,
+         threading_config.set_inter_op_parallelism_threads),
+    ):
+        if get() == value:
+            continue
+        try:
+            set_(value)
+        except RuntimeError:
+            log.warning("TensorFlow already started in this process: %s threads stay at %d, not %d",
+                        name, get(), value)
 
 
 class RecommenderServer:
@@ -116,6 +152,8 @@ class RecommenderServer:
 
     def __init__(self, config: ServerConfig, *, loader=None):
         """``loader(version folder) -> model`` replaces ``Recommender.load`` (benchmarks, tests)."""
+        if loader is None:
+            set_tensorflow_threads(config.intra_op_threads, config.inter_op_threads)
         import grpc
 
         from sasrec.v1 import recommender_pb2_grpc
