@@ -36,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_ITEMS, MAXLEN, D = 3416, 200, 50
+P99_BUDGET_MS = 25.0  # the throughput target is stated at this tail latency
 
 
 def export_ml1m_sized(base: Path, xla: bool = True) -> None:
@@ -191,7 +192,7 @@ def measure(cmd: list[str], port: int, users, levels: list[int], seconds: float,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load level")
-    parser.add_argument("--concurrency", default="1,8,32,64", help="closed-loop client counts")
+    parser.add_argument("--concurrency", default="1,8,16,32,64", help="closed-loop client counts")
     parser.add_argument("--server-args", default="", help="extra `sasrec serve` flags")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the echo and instant-model servers (benchmarks/serving_floor.py)")
@@ -226,6 +227,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += floor
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    served_rows = [r for r in rows if r["setting"] == served]
+    within = [r for r in served_rows if r["p99 ms"] <= P99_BUDGET_MS]
+    best = max(within, key=lambda r: r["throughput (req/s)"]) if within else None
+    best_line = (
+        f" Best served throughput with p99 <= {P99_BUDGET_MS:g} ms: {best['throughput (req/s)']:.0f} req/s "
+        f"({best['% of ceiling']:.0f}% of the ceiling) at {best['clients']} clients (p99 {best['p99 ms']:.1f} ms)."
+        if best else f" No served level kept p99 <= {P99_BUDGET_MS:g} ms."
+    )
+    print(best_line.strip(), flush=True)
     bound = ""
     if floor:
         # Every served request costs at least the model's CPU per user (ceiling row) plus what the bare
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             "request. Floor rows (`benchmarks/serving_floor.py`, same clients and port): the `sasrec serve` stack "
             "with a model that answers at once (its own cost: validation, batching, threads, metrics), and a "
             "bare thread-pool gRPC server returning a fixed 10-item answer (the cost of a Python gRPC call)."
-            f"{bound} Targets: unloaded (1 client) p50 <= 3 ms; served throughput >= 60% of the ceiling with "
+            f"{best_line}{bound} Targets: unloaded (1 client) p50 <= 3 ms; served throughput >= 60% of the ceiling with "
             "p99 <= 25 ms."
         )
         write_section("serving", "Serving: gRPC latency and throughput vs in-process ceiling", rows, notes)

@@ -6,7 +6,8 @@
 says where the time goes:
 
 - ``echo``: a thread-pool ``grpc.server`` whose ``Recommend`` returns one fixed 10-item answer
-  (the proto's parsing and serialising, nothing else): the floor of any Python gRPC server here.
+  (the proto's parsing and serialising, nothing else; SCHED_BATCH like `sasrec serve`): the floor
+  of any Python gRPC server here.
 - ``instant``: the whole `sasrec serve` stack (validation, micro-batching, response building,
   metrics) with the SavedModel replaced by a model that answers at once: the most this server
   could serve with a model that cost nothing.
@@ -79,7 +80,9 @@ def serve_instant(port: int, stop: threading.Event) -> None:
     (base / str(InstantModel.version)).mkdir()
     try:
         server = RecommenderServer(
-            ServerConfig(model_base=str(base), port=port, metrics_port=None, poll_interval_s=3600),
+            # Scheduling: main() sets the process's, as `sasrec serve` does (tests call this in-process).
+            ServerConfig(model_base=str(base), port=port, metrics_port=None, poll_interval_s=3600,
+                         cpu_scheduling="default"),
             loader=lambda folder: InstantModel(),
         ).start()
         while not stop.wait(0.5):
@@ -94,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["echo", "instant"])
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
+    from serving.server import set_batch_scheduling
+
+    set_batch_scheduling()  # the default of `sasrec serve`, for both floors
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     (serve_echo if args.kind == "echo" else serve_instant)(args.port, stop)

