@@ -4,12 +4,15 @@
 
 Pieces: a thread-pool ``grpc.server`` (a ``grpc.aio`` version, tried on 2026-11-29, served 10-25%
 more requests at 32-64 clients on 2 cores but, under 3x overload, answered RESOURCE_EXHAUSTED only
-after ~2 s instead of ~7 ms, since its event loop was saturated) with the Recommender servicer, the
-standard health service (NOT_SERVING until a model is loaded and warmed) and reflection; a
-:class:`~serving.model_store.ModelStore` watching the model base; a
+after ~2 s instead of tens of milliseconds, since its event loop was saturated) with the Recommender
+servicer, the standard health service (NOT_SERVING until a model is loaded and warmed) and
+reflection; a :class:`~serving.model_store.ModelStore` watching the model base; a
 :class:`~serving.batcher.MicroBatcher`; Prometheus metrics on ``--metrics-port``; optional TLS and
-bearer-token auth (:mod:`serving.security`). SIGTERM or SIGINT: health goes NOT_SERVING, new calls
-are refused, in-flight calls finish within ``--grace-period-s``, exit 0.
+bearer-token auth (:mod:`serving.security`). TensorFlow runs one thread per model call and the
+process's threads run under SCHED_BATCH (``--intra-op-threads``, ``--inter-op-threads``,
+``--cpu-scheduling``): on a small machine both serve more requests per core. SIGTERM or SIGINT:
+health goes NOT_SERVING, new calls are refused, in-flight calls finish within ``--grace-period-s``,
+exit 0.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class ServerConfig:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     # "batch": Linux SCHED_BATCH, so a woken handler thread does not preempt the thread that woke it
-    # while that one still holds the GIL (measured on 2 cores: +16-20% req/s for the server stack).
+    # while that one still holds the GIL (measured on 2 cores: +16-20% req/s for the stack with an
+    # instant model, about +5-10% with the real one, which is near the machine's noise).
     cpu_scheduling: str = "batch"
     max_concurrent_rpcs: int = 1024
 
