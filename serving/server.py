@@ -109,12 +109,9 @@ def config_from_args(args) -> ServerConfig:
         raise InputError(f"--batch-timeout-ms must be >= 0, got {args.batch_timeout_ms}")
     if args.max_k is not None and args.max_k < 1:
         raise InputError(f"--max-k must be >= 1, got {args.max_k}")
-    for flag in ("workers", "model_workers"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("intra_op_threads", "inter_op_threads"):
-        if getattr(args, flag) < 0:
-            raise InputError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    for flag, least in (("workers", 1), ("model_workers", 1), ("intra_op_threads", 0), ("inter_op_threads", 0)):
+        if getattr(args, flag) < least:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
     return ServerConfig(
         model_base=args.model_base,
         model_name=args.model_name,
