@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = f"""
 - Model: {model_desc}, exported with XLA (the `sasrec export` default) to a temporary model base. Throughput
   does not depend on the weight values. k = 10, seen items excluded, chunk size {args.chunk_size} users per call.
+  `score_frame` sorts users by history length, and the signature pads each chunk only to the smallest of the
+  model's sequence widths (50, 100, 200 for maxlen 200) that holds its longest history: short histories cost less.
 - Ceiling: the `serving_default` signature alone, called on the same batches `score_frame` sends (same users per
   chunk, same padding, tensors prepared before timing). `score_frame` rows include everything from the pandas frame
   (factorize, stable sort by timestamp, CSR histories, padded batches) to the long output frame. Best of {repeats},

@@ -303,12 +303,16 @@ class Recommender:
         return _long_frame(batch.users, order, parts, k, unknown_out, cold_out)
 
     def warm_up(self, max_batch_size: int = 64, k: int = 10) -> None:
-        """Run the signature once per batch bucket up to ``max_batch_size`` so first requests are fast."""
-        popular = [p["item_id"] for p in self.card.get("popularity", {}).get("items", [])[:5]]
+        """Run the signature once per batch bucket up to ``max_batch_size`` and sequence width (an XLA
+        signature compiles once per shape) so first requests are fast."""
+        popular = [p["item_id"] for p in self.card.get("popularity", {}).get("items", [])[:1]]
         k = max(1, min(k, self.max_k))
         sizes = sorted({bucket_size(b) for b in range(1, max_batch_size + 1)})
+        # Models exported before widths were recorded always score at maxlen.
+        widths = self.card.get("sequence_widths") or [self.maxlen]
         for b in sizes:
-            self.recommend_batch([popular + ["<warm-up-unknown>"]] * b, k=k, exclude_seen=True)
+            for width in widths:
+                self.recommend_batch([popular * width + ["<warm-up-unknown>"]] * b, k=k, exclude_seen=True)
 
 
 def bucket_size(n: int) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.serving.conftest import keras_model, model_base, recommender, run_dir, vocab  # noqa: F401
-from tests.serving.helpers import item_names, reference_topk
+from tests.serving.helpers import item_names, make_run, reference_topk
 
 
 def random_histories(rng, n, names, maxlen):
@@ -82,11 +82,58 @@ def test_truncates_to_most_recent_maxlen(recommender, keras_model, vocab):
     np.testing.assert_allclose([s for _, s in a.items], [s for _, s in b.items], atol=1e-5)
 
 
+def test_sequence_widths():
+    from sasrec.export import sequence_widths
+
+    assert sequence_widths(200) == [50, 100, 200]
+    assert sequence_widths(400) == [100, 200, 400]
+    assert sequence_widths(50) == [25, 50]
+    assert sequence_widths(31) == [16, 31]
+    assert sequence_widths(12) == [12]
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A model with maxlen 40, scored at width 20 or 40 (XLA on): (Recommender, Keras model, vocab)."""
+    from pipelines.dataset import read_items
+    from sasrec.export import export_run, load_run_model
+    from sasrec.recommender import Recommender
+
+    run = make_run(tmp_path_factory.mktemp("wide") / "run", maxlen=40, seed=3)
+    base = tmp_path_factory.mktemp("wide-models") / "m"
+    export_run(run, base)
+    return Recommender.load(base), load_run_model(run), read_items(run / "dataset")[0]
+
+
+def test_short_batches_are_scored_at_a_smaller_width_with_the_same_answer(wide):
+    """A batch whose longest known history fits width 20 is scored at 20, not maxlen 40: every score
+    matches the Keras model on the full-width window, and a row's answer does not depend on the
+    other rows of its batch."""
+    rec, keras_model, vocab = wide
+    assert rec.card["sequence_widths"] == [20, 40]
+    names = item_names(len(vocab) - 2)
+    rng = np.random.default_rng(11)
+    short = [[names[i] for i in rng.integers(0, len(names), n)] + ["unknown-x"] * (n % 3)
+             for n in rng.integers(1, 21, 12)]
+    long = [names[i] for i in rng.integers(0, len(names), 35)]
+    alone = rec.recommend_batch(short, k=10)
+    mixed = rec.recommend_batch(short + [long], k=10)
+    for i, history in enumerate(short):
+        ids, scores = reference_topk(keras_model, vocab, history, 10)
+        for out in (alone, mixed):
+            assert out.row(i).item_ids == ids, i
+            np.testing.assert_allclose([s for _, s in out.row(i).items], scores, atol=1e-4, rtol=0)
+    ids, scores = reference_topk(keras_model, vocab, long, 10)
+    assert mixed.row(len(short)).item_ids == ids
+    np.testing.assert_allclose([s for _, s in mixed.row(len(short)).items], scores, atol=1e-4, rtol=0)
+
+
 def test_model_card(model_base, run_dir):
     card = json.loads((model_base / "1" / "assets" / "model_card.json").read_text())
     for key in ("config", "data_manifest", "metrics", "popularity", "max_k", "maxlen", "exported_at", "source_run"):
         assert key in card, key
     assert card["maxlen"] == 12 and card["max_k"] == card["num_items"] == 40
+    assert card["sequence_widths"] == [12]
     assert card["metrics"]["protocol"]["split"] == "leave-one-out"
     assert card["source_run"] == str(run_dir.resolve())
     assert len(card["popularity"]["items"]) == 40
