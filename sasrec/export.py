@@ -172,21 +172,18 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
         logits = score_fn(seq)
         scores = tf.where(cold_start[:, None], module.popularity[None, :], logits)
 
-        # Mask seen items (the whole history given, not only the scored window) and exclusions.
+        # Mask seen items (the whole history given, not only the scored window), exclusions, and the
+        # padding and OOV ids, which are never returned whatever the model gave them.
         seen = ids * tf.cast(exclude_seen, tf.int32)
         excluded = tf.where(
             tf.not_equal(exclude_item_ids, ""), module.table.lookup(exclude_item_ids), PADDING_ID
         )
-        masked_ids = tf.concat([seen, excluded], axis=1)
+        reserved = tf.broadcast_to(tf.range(FIRST_ITEM_ID)[None, :], tf.stack([batch, FIRST_ITEM_ID]))
+        masked_ids = tf.concat([reserved, seen, excluded], axis=1)
         rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(masked_ids))
-        hits = tf.scatter_nd(
-            tf.reshape(tf.stack([rows, masked_ids], axis=-1), [-1, 2]),
-            tf.ones([tf.size(masked_ids)], tf.int32),
-            tf.stack([batch, vocab_size]),
+        scores = tf.tensor_scatter_nd_update(
+            scores, tf.stack([rows, masked_ids], axis=-1), tf.fill(tf.shape(masked_ids), neg_inf)
         )
-        scores = tf.where(hits > 0, neg_inf, scores)
-        # Padding and OOV are never returned, whatever the model gave them.
-        scores = tf.concat([tf.fill([batch, FIRST_ITEM_ID], neg_inf), scores[:, FIRST_ITEM_ID:]], axis=1)
 
         top_k = tf.clip_by_value(k, 0, vocab_size)
         top_scores, top_ids = tf.math.top_k(scores, k=top_k, sorted=True)
