@@ -4,9 +4,9 @@ Handler threads ``submit`` a request and wait on its future. A model worker thre
 request, then gathers more until ``max_batch_size`` requests or ``max_wait_s`` after it took the
 first; requests that arrived while the model was busy are already queued, so under load batches
 fill without waiting and an idle server answers a lone request after at most ``max_wait_s``.
-``model_workers`` threads do this side by side: TensorFlow releases the GIL inside a model call, so
-two batches in flight keep both cores of a small machine busy where one leaves a core idle while
-it gathers, converts and answers.
+``model_workers`` threads do this side by side (TensorFlow releases the GIL inside a model call);
+how many batches in flight pay off depends on the cores and TensorFlow's thread pools (see
+:class:`serving.server.ServerConfig`).
 
 Requests in one batch are grouped by ``exclude_seen`` (a scalar of the signature) and called with
 the largest ``k`` of the group; each request gets its own first ``k`` columns. Requests whose

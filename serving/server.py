@@ -8,9 +8,11 @@ after ~2 s instead of tens of milliseconds, since its event loop was saturated) 
 servicer, the standard health service (NOT_SERVING until a model is loaded and warmed) and
 reflection; a :class:`~serving.model_store.ModelStore` watching the model base; a
 :class:`~serving.batcher.MicroBatcher`; Prometheus metrics on ``--metrics-port``; optional TLS and
-bearer-token auth (:mod:`serving.security`). TensorFlow runs one thread per model call and the
-process's threads run under SCHED_BATCH (``--intra-op-threads``, ``--inter-op-threads``,
-``--cpu-scheduling``): on a small machine both serve more requests per core. SIGTERM or SIGINT:
+bearer-token auth (:mod:`serving.security`). One batch is in flight at a time and computes on one
+thread, a second TensorFlow thread loads and warms new versions, and the process's threads run under
+SCHED_BATCH (``--model-workers``, ``--intra-op-threads``, ``--inter-op-threads``,
+``--cpu-scheduling``): on a small machine this serves more requests per core, and a hot reload
+under load slows requests down instead of stalling them. SIGTERM or SIGINT:
 health goes NOT_SERVING, new calls are refused, in-flight calls finish within ``--grace-period-s``,
 exit 0.
 """
@@ -45,12 +47,15 @@ class ServerConfig:
     auth_token: str | None = None
     max_k: int | None = None
     workers: int = 32
-    model_workers: int = 2  # batches in flight at once (TensorFlow releases the GIL while computing)
-    # One thread per model call: each model worker computes on its own core, and a lone request
-    # does not wait for sleeping pool threads to wake (measured: batch-1 p50 1.4 ms instead of 2.2 ms
-    # after a 2 ms pause). 0: TensorFlow's default (one thread per core).
+    # One batch in flight, computed on one thread (intra-op 1): the other core stays free for gRPC's
+    # Python threads, and a lone request does not wait for sleeping pool threads to wake (measured:
+    # batch-1 p50 1.4 ms instead of 2.2 ms after a 2 ms pause with TensorFlow's default pools).
+    model_workers: int = 1
     intra_op_threads: int = 1
-    inter_op_threads: int = 1
+    # Two inter-op threads: loading and warming a new version (XLA compiles ~0.6 s per batch size and
+    # width for an ML-1M-sized model) runs on one while batches keep running on the other. With a
+    # single inter-op thread a hot reload under load stalled every request for the whole warm-up.
+    inter_op_threads: int = 2
     # "batch": Linux SCHED_BATCH, so a woken handler thread does not preempt the thread that woke it
     # while that one still holds the GIL (measured on 2 cores: +16-20% req/s for the stack with an
     # instant model, about +5-10% with the real one, which is near the machine's noise).
@@ -86,10 +91,11 @@ def add_arguments(parser) -> None:
     a("--model-workers", type=int, default=d.model_workers,
       help=f"threads that form batches and call the model side by side (default {d.model_workers})")
     a("--intra-op-threads", type=int, default=d.intra_op_threads,
-      help=f"TensorFlow threads inside one op (default {d.intra_op_threads}: each model worker on one core; "
+      help=f"TensorFlow threads inside one op (default {d.intra_op_threads}: a batch computes on one core; "
       "0: TensorFlow's default, every core)")
     a("--inter-op-threads", type=int, default=d.inter_op_threads,
-      help=f"TensorFlow threads running independent ops (default {d.inter_op_threads}; 0: TensorFlow's default)")
+      help=f"TensorFlow threads running ops (default {d.inter_op_threads}: batches on one while a new model "
+      "version loads and warms on the other; 0: TensorFlow's default, one per core)")
     a("--cpu-scheduling", choices=["batch", "default"], default=d.cpu_scheduling,
       help=f"Linux scheduling policy of the server's threads (default {d.cpu_scheduling}: SCHED_BATCH, "
       "woken threads wait for the running one's time slice instead of preempting it, which keeps the "

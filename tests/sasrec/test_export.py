@@ -101,7 +101,7 @@ def wide(tmp_path_factory):
 
     run = make_run(tmp_path_factory.mktemp("wide") / "run", maxlen=40, seed=3)
     base = tmp_path_factory.mktemp("wide-models") / "m"
-    export_run(run, base)
+    export_run(run, base, jit_compile=True)
     return Recommender.load(base), load_run_model(run), read_items(run / "dataset")[0]
 
 

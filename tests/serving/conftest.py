@@ -19,7 +19,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_base(run_dir, tmp_path_factory) -> Path:
-    """A model base with version 1 exported from ``run_dir`` (XLA on, the default of `sasrec export`)."""
+    """A model base with version 1 exported from ``run_dir`` (XLA off; ``wide`` in
+    tests/sasrec/test_export.py and the warm-up test cover XLA exports)."""
     from sasrec.export import export_run
 
     base = tmp_path_factory.mktemp("models") / "tiny"
