@@ -3,7 +3,8 @@
     python -m benchmarks.soak [--minutes 10] [--quick] [--no-report]
 
 1. Exports a randomly initialised ML-1M-sized SASRec (as ``benchmarks/serving.py`` does) and starts
-   `sasrec serve` as a subprocess with its default flags (plus ``--server-args``).
+   `sasrec serve` as a subprocess with its default flags (plus ``--server-args``; it looks for new
+   versions every second).
 2. Maximum throughput: closed-loop ``grpc.aio`` clients (32 and 64 in flight); the best rate is "max".
 3. Soak: open loop (a fixed arrival rate, latency counted from the scheduled send time, so a stalled
    server cannot hide behind a slow client) at 70% of max for ``--minutes``. Per window (a minute,
@@ -14,7 +15,10 @@
    excess load is shed with RESOURCE_EXHAUSTED/UNAVAILABLE (or deadlines), not queued without bound.
 5. Recovery: 50% of max for 30 s (10 s quick). Pass: no failures in its second half, p99 back near
    the soak figure.
-6. SIGTERM under load (50% of max): every request completes or gets a clean UNAVAILABLE (or CANCELLED
+6. Hot reload under load (50% of max for 60 s): 2 s in, a copy of the model appears as version 2
+   in the model base (written beside it, then renamed). Pass: zero failed requests and version 2
+   served before the end (the server loads and warms it beside the serving one, then swaps).
+7. SIGTERM under load (50% of max): every request completes or gets a clean UNAVAILABLE (or CANCELLED
    for a call caught in the instant the listener closes), exit code 0.
 
 Results go to RELIABILITY.md (the section between the ``soak`` markers) unless --no-report.
@@ -149,7 +153,37 @@ def _windows(records, rss, window_s: float, seconds: float) -> list[dict]:
     return rows
 
 
-async def measure(target: str, users, args, proc) -> dict:
+async def hot_reload(stub, requests, rate: float, base: Path, seconds: float = 60.0) -> dict:
+    """Open-loop load while version 2 (a copy of version 1) appears in ``base``; when it was served."""
+    from sasrec.v1 import recommender_pb2
+
+    served: dict = {}
+
+    def arm(loop, start):
+        def publish():
+            shutil.copytree(base / "1", base / ".reload-2")
+            os.rename(base / ".reload-2", base / "2")
+            served["published_at_s"] = loop.time() - start
+
+        async def watch():
+            while "version_2_at_s" not in served:
+                info = await stub.GetModelInfo(recommender_pb2.GetModelInfoRequest(), timeout=5)
+                if info.model_version == 2:
+                    served["version_2_at_s"] = loop.time() - start
+                await asyncio.sleep(0.5)
+
+        loop.call_at(start + 2.0, lambda: loop.run_in_executor(None, publish))
+        served["watcher"] = asyncio.ensure_future(watch())
+
+    out = await open_loop(stub, requests, rate, seconds, timeout=10.0, window_s=5.0, on_start=arm)
+    served.pop("watcher").cancel()
+    out.update(served)
+    out["failed"] = sum(v for k, v in out["codes"].items() if k != "OK")
+    out["pass"] = out["failed"] == 0 and "version_2_at_s" in out
+    return out
+
+
+async def measure(target: str, users, args, proc, base: Path) -> dict:
     import grpc
 
     from benchmarks.serving import closed_loop
@@ -218,6 +252,11 @@ async def measure(target: str, users, args, proc) -> dict:
         print(f"  windows {rec['windows']}", flush=True)
         results["recovery"] = rec
 
+        print(f"hot reload under load: {0.5 * max_rps:.0f} req/s for 60 s, version 2 published after 2 s", flush=True)
+        reload = await hot_reload(stub, requests, 0.5 * max_rps, base)
+        print(f"  codes {reload['codes']}, version 2 served after {reload.get('version_2_at_s')} s", flush=True)
+        results["reload"] = reload
+
         term_s = 5.0 if quick else 10.0
         print(f"SIGTERM under load: {0.5 * max_rps:.0f} req/s, SIGTERM after 2 s", flush=True)
         sent_at = {}
@@ -239,7 +278,7 @@ async def measure(target: str, users, args, proc) -> dict:
         term["pass"] = exit_code == 0 and not unclean
         print(f"  codes {term['codes']}, exit code {exit_code}", flush=True)
         results["sigterm"] = term
-    for phase in ("soak", "overload", "recovery", "sigterm"):
+    for phase in ("soak", "overload", "recovery", "reload", "sigterm"):
         results[phase].pop("records", None)
     return results
 
@@ -248,6 +287,7 @@ def render(results: dict, command: str) -> str:
     from benchmarks.report import machine
 
     soak, over, rec, term = results["soak"], results["overload"], results["recovery"], results["sigterm"]
+    reload = results["reload"]
     quick = results["quick"]
     label = "QUICK run (proof that the script works, not the 10-minute figure)" if quick else "full run"
     lines = [
@@ -284,6 +324,13 @@ def render(results: dict, command: str) -> str:
                     for w in rec["windows"])
         + f": **{'PASS' if rec['verdict']['pass'] else 'FAIL'}**",
         "",
+        f"Hot reload under load ({reload['rate']:.0f} req/s for {reload['seconds']:.0f} s; version 2 published at "
+        f"{reload['published_at_s']:.1f} s, served from "
+        + (f"{reload['version_2_at_s']:.1f} s" if "version_2_at_s" in reload else "never (FAIL)") + "): codes "
+        f"{reload['codes']}; p99 per 5 s window: "
+        + ", ".join(f"{w['p99_ms']:.0f}" if w["p99_ms"] is not None else "-" for w in reload["windows"])
+        + f" ms: **{'PASS' if reload['pass'] else 'FAIL'}**",
+        "",
         f"SIGTERM under load ({term['rate']:.0f} req/s, signal at {term['sigterm_at_s']:.1f} s): codes {term['codes']}, "
         f"in flight at the signal: {term['in_flight_at_sigterm'] or 'none'}, unclean statuses {term['unclean'] or 'none'}, "
         f"exit code {term['exit_code']}: **{'PASS' if term['pass'] else 'FAIL'}**",
@@ -305,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
-    parser.add_argument("--quick", action="store_true", help="about 1 minute of load in all: proves the script works")
+    parser.add_argument("--quick", action="store_true", help="about 2 minutes of load in all: proves the script works")
     parser.add_argument("--server-args", default="", help="extra `sasrec serve` flags")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write RELIABILITY.md")
     parser.add_argument("--json", help="also write the results as JSON to this file")
@@ -319,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         export_ml1m_sized(base)
         users = histories(4096)
         port = free_port()
-        proc = start_server(serve_command(base, port, ["--grace-period-s", "10", *args.server_args.split()]), port)
-        results = asyncio.run(measure(f"127.0.0.1:{port}", users, args, proc))
+        proc = start_server(serve_command(base, port, ["--grace-period-s", "10", "--poll-interval-s", "1",
+                                                       *args.server_args.split()]), port)
+        results = asyncio.run(measure(f"127.0.0.1:{port}", users, args, proc, base))
         results["loadavg"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     finally:
         if proc is not None and proc.poll() is None:
@@ -333,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if args.report:
         write_report(text)
-    ok = results["soak"]["verdict"]["pass"] and results["recovery"]["verdict"]["pass"] and results["sigterm"]["pass"]
+    ok = (results["soak"]["verdict"]["pass"] and results["recovery"]["verdict"]["pass"] and results["reload"]["pass"]
+          and results["sigterm"]["pass"])
     return 0 if ok else 1
 
 
