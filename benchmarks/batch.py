@@ -2,7 +2,7 @@
 
     python -m benchmarks.batch [--run RUN] [--data ml-1m.txt.gz] [--quick] [--synthetic-users 1000000]
 
-1. Model: ``--run RUN`` is exported (XLA on, as `sasrec export` does by default); otherwise an
+1. Model: ``--run RUN`` is exported (XLA off, as `sasrec export` does by default; ``--xla``); otherwise an
    ML-1M-sized SASRec (maxlen 200, d 50, 2 blocks, 1 head) with random weights over the 3,416 ML-1M
    item ids (from ``--data``, or "1".."3416" when it is absent) is exported. Throughput does not
    depend on the weight values.
@@ -64,13 +64,13 @@ def synthetic_ml1m(users: int = 6040, seed: int = 1) -> pd.DataFrame:
     })
 
 
-def export_model_for_bench(base: Path, run: str | None, events: pd.DataFrame | None) -> str:
+def export_model_for_bench(base: Path, run: str | None, events: pd.DataFrame | None, xla: bool = False) -> str:
     from pipelines.dataset import FIRST_ITEM_ID
     from sasrec.export import export_model, export_run
     from sasrec.model import SASRec
 
     if run:
-        export_run(run, base)
+        export_run(run, base, jit_compile=xla)
         return f"run {run}"
     if events is not None:
         counts_by_item = events["item_id"].astype(str).value_counts()
@@ -83,7 +83,7 @@ def export_model_for_bench(base: Path, run: str | None, events: pd.DataFrame | N
     counts[FIRST_ITEM_ID:] = counts_by_item.reindex(names).to_numpy()
     model = SASRec(vocab_size=len(vocab), maxlen=MAXLEN, hidden_units=D, num_blocks=2, num_heads=1, dropout=0.2)
     model.build((None, MAXLEN))
-    export_model(model, base, item_ids=vocab, train_counts=counts, source_run="benchmarks/batch.py", jit_compile=True)
+    export_model(model, base, item_ids=vocab, train_counts=counts, source_run="benchmarks/batch.py", jit_compile=xla)
     return f"random-weight ML-1M-sized SASRec ({len(names):,} items, maxlen {MAXLEN}, d {D}, 2 blocks)"
 
 
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI size: 50k synthetic users, 1 repeat")
     parser.add_argument("--synthetic-users", type=int, help="users in the synthetic run (default 1M, quick 50k)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="users per model call (default 1024)")
+    parser.add_argument("--xla", action="store_true", help="export with XLA (`sasrec export --xla`; default off, as there)")
     parser.add_argument("--repeats", type=int, help="timed repeats of the ML-1M cases (default 3, quick 1)")
     parser.add_argument("--no-report", action="store_true", help="print, do not write BENCHMARKS.md")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "USERS"), help=argparse.SUPPRESS)
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         events = synthetic_ml1m()
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         base = Path(tmp) / "models"
-        model_desc = export_model_for_bench(base, args.run, events if real else None)
+        model_desc = export_model_for_bench(base, args.run, events if real else None, xla=args.xla)
         rec = Recommender.load(base)
         histories = (events.assign(item_id=events["item_id"].astype(str))
                      .groupby("user_id", sort=False, observed=True)["item_id"].agg(list).reset_index()
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
          "% of ceiling": "", "peak RSS MB": max(synth["peak_rss_mb"], children_peak)},
     ]
     notes = f"""
-- Model: {model_desc}, exported with XLA (the `sasrec export` default) to a temporary model base. Throughput
+- Model: {model_desc}, exported with XLA {'on' if args.xla else 'off (the `sasrec export` default)'} to a temporary model base. Throughput
   does not depend on the weight values. k = 10, seen items excluded, chunk size {args.chunk_size} users per call.
   `score_frame` sorts users by history length, and the signature pads each chunk only to the smallest of the
   model's sequence widths (50, 100, 200 for maxlen 200) that holds its longest history: short histories cost less.

@@ -8,11 +8,10 @@ after ~2 s instead of tens of milliseconds, since its event loop was saturated) 
 servicer, the standard health service (NOT_SERVING until a model is loaded and warmed) and
 reflection; a :class:`~serving.model_store.ModelStore` watching the model base; a
 :class:`~serving.batcher.MicroBatcher`; Prometheus metrics on ``--metrics-port``; optional TLS and
-bearer-token auth (:mod:`serving.security`). One batch is in flight at a time and computes on one
-thread, a second TensorFlow thread loads and warms new versions, and the process's threads run under
-SCHED_BATCH (``--model-workers``, ``--intra-op-threads``, ``--inter-op-threads``,
-``--cpu-scheduling``): on a small machine this serves more requests per core, and a hot reload
-under load slows requests down instead of stalling them. SIGTERM or SIGINT:
+bearer-token auth (:mod:`serving.security`). Two batches are in flight, their graphs run on one
+TensorFlow thread, and the process's threads run under SCHED_BATCH (``--model-workers``,
+``--intra-op-threads``, ``--inter-op-threads``, ``--cpu-scheduling``): on a small machine this
+serves more requests per core. SIGTERM or SIGINT:
 health goes NOT_SERVING, new calls are refused, in-flight calls finish within ``--grace-period-s``,
 exit 0.
 """
@@ -47,15 +46,16 @@ class ServerConfig:
     auth_token: str | None = None
     max_k: int | None = None
     workers: int = 32
-    # One batch in flight, computed on one thread (intra-op 1): the other core stays free for gRPC's
-    # Python threads, and a lone request does not wait for sleeping pool threads to wake (measured:
-    # batch-1 p50 1.4 ms instead of 2.2 ms after a 2 ms pause with TensorFlow's default pools).
-    model_workers: int = 1
+    # Two batches in flight whose graphs run on one TensorFlow thread (intra- and inter-op 1): one
+    # worker gathers, converts and answers while the other's batch computes, the other core stays free
+    # for gRPC's Python threads, and a lone request does not wait for sleeping pool threads to wake.
+    # Measured on 2 cores (alternated): 32 clients 1,143-1,233 req/s vs 1,050-1,088 with one worker
+    # and two inter-op threads, 1,047 with two of each. An XLA export compiles ~0.6 s per batch size
+    # and width on that one thread when a new version warms, stalling every batch meanwhile: serve XLA
+    # exports with inter_op_threads=2 (a warning says so).
+    model_workers: int = 2
     intra_op_threads: int = 1
-    # Two inter-op threads: loading and warming a new version (XLA compiles ~0.6 s per batch size and
-    # width for an ML-1M-sized model) runs on one while batches keep running on the other. With a
-    # single inter-op thread a hot reload under load stalled every request for the whole warm-up.
-    inter_op_threads: int = 2
+    inter_op_threads: int = 1
     # "batch": Linux SCHED_BATCH, so a woken handler thread does not preempt the thread that woke it
     # while that one still holds the GIL (measured on 2 cores: +16-20% req/s for the stack with an
     # instant model, about +5-10% with the real one, which is near the machine's noise).
@@ -94,8 +94,8 @@ def add_arguments(parser) -> None:
       help=f"TensorFlow threads inside one op (default {d.intra_op_threads}: a batch computes on one core; "
       "0: TensorFlow's default, every core)")
     a("--inter-op-threads", type=int, default=d.inter_op_threads,
-      help=f"TensorFlow threads running ops (default {d.inter_op_threads}: batches on one while a new model "
-      "version loads and warms on the other; 0: TensorFlow's default, one per core)")
+      help=f"TensorFlow threads running ops (default {d.inter_op_threads}; use 2 for models exported with "
+      "--xla, whose warm-up compiles would otherwise stall the batches; 0: TensorFlow's default, one per core)")
     a("--cpu-scheduling", choices=["batch", "default"], default=d.cpu_scheduling,
       help=f"Linux scheduling policy of the server's threads (default {d.cpu_scheduling}: SCHED_BATCH, "
       "woken threads wait for the running one's time slice instead of preempting it, which keeps the "
@@ -251,9 +251,19 @@ class RecommenderServer:
     def _on_model(self, model) -> None:
         from serving.observability import set_serving
 
+        if getattr(model, "xla", False) and self._single_inter_op_thread():
+            log.warning("model version %s is XLA-compiled and TensorFlow runs ops on one thread: warming the "
+                        "next version will stall requests while it compiles; serve it with --inter-op-threads 2",
+                        model.version)
         if not self._stopped.is_set():
             set_serving(self.health, True)
         self.ready.set()
+
+    @staticmethod
+    def _single_inter_op_thread() -> bool:
+        import tensorflow as tf
+
+        return tf.config.threading.get_inter_op_parallelism_threads() == 1
 
     def start(self) -> "RecommenderServer":
         self.server.start()

@@ -59,6 +59,11 @@ def test_trained_on_jax_loads_on_every_backend(tiny_dataset, tmp_path):
     out = rec.recommend_batch(histories, k=5, exclude_seen=False)
     expected = -np.sort(-reference, axis=1)[:, :5]
     np.testing.assert_allclose(out.scores, expected, atol=1e-4)
+    assert not rec.xla  # the default of `sasrec export`; --xla compiles the scoring part, same answers
+    assert main(["export", "--run", str(run), "--model-base", str(tmp_path / "models"), "--xla"]) == 0
+    compiled = Recommender.load(tmp_path / "models")
+    assert compiled.version == 2 and compiled.xla
+    np.testing.assert_allclose(compiled.recommend_batch(histories, k=5, exclude_seen=False).scores, expected, atol=1e-4)
 
 
 @pytest.mark.slow
