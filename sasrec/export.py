@@ -23,8 +23,8 @@ Inside the graph: vocabulary lookup (a ``StaticHashTable``; unknown -> OOV, coun
 padding ``""`` dropped, the most recent ``maxlen`` known items left-padded with 0 to the batch's
 sequence width (the smallest of :func:`sequence_widths` that holds the longest known history: the
 model cost grows faster than linearly with the width, and cutting left padding off changes no
-score), only the last position scored (``model.score_last``), padding/OOV never returned, seen items masked when
-``exclude_seen``, ``exclude_item_ids`` masked, top-k with a run-time ``k``.
+score), only the last position scored (``model.score_last``), padding/OOV never returned, seen
+items masked when ``exclude_seen``, ``exclude_item_ids`` masked, top-k with a run-time ``k``.
 
 The SavedModel needs neither this project's code nor Keras to load: ``tf.saved_model.load`` is enough.
 The model card ``assets/model_card.json`` holds the config, the data manifest, the metrics with their

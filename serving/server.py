@@ -11,9 +11,8 @@ reflection; a :class:`~serving.model_store.ModelStore` watching the model base; 
 bearer-token auth (:mod:`serving.security`). Two batches are in flight, their graphs run on one
 TensorFlow thread, and the process's threads run under SCHED_BATCH (``--model-workers``,
 ``--intra-op-threads``, ``--inter-op-threads``, ``--cpu-scheduling``): on a small machine this
-serves more requests per core. SIGTERM or SIGINT:
-health goes NOT_SERVING, new calls are refused, in-flight calls finish within ``--grace-period-s``,
-exit 0.
+serves more requests per core. SIGTERM or SIGINT: health goes NOT_SERVING, new calls are refused,
+in-flight calls finish within ``--grace-period-s``, exit 0.
 """
 
 from __future__ import annotations
