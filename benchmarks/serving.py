@@ -7,8 +7,10 @@
 2. Ceiling: in-process batched SavedModel throughput (``Recommender.recommend_batch``, batch 64),
    best of three rounds.
 3. Starts `sasrec serve` as a subprocess and drives it with closed-loop ``grpc.aio`` clients on
-   localhost: one client (unloaded latency), then N concurrent clients. Clients share the cores
-   with the server, as they would on a single machine.
+   localhost, spread over ``--channels`` connections: one client (unloaded latency), then N
+   concurrent clients. Clients share the cores with the server, as they would on a single machine.
+   Once per ``--processes`` value (``sasrec serve --processes N``: N processes share the port and
+   the kernel spreads connections over them).
 4. The same load against two floors (``benchmarks/serving_floor.py``): the server with a model that
    answers at once, and a bare gRPC server with a fixed answer; with the ceiling's CPU per user they
    bound what any Python gRPC server could serve here.
@@ -85,9 +87,14 @@ def ceiling(base: Path, users: list[list[str]], batch: int = 64, seconds: float 
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its live child processes (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
+    except OSError:  # ended meanwhile
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(process_cpu_seconds, children))
 
 
 def free_port() -> int:
@@ -104,7 +111,9 @@ def start_server(cmd: list[str], port: int, health: bool = True) -> subprocess.P
     from serving.client import RecommenderClient
 
     end = time.monotonic() + 180
-    with RecommenderClient(f"127.0.0.1:{port}", timeout=2) as client:
+    # Several connections: with --processes N each lands on some process, and all must be ready.
+    clients = [RecommenderClient(f"127.0.0.1:{port}", timeout=2, own_connection=True) for _ in range(8)]
+    try:
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(proc.stderr.read())
@@ -112,11 +121,14 @@ def start_server(cmd: list[str], port: int, health: bool = True) -> subprocess.P
                 proc.kill()
                 raise RuntimeError(f"{' '.join(cmd)}: not ready within 180 s")
             try:
-                if client.health() == "SERVING" if health else client.recommend(["1"]).items:
+                if all(c.health() == "SERVING" if health else c.recommend(["1"]).items for c in clients):
                     return proc
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
+    finally:
+        for c in clients:
+            c.close()
 
 
 def serve_command(base: Path, port: int, extra: list[str]) -> list[str]:
@@ -125,7 +137,7 @@ def serve_command(base: Path, port: int, extra: list[str]) -> list[str]:
 
 
 async def closed_loop(target: str, users: list[list[str]], concurrency: int, seconds: float,
-                      server_pid: int | None = None) -> dict:
+                      server_pid: int | None = None, channels: int = 1) -> dict:
     import grpc
 
     from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
@@ -133,13 +145,18 @@ async def closed_loop(target: str, users: list[list[str]], concurrency: int, sec
     requests = [recommender_pb2.RecommendRequest(history=h, k=10) for h in users]
     latencies: list[float] = []
     errors = [0]
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = recommender_pb2_grpc.RecommenderStub(channel)
-        for r in requests[:20]:  # connect and warm
-            await stub.Recommend(r, timeout=10)
+    # Each channel its own TCP connection (by default gRPC shares one between channels to a target).
+    opened = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+              for _ in range(channels)]
+    try:
+        stubs = [recommender_pb2_grpc.RecommenderStub(channel) for channel in opened]
+        for stub in stubs:
+            for r in requests[:20]:  # connect and warm
+                await stub.Recommend(r, timeout=10)
         stop_at = time.perf_counter() + seconds
 
         async def client(offset: int) -> None:
+            stub = stubs[offset % channels]
             i = offset
             while time.perf_counter() < stop_at:
                 t = time.perf_counter()
@@ -156,6 +173,9 @@ async def closed_loop(target: str, users: list[list[str]], concurrency: int, sec
         elapsed = time.perf_counter() - start
         client_cpu = time.process_time() - client_cpu
         server_cpu = process_cpu_seconds(server_pid) - server_cpu if server_pid else float("nan")
+    finally:
+        for channel in opened:
+            await channel.close()
     lat = np.array(latencies) * 1000
     return {
         "server_cpu_ms": 1000 * server_cpu / max(len(lat), 1),
@@ -169,13 +189,13 @@ async def closed_loop(target: str, users: list[list[str]], concurrency: int, sec
 
 
 def measure(cmd: list[str], port: int, users, levels: list[int], seconds: float, ceiling_rate: float,
-            setting: str, health: bool = True) -> list[dict]:
+            setting: str, channels: int, health: bool = True) -> list[dict]:
     """Closed-loop load at each level against the server ``cmd`` starts; one row per level."""
     proc = start_server(cmd, port, health)
     rows = []
     try:
         for c in levels:
-            r = asyncio.run(closed_loop(f"127.0.0.1:{port}", users, c, seconds, proc.pid))
+            r = asyncio.run(closed_loop(f"127.0.0.1:{port}", users, c, seconds, proc.pid, channels))
             share = 100 * r["rps"] / ceiling_rate
             print(f"{setting} clients={c}: {r['rps']:.0f} req/s ({share:.0f}% of ceiling), p50 {r['p50']:.2f} ms, "
                   f"p95 {r['p95']:.2f} ms, p99 {r['p99']:.2f} ms, errors {r['errors']}, "
@@ -194,12 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load level")
     parser.add_argument("--concurrency", default="1,8,16,32,64", help="closed-loop client counts")
     parser.add_argument("--server-args", default="", help="extra `sasrec serve` flags")
+    parser.add_argument("--processes", default="1,2", help="`sasrec serve --processes` values to measure")
+    parser.add_argument("--channels", type=int, default=8,
+                        help="client connections the load is spread over (default 8; --processes needs several)")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the echo and instant-model servers (benchmarks/serving_floor.py)")
     parser.add_argument("--xla", action="store_true", help="export with XLA (`sasrec export --xla`; default off, as there)")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write BENCHMARKS.md")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
+    pools = [int(x) for x in args.processes.split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="sasrec-bench-"))
     try:
@@ -214,27 +238,35 @@ def main(argv: list[str] | None = None) -> int:
                  "p95 ms": "", "p99 ms": "", "% of ceiling": 100.0, "errors": 0,
                  "server CPU ms/req": ceil["cpu_ms"], "client CPU ms/req": ""}]
         port = free_port()
-        served = "gRPC `sasrec serve` (thread pool, micro-batching" + (f", {args.server_args}" if args.server_args else "") + ")"
-        rows += measure(serve_command(base, port, args.server_args.split()), port, users, levels, args.seconds,
-                        ceil["users_per_s"], served)
+        served = {}
+        for n in pools:
+            flags = [*args.server_args.split(), "--processes", str(n)]
+            served[n] = ("gRPC `sasrec serve` (thread pool, micro-batching, "
+                         + (f"{n} processes" if n > 1 else "1 process")
+                         + (f", {args.server_args}" if args.server_args else "") + ")")
+            rows += measure(serve_command(base, port, flags), port, users, levels, args.seconds,
+                            ceil["users_per_s"], served[n], args.channels)
         floor = []
         if args.floor:
             floor_cmd = [sys.executable, "-m", "benchmarks.serving_floor"]
             floor += measure([*floor_cmd, "instant", "--port", str(port)], port, users, levels, args.seconds,
-                             ceil["users_per_s"], "same server, instant model (no model cost)")
+                             ceil["users_per_s"], "same server, instant model (no model cost)", args.channels)
             floor += measure([*floor_cmd, "echo", "--port", str(port)], port, users, levels, args.seconds,
-                             ceil["users_per_s"], "gRPC floor: fixed answer, no server logic", health=False)
+                             ceil["users_per_s"], "gRPC floor: fixed answer, no server logic", args.channels,
+                             health=False)
             rows += floor
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    served_rows = [r for r in rows if r["setting"] == served]
-    within = [r for r in served_rows if r["p99 ms"] <= P99_BUDGET_MS]
-    best = max(within, key=lambda r: r["throughput (req/s)"]) if within else None
-    best_line = (
-        f" Best served throughput with p99 <= {P99_BUDGET_MS:g} ms: {best['throughput (req/s)']:.0f} req/s "
-        f"({best['% of ceiling']:.0f}% of the ceiling) at {best['clients']} clients (p99 {best['p99 ms']:.1f} ms)."
-        if best else f" No served level kept p99 <= {P99_BUDGET_MS:g} ms."
-    )
+    best_line = ""
+    for n, setting in served.items():
+        within = [r for r in rows if r["setting"] == setting and r["p99 ms"] <= P99_BUDGET_MS]
+        best = max(within, key=lambda r: r["throughput (req/s)"]) if within else None
+        best_line += (
+            f" Best served throughput with p99 <= {P99_BUDGET_MS:g} ms, --processes {n}: "
+            f"{best['throughput (req/s)']:.0f} req/s ({best['% of ceiling']:.0f}% of the ceiling) at "
+            f"{best['clients']} clients (p99 {best['p99 ms']:.1f} ms)."
+            if best else f" --processes {n}: no served level kept p99 <= {P99_BUDGET_MS:g} ms."
+        )
     print(best_line.strip(), flush=True)
     bound = ""
     if floor:
@@ -263,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             "Ceiling: best of three 5 s rounds. ML-1M-sized SASRec (3,416 items, maxlen 200, d 50, 2 blocks), random weights, exported with "
             f"XLA {'on' if args.xla else 'off'}; histories with ML-1M-like lengths (median ~96, many > 200). "
             "Closed loop: each `grpc.aio` client sends its next request when the previous answer arrives; "
-            "clients run in the benchmark process on the same cores as the server. CPU ms/req: CPU time of the "
-            "server process (ceiling row: of the in-process model calls, per user) and of the clients per answered "
+            f"clients run in the benchmark process on the same cores as the server, over {args.channels} "
+            "connections. CPU ms/req: CPU time of the "
+            "server's processes (ceiling row: of the in-process model calls, per user) and of the clients per answered "
             "request. Floor rows (`benchmarks/serving_floor.py`, same clients and port): the `sasrec serve` stack "
             "with a model that answers at once (its own cost: validation, batching, threads, metrics), and a "
             "bare thread-pool gRPC server returning a fixed 10-item answer (the cost of a Python gRPC call)."

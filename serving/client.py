@@ -31,8 +31,14 @@ class RecommenderClient:
         tls_ca: str | None = None,
         timeout: float | None = 5.0,
         max_message_bytes: int = 4 << 20,
+        own_connection: bool = False,
     ):
+        """``own_connection``: this client's channel opens its own TCP connection instead of sharing one
+        with other clients of the same target in this process, so a server started with ``--processes N``
+        (which spreads connections, not calls) sees several clients as several connections."""
         options = [("grpc.max_send_message_length", max_message_bytes)]
+        if own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         if tls or tls_ca:
             root = Path(tls_ca).read_bytes() if tls_ca else None
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options=options)

@@ -34,11 +34,15 @@ class Metrics:
         self.batch_latency = Histogram(
             "sasrec_model_call_seconds", "Time of one batched model call", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.model_version = Gauge("sasrec_model_version", "Loaded model version (0: none)", registry=r)
+        # With --processes N (prometheus-client multiprocess mode): one series per process, labelled pid.
+        self.model_version = Gauge(
+            "sasrec_model_version", "Loaded model version (0: none)", registry=r, multiprocess_mode="liveall"
+        )
         self.model_base_available = Gauge(
             "sasrec_model_base_available",
             "1 while the model base folder can be read; 0: serving the loaded version from memory",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.model_base_available.set(1)
         self.model_loads = Counter("sasrec_model_loads", "Model version loads by result", ["result"], registry=r)
@@ -49,8 +53,18 @@ class Metrics:
 
     def serve_http(self, port: int, addr: str = "0.0.0.0"):
         """Expose /metrics on ``port`` (0: pick a free one); returns the HTTP server."""
-        httpd, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        return httpd
+        return serve_metrics_http(self.registry, port, addr)
+
+
+def serve_metrics_http(registry: CollectorRegistry, port: int, addr: str):
+    """``registry`` on http://addr:port/metrics; a port that cannot be bound is an error naming the flag."""
+    from pipelines.errors import InputError
+
+    try:
+        httpd, _thread = start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        raise InputError(f"--metrics-port: cannot bind {addr}:{port} ({exc.strerror or exc})") from None
+    return httpd
 
 
 def make_health():

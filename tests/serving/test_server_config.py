@@ -34,6 +34,13 @@ def test_negative_thread_flag_is_an_error_naming_it(flag, capsys):
     assert f"{flag} must be >= 0, got -1" in capsys.readouterr().err
 
 
+def test_processes_default_to_one_and_must_be_positive(capsys):
+    assert config_from_args(parse()).processes == 1
+    assert config_from_args(parse("--processes", "3")).processes == 3
+    assert main(["serve", "--model-base", "models/x", "--processes", "0"]) == 2
+    assert "--processes must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_thread_pools_are_set_before_tensorflow_starts_and_kept_after_with_a_warning():
     # A fresh process: the pools can only be sized before TensorFlow runs its first op.
     script = textwrap.dedent(
