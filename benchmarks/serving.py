@@ -86,15 +86,26 @@ def ceiling(base: Path, users: list[list[str]], batch: int = 64, seconds: float 
     return {"users_per_s": best[0], "single_p50_ms": 1000 * float(np.median(single)), "cpu_ms": best[1]}
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its live child processes (Linux /proc)."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (Linux /proc): a `sasrec serve --processes N` pool."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
                     for c in (task / "children").read_text().split()]
     except OSError:  # ended meanwhile
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(process_cpu_seconds, children))
+        return []
+    return [pid] + [p for child in children for p in process_tree(child)]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live descendants (Linux /proc)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:

@@ -47,7 +47,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "RELIABILITY.md"
-BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 # UNAVAILABLE: refused once the server stopped accepting; CANCELLED: grpc's status for a call that
 # arrives in the instant the server shuts its listener (it never reached a handler).
 CLEAN_ON_SHUTDOWN = {"OK", "UNAVAILABLE", "CANCELLED"}
@@ -55,13 +54,18 @@ SHED = {"RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED"}
 
 
 def rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    """VmRSS of the server: summed over its processes (``--processes N`` pool), None once it ended."""
+    from benchmarks.serving import process_tree
+
+    total = None
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total = (total or 0) + int(line.split()[1])
+        except OSError:
+            continue
+    return total
 
 
 def _percentiles(latencies: list[float]) -> dict:
@@ -72,9 +76,10 @@ def _percentiles(latencies: list[float]) -> dict:
             "max_ms": float(lat.max())}
 
 
-async def open_loop(stub, requests, rate: float, seconds: float, *, timeout: float, pid: int | None = None,
+async def open_loop(stubs, requests, rate: float, seconds: float, *, timeout: float, pid: int | None = None,
                     window_s: float | None = None, on_start=None) -> dict:
-    """Send at ``rate`` req/s for ``seconds`` whatever the answers; returns records and windows."""
+    """Send at ``rate`` req/s for ``seconds`` whatever the answers, round robin over ``stubs`` (one per
+    connection); returns records and windows."""
     import grpc
 
     loop = asyncio.get_running_loop()
@@ -84,7 +89,7 @@ async def open_loop(stub, requests, rate: float, seconds: float, *, timeout: flo
 
     async def one(i: int, scheduled: float) -> None:
         try:
-            await stub.Recommend(requests[i % len(requests)], timeout=timeout)
+            await stubs[i % len(stubs)].Recommend(requests[i % len(requests)], timeout=timeout)
             code = "OK"
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
@@ -153,8 +158,9 @@ def _windows(records, rss, window_s: float, seconds: float) -> list[dict]:
     return rows
 
 
-async def hot_reload(stub, requests, rate: float, base: Path, seconds: float = 60.0) -> dict:
-    """Open-loop load while version 2 (a copy of version 1) appears in ``base``; when it was served."""
+async def hot_reload(stubs, requests, rate: float, base: Path, seconds: float = 60.0) -> dict:
+    """Open-loop load while version 2 (a copy of version 1) appears in ``base``; when every connection
+    (so every process of a pool the connections reach) served it."""
     from sasrec.v1 import recommender_pb2
 
     served: dict = {}
@@ -167,15 +173,16 @@ async def hot_reload(stub, requests, rate: float, base: Path, seconds: float = 6
 
         async def watch():
             while "version_2_at_s" not in served:
-                info = await stub.GetModelInfo(recommender_pb2.GetModelInfoRequest(), timeout=5)
-                if info.model_version == 2:
+                infos = await asyncio.gather(
+                    *(stub.GetModelInfo(recommender_pb2.GetModelInfoRequest(), timeout=5) for stub in stubs))
+                if all(info.model_version == 2 for info in infos):
                     served["version_2_at_s"] = loop.time() - start
                 await asyncio.sleep(0.5)
 
         loop.call_at(start + 2.0, lambda: loop.run_in_executor(None, publish))
         served["watcher"] = asyncio.ensure_future(watch())
 
-    out = await open_loop(stub, requests, rate, seconds, timeout=10.0, window_s=5.0, on_start=arm)
+    out = await open_loop(stubs, requests, rate, seconds, timeout=10.0, window_s=5.0, on_start=arm)
     served.pop("watcher").cancel()
     out.update(served)
     out["failed"] = sum(v for k, v in out["codes"].items() if k != "OK")
@@ -193,7 +200,7 @@ async def measure(target: str, users, args, proc, base: Path) -> dict:
     results: dict = {"quick": quick}
     probe = []
     for concurrency in (32, 64):
-        r = await closed_loop(target, users, concurrency, 3.0 if quick else 10.0)
+        r = await closed_loop(target, users, concurrency, 3.0 if quick else 10.0, channels=args.channels)
         probe.append({"clients": concurrency, **r})
         print(f"max throughput probe, {concurrency} clients: {r['rps']:.0f} req/s, p99 {r['p99']:.1f} ms, "
               f"errors {r['errors']}", flush=True)
@@ -201,13 +208,15 @@ async def measure(target: str, users, args, proc, base: Path) -> dict:
     results["max"] = {"rps": max_rps, "probe": probe}
 
     requests = [recommender_pb2.RecommendRequest(history=h, k=10) for h in users]
-    options = [("grpc.max_send_message_length", 16 << 20)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
-        stub = recommender_pb2_grpc.RecommenderStub(channel)
+    # One TCP connection per channel: a `--processes N` pool spreads connections over its processes.
+    options = [("grpc.max_send_message_length", 16 << 20), ("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(args.channels)]
+    try:
+        stubs = [recommender_pb2_grpc.RecommenderStub(channel) for channel in channels]
         soak_s = 30.0 if quick else args.minutes * 60.0
         window = 10.0 if quick else 60.0
         print(f"soak: {0.7 * max_rps:.0f} req/s (70%) for {soak_s:.0f} s", flush=True)
-        soak = await open_loop(stub, requests, 0.7 * max_rps, soak_s, timeout=10.0, pid=proc.pid, window_s=window)
+        soak = await open_loop(stubs, requests, 0.7 * max_rps, soak_s, timeout=10.0, pid=proc.pid, window_s=window)
         for row in soak["windows"]:
             print(f"  window {row['window']}: {row['requests']} requests, {row['failed']} failed, "
                   f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, RSS {row['rss_mib']:.0f} MiB", flush=True)
@@ -229,7 +238,7 @@ async def measure(target: str, users, args, proc, base: Path) -> dict:
 
         over_s = 10.0 if quick else 30.0
         print(f"overload: {3 * max_rps:.0f} req/s (3x) for {over_s:.0f} s, 2 s deadline", flush=True)
-        over = await open_loop(stub, requests, 3 * max_rps, over_s, timeout=2.0)
+        over = await open_loop(stubs, requests, 3 * max_rps, over_s, timeout=2.0)
         done = sum(over["codes"].values())
         over["achieved_send_rps"] = over["sent"] / over_s
         over["ok_rps"] = over["codes"].get("OK", 0) / over_s
@@ -243,7 +252,7 @@ async def measure(target: str, users, args, proc, base: Path) -> dict:
 
         rec_s = 10.0 if quick else 30.0
         print(f"recovery: {0.5 * max_rps:.0f} req/s (50%) for {rec_s:.0f} s", flush=True)
-        rec = await open_loop(stub, requests, 0.5 * max_rps, rec_s, timeout=10.0, window_s=rec_s / 2)
+        rec = await open_loop(stubs, requests, 0.5 * max_rps, rec_s, timeout=10.0, window_s=rec_s / 2)
         second_half = rec["windows"][-1]
         rec["verdict"] = {
             "second_half_failed": second_half["failed"], "second_half_p99_ms": second_half["p99_ms"],
@@ -253,7 +262,7 @@ async def measure(target: str, users, args, proc, base: Path) -> dict:
         results["recovery"] = rec
 
         print(f"hot reload under load: {0.5 * max_rps:.0f} req/s for 60 s, version 2 published after 2 s", flush=True)
-        reload = await hot_reload(stub, requests, 0.5 * max_rps, base)
+        reload = await hot_reload(stubs, requests, 0.5 * max_rps, base)
         print(f"  codes {reload['codes']}, version 2 served after {reload.get('version_2_at_s')} s", flush=True)
         results["reload"] = reload
 
@@ -268,7 +277,7 @@ async def measure(target: str, users, args, proc, base: Path) -> dict:
 
             loop.call_at(start + 2.0, fire)
 
-        term = await open_loop(stub, requests, 0.5 * max_rps, term_s, timeout=15.0, on_start=arm)
+        term = await open_loop(stubs, requests, 0.5 * max_rps, term_s, timeout=15.0, on_start=arm)
         exit_code = await asyncio.get_running_loop().run_in_executor(None, lambda: proc.wait(60))
         unclean = {k: v for k, v in term["codes"].items() if k not in CLEAN_ON_SHUTDOWN}
         term.update(exit_code=exit_code, sigterm_at_s=sent_at.get("t"), unclean=unclean,
@@ -278,6 +287,9 @@ async def measure(target: str, users, args, proc, base: Path) -> dict:
         term["pass"] = exit_code == 0 and not unclean
         print(f"  codes {term['codes']}, exit code {exit_code}", flush=True)
         results["sigterm"] = term
+    finally:
+        for channel in channels:
+            await channel.close()
     for phase in ("soak", "overload", "recovery", "reload", "sigterm"):
         results[phase].pop("records", None)
     return results
@@ -338,13 +350,14 @@ def render(results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(text: str) -> None:
-    body = REPORT.read_text() if REPORT.exists() else f"# Reliability\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in body:
-        body += f"\n{BEGIN}\n{END}\n"
-    head, rest = body.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    REPORT.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+def write_report(text: str, section: str = "soak") -> None:
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    body = REPORT.read_text() if REPORT.exists() else "# Reliability\n"
+    if begin not in body:
+        body += f"\n{begin}\n{end}\n"
+    head, rest = body.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    REPORT.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
     parser.add_argument("--quick", action="store_true", help="about 2 minutes of load in all: proves the script works")
     parser.add_argument("--server-args", default="", help="extra `sasrec serve` flags")
+    parser.add_argument("--channels", type=int, default=8,
+                        help="client connections the load is spread over (default 8; --processes needs several)")
+    parser.add_argument("--section", default="soak",
+                        help="RELIABILITY.md section to write (default soak: the default server flags)")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write RELIABILITY.md")
     parser.add_argument("--json", help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
@@ -380,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if args.report:
-        write_report(text)
+        write_report(text, args.section)
     ok = (results["soak"]["verdict"]["pass"] and results["recovery"]["verdict"]["pass"] and results["reload"]["pass"]
           and results["sigterm"]["pass"])
     return 0 if ok else 1

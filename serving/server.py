@@ -12,7 +12,8 @@ bearer-token auth (:mod:`serving.security`). Two batches are in flight, their gr
 TensorFlow thread, and the process's threads run under SCHED_BATCH (``--model-workers``,
 ``--intra-op-threads``, ``--inter-op-threads``, ``--cpu-scheduling``): on a small machine this
 serves more requests per core. SIGTERM or SIGINT: health goes NOT_SERVING, new calls are refused,
-in-flight calls finish within ``--grace-period-s``, exit 0.
+in-flight calls finish within ``--grace-period-s``, exit 0. ``--processes N`` runs N such servers on
+one port under a supervisor (:mod:`serving.processes`).
 """
 
 from __future__ import annotations
