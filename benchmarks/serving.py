@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8,16,32,64", help="closed-loop client counts")
     parser.add_argument("--server-args", default="", help="extra `sasrec serve` flags")
     parser.add_argument("--processes", default="1,2", help="`sasrec serve --processes` values to measure")
-    parser.add_argument("--channels", type=int, default=8,
-                        help="client connections the load is spread over (default 8; --processes needs several)")
+    parser.add_argument("--channels", type=int, default=32,
+                        help="client connections the load is spread over (default 32; --processes needs many)")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the echo and instant-model servers (benchmarks/serving_floor.py)")
     parser.add_argument("--xla", action="store_true", help="export with XLA (`sasrec export --xla`; default off, as there)")

@@ -367,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
     parser.add_argument("--quick", action="store_true", help="about 2 minutes of load in all: proves the script works")
     parser.add_argument("--server-args", default="", help="extra `sasrec serve` flags")
-    parser.add_argument("--channels", type=int, default=8,
-                        help="client connections the load is spread over (default 8; --processes needs several)")
+    parser.add_argument("--channels", type=int, default=32,
+                        help="client connections the load is spread over (default 32; --processes needs many)")
     parser.add_argument("--section", default="soak",
                         help="RELIABILITY.md section to write (default soak: the default server flags)")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write RELIABILITY.md")

@@ -114,10 +114,6 @@ class ProcessPool:
         for index in range(len(self._children)):
             self._start(index)
 
-    @property
-    def pids(self) -> list[int]:
-        return [c.process.pid for c in self._children if c is not None and c.process.is_alive()]
-
     def check(self, on_exit=None) -> bool:
         """Restart processes that ended; False once the pool must stop (see ``failed``)."""
         now = time.monotonic()

@@ -144,6 +144,19 @@ def test_a_port_in_use_is_an_error_naming_the_flag(model_base, processes):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_process_that_fails_before_listening_stops_the_pool_with_its_error(model_base, tmp_path):
+    missing = tmp_path / "missing.pem"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sasrec", "serve", "--model-base", str(model_base), "--port", str(free_port()),
+         "--metrics-port", "-1", "--processes", "2", "--tls-cert", str(missing), "--tls-key", str(missing)],
+        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"{missing}: No such file or directory" in proc.stderr
+    assert "before it listened: stopping" in proc.stderr
+    assert "restarting" not in proc.stderr
+
+
 def test_a_metrics_port_in_use_is_an_error_naming_the_flag(model_base):
     from pipelines.errors import InputError
     from tests.serving.conftest import start_server
