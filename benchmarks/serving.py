@@ -147,6 +147,15 @@ def serve_command(base: Path, port: int, extra: list[str]) -> list[str]:
             "--metrics-port", "-1", "--log-level", "WARNING", *extra]
 
 
+def aio_channels(target: str, n: int, options: list | None = None) -> list:
+    """``n`` ``grpc.aio`` channels to ``target``, each on its own TCP connection."""
+    import grpc
+
+    from serving.client import OWN_CONNECTION
+
+    return [grpc.aio.insecure_channel(target, options=[*(options or []), OWN_CONNECTION]) for _ in range(n)]
+
+
 async def closed_loop(target: str, users: list[list[str]], concurrency: int, seconds: float,
                       server_pid: int | None = None, channels: int = 1) -> dict:
     import grpc
@@ -156,9 +165,7 @@ async def closed_loop(target: str, users: list[list[str]], concurrency: int, sec
     requests = [recommender_pb2.RecommendRequest(history=h, k=10) for h in users]
     latencies: list[float] = []
     errors = [0]
-    # Each channel its own TCP connection (by default gRPC shares one between channels to a target).
-    opened = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-              for _ in range(channels)]
+    opened = aio_channels(target, channels)
     try:
         stubs = [recommender_pb2_grpc.RecommenderStub(channel) for channel in opened]
         for stub in stubs:

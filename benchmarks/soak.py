@@ -37,7 +37,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -191,9 +190,7 @@ async def hot_reload(stubs, requests, rate: float, base: Path, seconds: float = 
 
 
 async def measure(target: str, users, args, proc, base: Path) -> dict:
-    import grpc
-
-    from benchmarks.serving import closed_loop
+    from benchmarks.serving import aio_channels, closed_loop
     from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
 
     quick = args.quick
@@ -209,8 +206,7 @@ async def measure(target: str, users, args, proc, base: Path) -> dict:
 
     requests = [recommender_pb2.RecommendRequest(history=h, k=10) for h in users]
     # One TCP connection per channel: a `--processes N` pool spreads connections over its processes.
-    options = [("grpc.max_send_message_length", 16 << 20), ("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(args.channels)]
+    channels = aio_channels(target, args.channels, [("grpc.max_send_message_length", 16 << 20)])
     try:
         stubs = [recommender_pb2_grpc.RecommenderStub(channel) for channel in channels]
         soak_s = 30.0 if quick else args.minutes * 60.0

@@ -21,6 +21,11 @@ import grpc
 from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
 
 
+# A channel with this option opens its own TCP connection; by default gRPC shares one connection
+# between all channels of a process to the same target.
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
+
+
 class RecommenderClient:
     def __init__(
         self,
@@ -38,7 +43,7 @@ class RecommenderClient:
         (which spreads connections, not calls) sees several clients as several connections."""
         options = [("grpc.max_send_message_length", max_message_bytes)]
         if own_connection:
-            options.append(("grpc.use_local_subchannel_pool", 1))
+            options.append(OWN_CONNECTION)
         if tls or tls_ca:
             root = Path(tls_ca).read_bytes() if tls_ca else None
             self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root), options=options)

@@ -27,7 +27,6 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -180,16 +179,10 @@ def serve_processes(config) -> int:
         # the children start); the supervisor's endpoint adds them up.
         metrics_dir = tempfile.mkdtemp(prefix="sasrec-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from serving.server import stop_on_signals
+
     pool = ProcessPool(replace(config, port=port, metrics_port=None))
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("received %s: draining %d server processes (grace %.1f s)",
-                 signal.Signals(signum).name, config.processes, config.grace_period_s)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals(f"{config.processes} server processes ", config.grace_period_s)
     on_exit = None
     try:
         if metrics_dir is not None:

@@ -211,6 +211,35 @@ class RecommenderServer:
         base = Path(config.model_base)
         self.model_name = config.model_name or base.resolve().name
         self.metrics = observability.Metrics()
+        # Both ports first: one in use is an error before any thread starts.
+        interceptors = [security.TokenAuthInterceptor(config.auth_token)] if config.auth_token else []
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", 64 << 20),
+            # Only a process pool shares its port; a lone server must fail to bind a port in use.
+            ("grpc.so_reuseport", 1 if config.processes > 1 else 0),
+        ]
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
+            interceptors=interceptors,
+            options=options,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        address = f"{config.host}:{config.port}"
+        creds = security.server_credentials(config.tls_cert, config.tls_key)
+        try:
+            self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind", e.g. the port is in use
+            self.port = 0
+        if not self.port:
+            from pipelines.errors import InputError
+
+            raise InputError(f"--port: cannot bind {address} (in use, or not an address of this machine)")
+        self.metrics_port = None
+        self._metrics_http = None
+        if config.metrics_port is not None:
+            self._metrics_http = self.metrics.serve_http(config.metrics_port, config.host)
+            self.metrics_port = self._metrics_http.server_port
         self.health = observability.make_health()
         self.ready = threading.Event()
         self.store = ModelStore(
@@ -228,19 +257,6 @@ class RecommenderServer:
             model_workers=config.model_workers,
             metrics=self.metrics,
         )
-        interceptors = [security.TokenAuthInterceptor(config.auth_token)] if config.auth_token else []
-        options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", 64 << 20),
-            # Only a process pool shares its port; a lone server must fail to bind a port in use.
-            ("grpc.so_reuseport", 1 if config.processes > 1 else 0),
-        ]
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="grpc"),
-            interceptors=interceptors,
-            options=options,
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        )
         recommender_pb2_grpc.add_RecommenderServicer_to_server(
             RecommenderServicer(
                 self.store, self.batcher, model_name=self.model_name, metrics=self.metrics, max_k=config.max_k
@@ -248,18 +264,6 @@ class RecommenderServer:
             self.server,
         )
         observability.add_health_and_reflection(self.server, self.health)
-        address = f"{config.host}:{config.port}"
-        creds = security.server_credentials(config.tls_cert, config.tls_key)
-        try:
-            self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
-        except RuntimeError:  # grpc's "Failed to bind", e.g. the port is in use
-            self.port = 0
-        if not self.port:
-            from pipelines.errors import InputError
-
-            raise InputError(f"--port: cannot bind {address} (in use, or not an address of this machine)")
-        self.metrics_port = None
-        self._metrics_http = None
         self._stopped = threading.Event()
 
     def _on_model(self, model) -> None:
@@ -280,13 +284,6 @@ class RecommenderServer:
         return tf.config.threading.get_inter_op_parallelism_threads() == 1
 
     def start(self) -> "RecommenderServer":
-        if self.config.metrics_port is not None:  # first: a port in use fails before anything runs
-            try:
-                self._metrics_http = self.metrics.serve_http(self.config.metrics_port, self.config.host)
-            except Exception:
-                self.batcher.close(timeout=1)
-                raise
-            self.metrics_port = self._metrics_http.server_port
         self.server.start()
         self.store.start()
         secure = "TLS" if self.config.tls_cert else "plaintext"
@@ -331,19 +328,25 @@ def serve(config: ServerConfig) -> int:
     return run_server(config)
 
 
+def stop_on_signals(what: str, grace: float) -> threading.Event:
+    """An event that SIGTERM or SIGINT sets, logging that ``what`` drains within ``grace`` seconds."""
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: draining %s(grace %.1f s)", signal.Signals(signum).name, what, grace)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
 def run_server(config: ServerConfig, on_listening=None) -> int:
     """One server in this process until SIGTERM/SIGINT (``on_listening()`` once it listens)."""
     server = RecommenderServer(config).start()
     if on_listening is not None:
         on_listening()
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("received %s: draining (grace %.1f s)", signal.Signals(signum).name, config.grace_period_s)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals("", config.grace_period_s)
     while not stop.wait(0.5):
         pass
     server.stop()
