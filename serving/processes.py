@@ -1,7 +1,7 @@
 """``sasrec serve --processes N``: N server processes share one port, one GIL each.
 
 One Python process serves at most what one GIL lets its gRPC threads do (with a model that answers
-at once, about 2,200-2,600 requests per second on the 2-core machine). With ``--processes N`` a
+at once, about 2,200 requests per second on the 2-core machine). With ``--processes N`` a
 supervisor (which never imports TensorFlow) starts N copies of the server with ``SO_REUSEPORT`` on
 the same address; the kernel spreads incoming *connections* over them, so a client needs several
 channels (or many clients one each) to reach every process. Each process loads, warms and
