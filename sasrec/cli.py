@@ -16,8 +16,8 @@ from pipelines.errors import InputError
 # Order here is the order in `sasrec --help`.
 COMMAND_MODULES = (
     "pipelines.commands",  # synth, download, prepare
-    "sasrec.commands",  # train, evaluate
-    "serving.commands",
+    "sasrec.commands",  # train, evaluate, export, score
+    "serving.commands",  # serve, recommend
 )
 
 
