@@ -18,8 +18,7 @@ def test_generated_code_is_up_to_date(tmp_path):
         fresh = (tmp_path / "sasrec" / "v1" / name).read_bytes()
         committed = (ROOT / "sasrec" / "v1" / name).read_bytes()
         assert fresh == committed, (
-            f"sasrec/v1/{name} is stale: run `python -m grpc_tools.protoc -I protos --python_out=. "
-            "--grpc_python_out=. --pyi_out=. protos/sasrec/v1/recommender.proto`"
+            f"sasrec/v1/{name} is stale: run `make protos`"
         )
 
 
