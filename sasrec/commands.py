@@ -140,7 +140,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     select_backend(args.backend)
-    from sasrec.train import evaluate_run
+    from sasrec.evaluate import evaluate_run
 
     protocols = ("full", "sampled-100") if args.protocol == "both" else (args.protocol,)
     result = evaluate_run(args.run, splits=(args.split,), protocols=protocols, data_dir=args.data)
@@ -150,16 +150,22 @@ def cmd_evaluate(args) -> int:
 
 def print_results(result: dict) -> None:
     ks = (1, 5, 10, 20)
-    header = f"{'split':<6} {'protocol':<12} {'model':<11} " + " ".join(f"{m + '@' + str(k):>8}" for m in ("hr", "ndcg", "mrr") for k in ks)
+    header = f"{'split':<6} {'protocol':<12} {'model':<22} " + " ".join(
+        f"{m + '@' + str(k):>8}" for m in ("hr", "ndcg", "mrr") for k in ks)
     print(header)
     for r in result["results"]:
         p = r["protocol"]
-        for name, metrics in (("sasrec", r["metrics"]), ("popularity", r.get("popularity"))):
+        for name, key in (("sasrec", "metrics"), ("sasrec, repeats missed", "deliverable_metrics"),
+                          ("popularity", "popularity")):
+            metrics = r.get(key)
             if metrics:
                 row = " ".join(f"{metrics[f'{m}@{k}']:>8.4f}" for m in ("hr", "ndcg", "mrr") for k in ks)
-                print(f"{p['split']:<6} {p['protocol']:<12} {name:<11} {row}")
-    users = {r["protocol"]["users_evaluated"] for r in result["results"]}
-    print(f"users evaluated: {', '.join(map(str, sorted(users)))}; protocol details in metrics.json")
+                print(f"{p['split']:<6} {p['protocol']:<12} {name:<22} {row}")
+    for r in result["results"][:1]:
+        users = r["protocol"]["users_evaluated"]
+        print(f"users evaluated: {users:,}; targets that repeat an item of the history: {r['repeat_targets']:,} "
+              f"({r['repeat_targets'] / users:.1%}; 'repeats missed' counts them as misses, as the service with "
+              "exclude_seen would); protocol details in metrics.json")
     if "training" in result:
         t = result["training"]
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in t.items()}))

@@ -111,6 +111,9 @@ class SASRecConfig:
     stop_at_ndcg: float = 0.0
     """Stop as soon as validation NDCG@10 reaches this (0: off): time-to-quality runs."""
     eval_batch_size: int = 256
+    eval_seed: int = 0
+    """Seed of the evaluation's own random choices (the sampled-100 negatives), never the training
+    ``seed``: runs trained with different seeds are compared on the same candidates."""
 
     # --- execution
     jit_compile: bool = True

@@ -4,17 +4,26 @@
 (the held-out item itself always stays a candidate). ``sampled-100``: against 100 items drawn
 uniformly (seeded) from those the user never interacted with (the SASRec paper's protocol).
 Every result carries its protocol dict, and a popularity baseline is computed on the same protocol.
+
+Next to every result: how many targets repeat an item of the user's history (``repeat_targets``) and
+``deliverable_metrics``, the metrics with those users counted as misses: what a service with
+``exclude_seen`` (its default) can deliver, since it never returns an item of the history. A target
+whose own score is NaN or infinite ranks last (``non_finite_targets`` counts them), so a diverged model
+scores zero, never a perfect hit.
+
+``evaluate_run`` is ``sasrec evaluate``: a run folder's best model on its dataset.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 
-from pipelines.dataset import FIRST_ITEM_ID, SequenceDataset
-from sasrec.config import PROTOCOLS
+from pipelines.dataset import FIRST_ITEM_ID, SequenceDataset, read_dataset
 from sasrec.feed import left_pad
 from sasrec.metrics import DEFAULT_KS, metrics_from_ranks, rank_of_target
 
@@ -28,7 +37,7 @@ class Protocol:
     exclude_seen: bool = True
     ks: tuple[int, ...] = DEFAULT_KS
     num_negatives: int = 100
-    seed: int = 0
+    seed: int = 0  # the evaluation's own seed (sampled negatives, max_users), never the training seed
     max_users: int = 0  # 0 = all users with a held-out item
 
     def describe(self, users_evaluated: int, maxlen: int) -> dict:
@@ -44,17 +53,22 @@ class Protocol:
         d["users_evaluated"] = int(users_evaluated)
         d["history_maxlen"] = int(maxlen)
         d["target"] = "first held-out item of the split; history = every event before it"
+        d["ties"] = "count half; a NaN or infinite target score ranks last, NaN candidates rank above the target"
+        d["deliverable_metrics"] = ("targets that repeat an item of the history counted as misses (a service "
+                                    "with exclude_seen never returns them)")
         return d
 
 
 @dataclass
 class EvaluationSet:
-    """Users with a held-out item: their history (CSR span of ``ds.items``) and the target."""
+    """Users with a held-out item: their history (CSR span of ``ds.items``), the target, and whether
+    the target repeats an item of that history."""
 
     users: np.ndarray
     history_starts: np.ndarray
     history_ends: np.ndarray
     targets: np.ndarray
+    repeats: np.ndarray
 
 
 def evaluation_set(ds: SequenceDataset, split: str, max_users: int = 0, seed: int = 0) -> EvaluationSet:
@@ -67,8 +81,12 @@ def evaluation_set(ds: SequenceDataset, split: str, max_users: int = 0, seed: in
     users = np.flatnonzero((end_of_split > cut) & (cut > 0))
     if max_users and len(users) > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
-    history_ends = starts[users] + cut[users]
-    return EvaluationSet(users, starts[users], history_ends, ds.items[history_ends])
+    history_starts, history_ends = starts[users], starts[users] + cut[users]
+    targets = ds.items[history_ends]
+    rows, seen = _history_entries(ds, history_starts, history_ends)
+    repeats = np.zeros(len(users), dtype=bool)
+    repeats[rows[seen == targets[rows]]] = True
+    return EvaluationSet(users, history_starts, history_ends, targets, repeats)
 
 
 def rank_targets(
@@ -78,11 +96,12 @@ def rank_targets(
     protocol: Protocol,
     maxlen: int,
     batch_size: int = 256,
-) -> np.ndarray:
-    """Rank of every target under ``score_fn`` (ids (B, maxlen) -> scores (B, V)), batch by batch."""
+) -> tuple[np.ndarray, int]:
+    """Rank of every target under ``score_fn`` (ids (B, maxlen) -> scores (B, V)), batch by batch,
+    and how many targets scored NaN or infinite (those rank last)."""
     rng = np.random.default_rng(protocol.seed)
     ranks = np.empty(len(evalset.users), dtype=np.float64)
-    vocab = ds.vocab_size
+    non_finite = 0
     for lo in range(0, len(evalset.users), batch_size):
         hi = min(lo + batch_size, len(evalset.users))
         ids = left_pad(ds.items, evalset.history_starts[lo:hi], evalset.history_ends[lo:hi], maxlen)
@@ -93,24 +112,24 @@ def rank_targets(
         targets = evalset.targets[lo:hi]
         rows = np.arange(n)
         target_scores = scores[rows, targets].copy()
+        non_finite += int((~np.isfinite(target_scores)).sum())
         scores[:, :FIRST_ITEM_ID] = -np.inf
         if protocol.protocol == "full":
             if protocol.exclude_seen:
-                seen_rows, seen_items = _history_entries(ds, evalset, lo, hi)
+                seen_rows, seen_items = _history_entries(ds, evalset.history_starts[lo:hi], evalset.history_ends[lo:hi])
                 scores[seen_rows, seen_items] = -np.inf
             scores[rows, targets] = target_scores
             ranks[lo:hi] = rank_of_target(scores, target_scores)
         else:
             candidates = _sampled_candidates(ds, evalset, lo, hi, protocol.num_negatives, rng)
             ranks[lo:hi] = rank_of_target(np.take_along_axis(scores, candidates, axis=1), target_scores)
-    return ranks
+    return ranks, non_finite
 
 
-def _history_entries(ds, evalset, lo, hi):
-    """(row, item) pairs of every item in the histories of rows lo..hi."""
-    starts = evalset.history_starts[lo:hi]
-    lengths = evalset.history_ends[lo:hi] - starts
-    rows = np.repeat(np.arange(hi - lo), lengths)
+def _history_entries(ds, starts, ends):
+    """(row, item) pairs of every item in the histories ``ds.items[starts[r]:ends[r]]``."""
+    lengths = ends - starts
+    rows = np.repeat(np.arange(len(starts)), lengths)
     within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     return rows, ds.items[np.repeat(starts, lengths) + within]
 
@@ -158,11 +177,75 @@ def evaluate_scores(
     evalset = evaluation_set(ds, protocol.split, protocol.max_users, protocol.seed)
     if len(evalset.users) == 0:
         raise ValueError(f"no user has a held-out item in the {protocol.split} split")
+    ranks, non_finite = rank_targets(score_fn, ds, evalset, protocol, maxlen, batch_size)
     result = {
         "protocol": protocol.describe(len(evalset.users), maxlen),
-        "metrics": metrics_from_ranks(rank_targets(score_fn, ds, evalset, protocol, maxlen, batch_size), protocol.ks),
+        "repeat_targets": int(evalset.repeats.sum()),
+        "non_finite_targets": non_finite,
+        **_metrics(ranks, evalset.repeats, protocol.ks),
     }
     if with_popularity:
-        pop_ranks = rank_targets(popularity_scores(ds), ds, evalset, protocol, maxlen, batch_size)
-        result["popularity"] = metrics_from_ranks(pop_ranks, protocol.ks)
+        pop_ranks, _ = rank_targets(popularity_scores(ds), ds, evalset, protocol, maxlen, batch_size)
+        result.update({f"popularity_{k}" if k != "metrics" else "popularity": v
+                       for k, v in _metrics(pop_ranks, evalset.repeats, protocol.ks).items()})
     return result
+
+
+def _metrics(ranks: np.ndarray, repeats: np.ndarray, ks) -> dict:
+    return {
+        "metrics": metrics_from_ranks(ranks, ks),
+        "deliverable_metrics": metrics_from_ranks(np.where(repeats, np.inf, ranks), ks),
+    }
+
+
+def model_scorer(model):
+    """``ids -> scores`` of a SASRec model through the backend's compiled predict function."""
+    import keras
+
+    from sasrec.distributed import xla_supported
+    from sasrec.model import LastPositionScorer
+
+    scorer = LastPositionScorer(model)
+    scorer.compile(jit_compile=xla_supported())
+    return lambda ids: keras.ops.convert_to_numpy(scorer.predict_on_batch(ids))
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    splits=("test",),
+    protocols=("full", "sampled-100"),
+    ds: SequenceDataset | None = None,
+    write: bool = True,
+) -> dict:
+    """``sasrec evaluate``: the run's best model on the given splits and protocols.
+
+    The dataset is ``data_dir`` or the run's own, and must be the one the run was trained on (its
+    manifest and vocabulary equal the run's copy); ``ds`` skips that when training passes its data.
+    With ``write``, the results replace those of the same split and protocol in ``RUN/metrics.json``
+    (others are kept), next to the training summary of the newest checkpoint."""
+    from sasrec.run import BEST_MODEL, RunFolder
+
+    run = RunFolder(run_dir)
+    run.require(BEST_MODEL)
+    config = run.config()
+    if ds is None:
+        ds = read_dataset(run.dataset_dir(data_dir))
+    score = model_scorer(run.load_best())
+    started = time.perf_counter()
+    results = []
+    for split in splits:
+        for name in protocols:
+            protocol = Protocol(split=split, protocol=name, seed=config.eval_seed)
+            results.append(evaluate_scores(score, ds, protocol, config.maxlen, config.eval_batch_size))
+    out = {"results": results, "evaluation_seconds": time.perf_counter() - started}
+    training = run.training_summary()
+    if training is not None:
+        out["training"] = training
+    if write:
+        fresh = {(r["protocol"]["split"], r["protocol"]["protocol"]) for r in results}
+        kept = [r for r in (run.read_metrics() or {}).get("results", [])
+                if (r["protocol"]["split"], r["protocol"]["protocol"]) not in fresh]
+        run.write_metrics({**out, "results": kept + results})
+    return out

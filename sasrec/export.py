@@ -36,49 +36,18 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 import shutil
 import tempfile
-import tomllib
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.atomic import atomic_directory
-from pipelines.dataset import FIRST_ITEM_ID, MANIFEST_FILE, OOV_ID, PADDING_ID, read_items
+from pipelines.dataset import FIRST_ITEM_ID, OOV_ID, PADDING_ID
 from pipelines.errors import InputError
+from sasrec.model_base import CARD_FORMAT, MODEL_CARD, SIGNATURE, new_version_folder, sequence_widths
 
-SIGNATURE = "serving_default"
-MODEL_CARD = "model_card.json"
-CARD_FORMAT = "sasrec-model-card/1"
 POPULARITY_IN_CARD = 1000  # the card lists at most this many items of the popularity ranking
-_VERSION_RE = re.compile(r"^[0-9]+$")
-
-
-def list_versions(model_base: str | os.PathLike) -> list[int]:
-    """Integer version folders under ``model_base``, ascending (hidden temporary folders excluded).
-
-    Only canonical decimal names count (``3``, not ``03``, ``3.tmp`` or ``3\\n``), so a version number
-    always names exactly one folder."""
-    base = Path(model_base)
-    if not base.is_dir():
-        return []
-    return sorted(
-        int(p.name) for p in base.iterdir() if _VERSION_RE.fullmatch(p.name) and str(int(p.name)) == p.name and p.is_dir()
-    )
-
-
-def sequence_widths(maxlen: int, smallest: int = 16, count: int = 3) -> list[int]:
-    """Widths a batch is padded to, ascending: ``maxlen`` halved (rounding up) while the half stays
-    >= ``smallest``, at most ``count`` of them.
-
-    Few widths, since an XLA signature compiles once per (batch size, width) and a server warms them
-    all: maxlen 200 gives 50, 100, 200. An ML-1M-sized model scores a batch of 64 at width 100 in
-    about a third of the time at 200, so sorted batch scoring gains most."""
-    widths = [int(maxlen)]
-    while len(widths) < count and (widths[-1] + 1) // 2 >= smallest:
-        widths.append((widths[-1] + 1) // 2)
-    return widths[::-1]
 
 
 def popularity_scores(train_counts: np.ndarray) -> np.ndarray:
@@ -233,32 +202,6 @@ def model_card(
     }
 
 
-def _read_run(run: Path) -> tuple[dict, dict, dict | None]:
-    if not run.is_dir():
-        raise InputError(f"{run}: run folder not found")
-    for name in ("best.keras", "config.toml", "dataset/" + MANIFEST_FILE, "dataset/items.parquet"):
-        if not (run / name).is_file():
-            raise InputError(f"{run}: not a complete run folder (no {name}); create one with `sasrec train`")
-    try:
-        config = tomllib.loads((run / "config.toml").read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{run / 'config.toml'}: {exc}") from None
-    manifest = json.loads((run / "dataset" / MANIFEST_FILE).read_text())
-    metrics_path = run / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
-    return config, manifest, metrics
-
-
-def load_run_model(run: str | os.PathLike):
-    """The best Keras model of a run folder (needs this project's model code)."""
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
-
-    import sasrec.model  # noqa: F401  (registers the SASRec classes)
-
-    return keras.saving.load_model(Path(run) / "best.keras", compile=False)
-
-
 def export_model(
     model,
     model_base: str | os.PathLike,
@@ -275,14 +218,7 @@ def export_model(
     """Write ``model`` as the next (or given) version under ``model_base``; returns the version folder."""
     import tensorflow as tf
 
-    base = Path(model_base)
-    if version is None:
-        version = (list_versions(base) or [0])[-1] + 1
-    if version < 1:
-        raise InputError(f"--version must be >= 1, got {version}")
-    target = base / str(version)
-    if target.exists():
-        raise InputError(f"{target} already exists; versions are immutable, pick another --version")
+    target = new_version_folder(model_base, version)
     module = build_serving_module(model, item_ids, train_counts, jit_compile=jit_compile)
     card = model_card(
         model=model,
@@ -324,19 +260,20 @@ def export_run(
     jit_compile: bool = False,
 ) -> Path:
     """``sasrec export``: the run's best model, vocabulary and card as the next version."""
-    run = Path(run)
-    config, manifest, metrics = _read_run(run)
-    item_ids, _counts, train_counts = read_items(run / "dataset")
-    model = load_run_model(run)
+    from sasrec.run import BEST_MODEL, RunFolder
+
+    run = RunFolder(run)
+    run.require(BEST_MODEL)
+    item_ids, _counts, train_counts = run.items()
     return export_model(
-        model,
+        run.load_best(),
         model_base,
         item_ids=item_ids,
         train_counts=train_counts,
-        config=config,
-        manifest=manifest,
-        metrics=metrics,
-        source_run=str(run.resolve()),
+        config=run.config_tables(),
+        manifest=run.manifest(),
+        metrics=run.read_metrics(),
+        source_run=str(run.path.resolve()),
         version=version,
         jit_compile=jit_compile,
     )

@@ -27,11 +27,17 @@ def metrics_from_ranks(ranks: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:
 
 def rank_of_target(scores: np.ndarray, target_scores: np.ndarray) -> np.ndarray:
     """0-based rank of each row's target: the number of candidates scoring strictly higher, plus half
-    of the other candidates scoring exactly the same (ties are neither won nor lost)."""
+    of the other candidates scoring exactly the same (ties are neither won nor lost).
+
+    ``scores`` (B, C) holds the target's own column. A NaN candidate counts as higher than the target,
+    and a target whose own score is NaN or infinite ranks last (C - 1): a model that produces
+    non-finite scores never gets a hit from them."""
+    scores = np.asarray(scores)
     target_scores = np.asarray(target_scores)[:, None]
-    higher = (scores > target_scores).sum(axis=1)
+    higher = ((scores > target_scores) | np.isnan(scores)).sum(axis=1)
     ties = (scores == target_scores).sum(axis=1) - 1
-    return higher + np.maximum(ties, 0) / 2.0
+    ranks = higher + np.maximum(ties, 0) / 2.0
+    return np.where(np.isfinite(target_scores[:, 0]), ranks, float(scores.shape[1] - 1))
 
 
 def evaluate_recommendations(

@@ -17,7 +17,6 @@ TensorFlow is imported when a model is loaded, not when this module is imported.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,9 +26,8 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import InputError
+from sasrec.model_base import SIGNATURE, read_card, resolve_version
 
-SIGNATURE = "serving_default"
-MODEL_CARD = "model_card.json"
 DEFAULT_CHUNK_SIZE = 1024  # users per signature call in score_frame
 
 
@@ -77,21 +75,6 @@ class BatchResult:
         return len(self.unknown_count)
 
 
-def resolve_version(path: str | os.PathLike) -> tuple[Path, int | None]:
-    """``path`` is a version folder (holds ``saved_model.pb``) or a model base (newest integer version)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: model not found (give a model base or a version folder from `sasrec export`)")
-    if (path / "saved_model.pb").is_file():
-        return path, int(path.name) if path.name.isdigit() else None
-    from sasrec.export import list_versions
-
-    versions = list_versions(path)
-    if not versions:
-        raise InputError(f"{path}: neither a SavedModel nor a model base with integer version folders")
-    return path / str(versions[-1]), versions[-1]
-
-
 def _pad(rows: Sequence[Sequence[str]], min_width: int = 0, num_rows: int = 0) -> np.ndarray:
     """Rows padded with "" to one width; ``num_rows`` adds empty rows (XLA batch buckets), which is
     far cheaper here than padding the string tensor in TensorFlow."""
@@ -121,10 +104,7 @@ class Recommender:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recommender:
         version_dir, version = resolve_version(path)
-        card_path = version_dir / "assets" / MODEL_CARD
-        if not card_path.is_file():
-            raise InputError(f"{version_dir}: no assets/{MODEL_CARD}; export it with `sasrec export`")
-        card = json.loads(card_path.read_text())
+        card = read_card(version_dir)
         import tensorflow as tf
 
         loaded = tf.saved_model.load(str(version_dir))
@@ -266,7 +246,7 @@ class Recommender:
 
         n = batch.num_users
         item_table = tf.constant(batch.item_table)  # unique history ids (+ "" for padding), as bytes
-        global_excl = [str(x) for x in exclude_item_ids if str(x) != ""]
+        global_excl = [x for x in _id_strings(list(exclude_item_ids)) if x != ""]
         if batch.exclude_offsets is not None:
             excl_table = tf.constant(batch.exclude_table)
         lengths = np.diff(batch.offsets)
@@ -349,15 +329,20 @@ def _require(df: pd.DataFrame, column: str, what: str) -> None:
         raise InputError(f"missing column {column!r} ({what}); the frame has columns: {cols or 'none'}")
 
 
-def _id_table(uniques) -> np.ndarray:
-    """External ids (any dtype) as UTF-8 bytes, plus ``b""`` at the end for padding."""
-    values = pd.Index(uniques)
+def _id_strings(ids) -> pd.Index:
+    """External ids (any dtype) as strings, the one rule for ids given in a frame or a list: a float
+    column of integral values is read as integers (``1193.0`` is item ``"1193"``)."""
+    values = pd.Index(ids)
     if values.dtype.kind == "f":
         finite = values.to_numpy(dtype=np.float64)
         if np.all(finite == np.round(finite)):
             values = pd.Index(finite.astype(np.int64))
-    strings = values.astype(str)
-    return np.array([x.encode("utf-8") for x in strings] + [b""], dtype=object)
+    return values.astype(str)
+
+
+def _id_table(uniques) -> np.ndarray:
+    """External ids (any dtype) as UTF-8 bytes, plus ``b""`` at the end for padding."""
+    return np.array([x.encode("utf-8") for x in _id_strings(uniques)] + [b""], dtype=object)
 
 
 def _time_key(series: pd.Series, column: str) -> np.ndarray:

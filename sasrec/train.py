@@ -1,47 +1,35 @@
-"""Training a SASRec run: a dataset folder in, a self-contained run folder out.
+"""Training a SASRec run: a dataset folder in, a self-contained run folder out (layout: :mod:`sasrec.run`).
 
-Run folder (written by :func:`train`)::
-
-    config.toml            the resolved SASRecConfig (plus the backend and the loss actually used)
-    dataset/               manifest.json and items.parquet copied from the dataset (vocabulary)
-    checkpoints/epoch-N/   weights with optimizer state and the loop state, one folder per epoch,
-                           each created by an atomic rename; the newest two are kept
-    best.keras             the model with the best validation NDCG@10
-    log.csv                one row per epoch (loss, validation metrics, wall time)
-    tensorboard/           TensorBoard logs
-    metrics.json           test metrics (full and sampled-100) with their protocols and the
-                           popularity baseline on the same protocols
-    curve.png              validation NDCG@10 against wall time
-
-A run folder that holds checkpoints is resumed, not restarted: a crash or ``kill -9`` loses at most
-the epoch in progress.
+Each epoch: validation NDCG@10 on ``val_protocol``, early stopping, the best model kept, a checkpoint
+(in this order). A NaN or infinite loss, or a model whose validation scores are not finite, stops
+training with :class:`TrainingDiverged`: the run keeps the best model and checkpoint of the last good
+epoch. At the end the best model is evaluated on the test split (:func:`sasrec.evaluate.evaluate_run`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
 import keras
-import numpy as np
 
-from pipelines.atomic import atomic_directory, atomic_file
-from pipelines.dataset import ITEMS_FILE, MANIFEST_FILE, SequenceDataset, read_dataset
+from pipelines.dataset import SequenceDataset, read_dataset
 from pipelines.errors import InputError
 from sasrec.config import SASRecConfig
 from sasrec.distributed import xla_supported
-from sasrec.evaluate import Protocol, evaluate_scores
+from sasrec.evaluate import Protocol, evaluate_run, evaluate_scores, evaluation_set, model_scorer
 from sasrec.feed import TrainingFeed
 from sasrec.losses import SequenceLoss
-from sasrec.model import LastPositionScorer, SASRec, build_model
+from sasrec.model import build_model
+from sasrec.run import RunFolder
 
-CHECKPOINTS = "checkpoints"
-BEST_MODEL = "best.keras"
 VALIDATION_METRIC = "ndcg@10"
+
+
+class TrainingDiverged(InputError):
+    """The loss or the model's scores stopped being finite: the config (learning rate, warm-up,
+    precision) does not train on this data. The CLI prints it as one line."""
 
 
 def make_optimizer(config: SASRecConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -78,24 +66,19 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
 
 
-def model_scorer(model: SASRec):
-    """``ids -> scores`` through the backend's compiled predict function."""
-    scorer = LastPositionScorer(model)
-    scorer.compile(jit_compile=xla_supported())
-    return lambda ids: keras.ops.convert_to_numpy(scorer.predict_on_batch(ids))
-
-
 class RunState(keras.callbacks.Callback):
-    """Validation, early stopping, best-model and checkpoint keeping, in this order, each epoch."""
+    """Divergence check, validation, early stopping, best-model and checkpoint keeping, in this order,
+    each epoch. Runs after ``keras.callbacks.TerminateOnNaN``, which ends the epoch at the first
+    non-finite batch loss."""
 
-    def __init__(self, run_dir: Path, ds: SequenceDataset, config: SASRecConfig, feed: TrainingFeed, state: dict):
+    def __init__(self, run: RunFolder, ds: SequenceDataset, config: SASRecConfig, feed: TrainingFeed, state: dict):
         super().__init__()
-        self.run_dir = run_dir
+        self.run = run
         self.ds = ds
         self.config = config
         self.feed = feed
         self.state = state
-        self.protocol = Protocol(split="valid", protocol=config.val_protocol, seed=config.seed)
+        self.protocol = Protocol(split="valid", protocol=config.val_protocol, seed=config.eval_seed)
         self._epoch_start = 0.0
         self._scorer = None  # compiled once, shares the model's weights
 
@@ -104,12 +87,21 @@ class RunState(keras.callbacks.Callback):
             self._scorer = model_scorer(self.model)
         return self._scorer(ids)
 
+    def _diverged(self, epoch: int, what: str) -> TrainingDiverged:
+        kept = (f"{self.run.path} keeps best.keras (epoch {self.state['best_epoch']}) and the checkpoint of epoch "
+                f"{self.state['epoch']}" if self.state["epoch"] else f"no epoch finished, {self.run.path} holds no model")
+        return TrainingDiverged(f"training diverged in epoch {epoch + 1}: {what}; {kept}. Start a new run with a "
+                                "lower learning_rate, warmup_steps or without mixed_precision")
+
     def on_epoch_begin(self, epoch, logs=None):
         self.feed.set_epoch(epoch)
         self._epoch_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
+        loss = float(logs.get("loss", math.nan))
+        if not math.isfinite(loss):
+            raise self._diverged(epoch, f"the training loss is {loss}")
         self.state["train_seconds"] += time.perf_counter() - self._epoch_start
         val = math.nan
         last_epoch = epoch + 1 == self.config.epochs
@@ -118,11 +110,13 @@ class RunState(keras.callbacks.Callback):
                 self._score, self.ds, self.protocol, self.config.maxlen,
                 self.config.eval_batch_size, with_popularity=False,
             )
+            if result["non_finite_targets"]:
+                raise self._diverged(epoch, f"{result['non_finite_targets']} validation users got NaN or infinite scores")
             val = result["metrics"][VALIDATION_METRIC]
             logs["val_hr@10"] = result["metrics"]["hr@10"]
             if val > self.state["best"]:
                 self.state.update(best=val, best_epoch=epoch + 1, bad_evals=0)
-                save_model_atomically(self.model, self.run_dir / BEST_MODEL)
+                self.run.save_best(self.model)
                 if self.config.stop_at_ndcg and val >= self.config.stop_at_ndcg:
                     self.model.stop_training = True
                     self.state["stopped_early"] = True
@@ -136,62 +130,30 @@ class RunState(keras.callbacks.Callback):
         logs["val_ndcg@10"] = val
         logs["wall_seconds"] = self.state["train_seconds"]
         self.state["epoch"] = epoch + 1
-        self.state["curve"].append([epoch + 1, self.state["train_seconds"], float(logs.get("loss", math.nan)), val])
-        save_checkpoint(self.run_dir, self.model, self.state)
+        self.state["curve"].append([epoch + 1, self.state["train_seconds"], loss, val])
+        self.run.save_checkpoint(self.model, self.state)
 
 
-def save_model_atomically(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: Path, model: SASRec, state: dict) -> None:
-    root = run_dir / CHECKPOINTS
-    with atomic_directory(root / f"epoch-{state['epoch']:05d}") as tmp:
-        model.save_weights(tmp / "model.weights.h5")  # includes the optimizer state
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for old in sorted(root.glob("epoch-*"))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted(p for p in (run_dir / CHECKPOINTS).glob("epoch-*") if (p / "state.json").is_file())
-    return found[-1] if found else None
-
-
-def prepare_run_dir(run_dir: Path, data_dir: Path, config: SASRecConfig, extra: dict) -> None:
-    """Create the run folder, or check that an existing one was made with the same config and data."""
-    config_path = run_dir / "config.toml"
-    manifest = (data_dir / MANIFEST_FILE).read_text()
-    if config_path.exists():
-        # Compared as values, so a run saved before a config field was added (at its default) resumes.
-        if SASRecConfig.from_toml(config_path) != config or _run_info(run_dir) != extra:
-            raise InputError(f"{run_dir} holds a run with a different config; use a new --out folder to start another run")
-        if (run_dir / "dataset" / MANIFEST_FILE).read_text() != manifest:
-            raise InputError(f"{run_dir} holds a run on a different dataset; use a new --out folder")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(run_dir / "dataset") as tmp:
-        shutil.copyfile(data_dir / MANIFEST_FILE, tmp / MANIFEST_FILE)
-        shutil.copyfile(data_dir / ITEMS_FILE, tmp / ITEMS_FILE)
-    with atomic_file(config_path, "w") as handle:
-        handle.write(config.to_toml() + _extra_toml(extra))
-
-
-def _extra_toml(extra: dict) -> str:
-    import tomli_w
-
-    return "\n" + tomli_w.dumps({"run": extra})
+def check_held_out(ds: SequenceDataset, data_dir: Path) -> None:
+    """Refuse at once a dataset on which validation or the final test would find no user."""
+    protocol = ds.manifest.get("split", {}).get("protocol", "?")
+    for name, window in (("valid", "--valid-quantile or --valid-time"), ("test", "--cutoff-quantile or --cutoff-time")):
+        if len(evaluation_set(ds, name).users) == 0:
+            how = (f"prepare it again with a {name} window that holds events ({window})" if protocol == "temporal"
+                   else "users need at least 3 events for a leave-one-out split")
+            raise InputError(f"--data {data_dir}: no user has a {name} item with a history before it "
+                             f"(split {protocol}); {how}")
 
 
 def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, verbose: int | str = "auto") -> dict:
     """Train (or resume) a run and evaluate its best model on the test split. Returns metrics.json."""
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    data_dir = Path(data_dir)
+    run = RunFolder(run_dir)
     ds = read_dataset(data_dir)
+    check_held_out(ds, data_dir)
     loss_name = config.resolved_loss(ds.num_items)
-    run_info = {"backend": keras.backend.backend(), "loss": loss_name, "data": str(data_dir.resolve())}
-    prepare_run_dir(run_dir, data_dir, config, run_info)
+    run.create_or_check(data_dir, config, {"backend": keras.backend.backend(), "loss": loss_name,
+                                           "data": str(data_dir.resolve())})
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -209,79 +171,22 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
     )
     model.compile(optimizer=make_optimizer(config, len(feed)), jit_compile=config.jit_compile and xla_supported())
 
-    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "train_seconds": 0.0,
-             "stopped_early": False, "curve": []}
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(checkpoint / "model.weights.h5")
-        state = json.loads((checkpoint / "state.json").read_text())
-        print(f"Resuming {run_dir} after epoch {state['epoch']} (best {VALIDATION_METRIC} {state['best']:.4f})")
+    state = run.restore_checkpoint(model)
+    if state is not None:
+        print(f"Resuming {run.path} after epoch {state['epoch']} (best {VALIDATION_METRIC} {state['best']:.4f})")
+    else:
+        state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "train_seconds": 0.0,
+                 "stopped_early": False, "curve": []}
 
     done = state["stopped_early"] or state["epoch"] >= config.epochs
     if not done:
-        callbacks = [RunState(run_dir, ds, config, feed, state), keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True)]
+        callbacks = [keras.callbacks.TerminateOnNaN(), RunState(run, ds, config, feed, state),
+                     keras.callbacks.CSVLogger(str(run.log_path), append=True)]
         if config.tensorboard:
-            callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False))
+            callbacks.append(keras.callbacks.TensorBoard(str(run.tensorboard_dir), write_graph=False))
         model.fit(feed, epochs=config.epochs, initial_epoch=state["epoch"], callbacks=callbacks, verbose=verbose)
-    write_training_curve(run_dir, state["curve"], config.val_protocol)
-    return evaluate_run(run_dir, ds=ds, training=state)
-
-
-def evaluate_run(run_dir: str | Path, ds: SequenceDataset | None = None, training: dict | None = None,
-                 splits=("test",), protocols=("full", "sampled-100"), data_dir: str | Path | None = None,
-                 write: bool = True) -> dict:
-    """Evaluate ``RUN/best.keras`` on the given splits and protocols; writes ``RUN/metrics.json``."""
-    run_dir = Path(run_dir)
-    if not (run_dir / BEST_MODEL).is_file():
-        raise InputError(f"{run_dir}: no {BEST_MODEL}; train first with `sasrec train --out {run_dir}`")
-    config = SASRecConfig.from_toml(run_dir / "config.toml")
-    if ds is None:
-        data_dir = Path(data_dir) if data_dir else Path(_run_info(run_dir)["data"])
-        ds = read_dataset(data_dir)
-    model = keras.saving.load_model(run_dir / BEST_MODEL, compile=False)
-    score = model_scorer(model)
-    started = time.perf_counter()
-    results = []
-    for split in splits:
-        for name in protocols:
-            protocol = Protocol(split=split, protocol=name, seed=config.seed)
-            results.append(evaluate_scores(score, ds, protocol, config.maxlen, config.eval_batch_size))
-    out = {"results": results, "evaluation_seconds": time.perf_counter() - started}
-    if training is not None:
-        out["training"] = {k: training[k] for k in ("epoch", "best", "best_epoch", "train_seconds", "stopped_early")}
-    if write:
-        with atomic_file(run_dir / "metrics.json", "w") as handle:
-            json.dump(out, handle, indent=2)
-    return out
-
-
-def _run_info(run_dir: Path) -> dict:
-    import tomllib
-
-    return tomllib.loads((run_dir / "config.toml").read_text()).get("run", {})
-
-
-def write_training_curve(run_dir: Path, curve: list, protocol: str = "full") -> None:
-    """Validation NDCG@10 against training wall time, as ``RUN/curve.png``."""
-    points = [(seconds, val) for _, seconds, _, val in curve if val == val]  # skip NaN (no evaluation)
-    if not points:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(*zip(*points), marker="o", markersize=3)
-    ax.set_xlabel("training wall time (s)")
-    ax.set_ylabel(f"validation {VALIDATION_METRIC} ({protocol})")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(run_dir / "curve.png") as handle:
-        fig.savefig(handle, format="png")
-    plt.close(fig)
+    run.write_curve(state["curve"], VALIDATION_METRIC, config.val_protocol)
+    return evaluate_run(run.path, ds=ds)
 
 
 def check_tensorboard(config: SASRecConfig) -> None:

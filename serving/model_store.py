@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sasrec.export import list_versions
+from sasrec.model_base import list_versions
 
 log = logging.getLogger("serving.model_store")
 

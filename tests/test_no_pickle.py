@@ -72,7 +72,7 @@ def test_scanner_catches_what_it_should(tmp_path):
 
 
 def test_version_names_are_canonical_integers(tmp_path):
-    from sasrec.export import list_versions
+    from sasrec.model_base import list_versions
 
     for name in ("1", "2", "10", "0", "2.tmp", ".3.tmp-x", "04", "5\n", " 6", "7 ", "+8", "-9", "1e3", "٣", "x", "..",
                  "11.old"):

@@ -54,8 +54,8 @@ def test_seen_items_are_removed_in_full_ranking(tiny_dataset):
             out[row, h[h != 0]] = 5.0
         return out
 
-    with_filter = rank_targets(seen_first, ds, ev, Protocol(), maxlen=100)
-    without = rank_targets(seen_first, ds, ev, Protocol(exclude_seen=False), maxlen=100)
+    with_filter, _ = rank_targets(seen_first, ds, ev, Protocol(), maxlen=100)
+    without, _ = rank_targets(seen_first, ds, ev, Protocol(exclude_seen=False), maxlen=100)
     assert (with_filter < without).mean() > 0.9
 
 
@@ -81,3 +81,26 @@ def test_sampled_protocol_on_a_catalog_smaller_than_the_sample(tiny_dataset):
     for row in range(5):
         unseen = set(range(2, ds.vocab_size)) - set(ds.user_items(ev.users[row]).tolist())
         assert set(cands[row, 1:].tolist()) - {0} == unseen
+
+
+def test_a_model_that_scores_nan_gets_zero_not_a_perfect_hit(tiny_dataset):
+    ds = read_dataset(tiny_dataset)
+    nan_model = lambda ids: np.full((len(ids), ds.vocab_size), np.nan, np.float32)  # noqa: E731
+    for protocol in ("full", "sampled-100"):
+        result = evaluate_scores(nan_model, ds, Protocol(protocol=protocol), maxlen=50, with_popularity=False)
+        assert result["metrics"]["hr@20"] == 0.0 and result["metrics"]["ndcg@10"] == 0.0
+        assert result["non_finite_targets"] == ds.num_users
+
+
+def test_repeat_targets_are_counted_and_missed_in_the_deliverable_metrics(tiny_dataset):
+    """The oracle hits every target; with repeats counted as misses its HR@1 drops by their share."""
+    ds = read_dataset(tiny_dataset)
+    expected = sum(int(ds.user_items(u)[ds.valid_end[u]] in set(ds.user_items(u)[: ds.valid_end[u]].tolist()))
+                   for u in range(ds.num_users))
+    assert 0 < expected < ds.num_users  # synthetic chains with noise revisit items
+    result = evaluate_scores(oracle(ds), ds, Protocol(), maxlen=100)
+    assert result["repeat_targets"] == expected
+    assert result["metrics"]["hr@1"] == 1.0
+    assert result["deliverable_metrics"]["hr@1"] == pytest.approx(1 - expected / ds.num_users)
+    assert result["popularity_deliverable_metrics"]["hr@10"] <= result["popularity"]["hr@10"]
+    assert "deliverable_metrics" in result["protocol"]

@@ -83,7 +83,7 @@ def test_truncates_to_most_recent_maxlen(recommender, keras_model, vocab):
 
 
 def test_sequence_widths():
-    from sasrec.export import sequence_widths
+    from sasrec.model_base import sequence_widths
 
     assert sequence_widths(200) == [50, 100, 200]
     assert sequence_widths(400) == [100, 200, 400]
@@ -96,13 +96,14 @@ def test_sequence_widths():
 def wide(tmp_path_factory):
     """A model with maxlen 40, scored at width 20 or 40 (XLA on): (Recommender, Keras model, vocab)."""
     from pipelines.dataset import read_items
-    from sasrec.export import export_run, load_run_model
+    from sasrec.export import export_run
+    from sasrec.run import RunFolder
     from sasrec.recommender import Recommender
 
     run = make_run(tmp_path_factory.mktemp("wide") / "run", maxlen=40, seed=3)
     base = tmp_path_factory.mktemp("wide-models") / "m"
     export_run(run, base, jit_compile=True)
-    return Recommender.load(base), load_run_model(run), read_items(run / "dataset")[0]
+    return Recommender.load(base), RunFolder(run).load_best(), read_items(run / "dataset")[0]
 
 
 def test_short_batches_are_scored_at_a_smaller_width_with_the_same_answer(wide):
@@ -202,3 +203,28 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "missing"), "--model-base", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "run folder not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_mixed_precision_model_serves_float32_scores(tmp_path):
+    """Trained with mixed_precision, the SavedModel still ranks by float32 scores: no bfloat16 ties."""
+    import keras
+
+    from sasrec.config import SASRecConfig
+    from sasrec.export import export_model
+    from sasrec.model import build_model
+    from sasrec.recommender import Recommender
+
+    vocab = np.array(["", "<oov>", *item_names(3000)], dtype=object)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = build_model(SASRecConfig(maxlen=12, hidden_units=32), len(vocab))
+        base = export_model(model, tmp_path / "models", item_ids=vocab, train_counts=np.arange(len(vocab)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    rec = Recommender.load(base)
+    for history in (list(vocab[2:8]), list(vocab[100:112])):
+        got = rec.recommend(history, k=20)
+        expected, scores = reference_topk(model, vocab, history, 20)
+        assert len({score for _, score in got}) == 20
+        np.testing.assert_allclose([score for _, score in got], scores, rtol=1e-4, atol=1e-4)

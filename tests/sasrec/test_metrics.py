@@ -27,3 +27,11 @@ def test_rank_counts_higher_scores_and_half_the_ties():
 def test_empty_input_is_an_error():
     with pytest.raises(ValueError):
         metrics_from_ranks(np.array([]))
+
+
+def test_a_non_finite_target_ranks_last_and_nan_candidates_rank_above():
+    scores = np.array([[np.nan, 0.5, 0.1], [0.9, np.nan, 0.1], [0.9, 0.5, np.inf], [0.2, 0.5, np.nan]])
+    targets = np.array([np.nan, 0.1, np.inf, 0.5])
+    # NaN or infinite targets rank last (2 of 0..2); a NaN candidate counts as higher than the target.
+    assert rank_of_target(scores, targets).tolist() == [2.0, 2.0, 2.0, 1.0]
+    assert metrics_from_ranks(rank_of_target(np.full((3, 50), np.nan), np.full(3, np.nan)), ks=(10,))["ndcg@10"] == 0.0

@@ -106,34 +106,35 @@ def test_stop_at_ndcg_ends_training_once_validation_reaches_it(tiny_dataset, tmp
 def test_a_run_saved_before_a_config_field_existed_still_resumes(tiny_dataset, tmp_path):
     from pipelines.errors import InputError
     from sasrec.config import SASRecConfig
-    from sasrec.train import prepare_run_dir
+    from sasrec.run import RunFolder
 
     run, config, info = tmp_path / "run", SASRecConfig(maxlen=16), {"backend": "tensorflow", "loss": "ce"}
-    prepare_run_dir(run, tiny_dataset, config, info)
+    prepare_run_dir = RunFolder(run).create_or_check
+    prepare_run_dir(tiny_dataset, config, info)
     saved = (run / "config.toml").read_text()
     # As written by a version without `stop_at_ndcg`: the field is at its default, nothing differs.
     (run / "config.toml").write_text("\n".join(l for l in saved.splitlines() if not l.startswith("stop_at_ndcg")))
-    prepare_run_dir(run, tiny_dataset, config, info)
+    prepare_run_dir(tiny_dataset, config, info)
     with pytest.raises(InputError, match="different config"):
-        prepare_run_dir(run, tiny_dataset, SASRecConfig(maxlen=16, stop_at_ndcg=0.2), info)
+        prepare_run_dir(tiny_dataset, SASRecConfig(maxlen=16, stop_at_ndcg=0.2), info)
     with pytest.raises(InputError, match="different config"):
-        prepare_run_dir(run, tiny_dataset, config, {**info, "loss": "bce"})
+        prepare_run_dir(tiny_dataset, config, {**info, "loss": "bce"})
 
 
 def test_val_protocol_sampled_100_validates_against_sampled_negatives(tiny_dataset, tmp_path):
     from pipelines.dataset import read_dataset
     from sasrec.evaluate import Protocol, evaluate_scores
-    from sasrec.export import load_run_model
-    from sasrec.train import model_scorer
+    from sasrec.evaluate import model_scorer
+    from sasrec.run import RunFolder
 
     run = tmp_path / "run"
     code = main(["train", "--data", str(tiny_dataset), "--out", str(run), "--epochs", "2", "--set", "maxlen=32",
                  "--set", "loss=ce", "--set", "val_protocol=sampled-100", *FAST[:2], "--set", "eval_every=1", "--quiet"])
     assert code == 0
     training = json.loads((run / "metrics.json").read_text())["training"]
-    score, ds = model_scorer(load_run_model(run)), read_dataset(tiny_dataset)
+    score, ds = model_scorer(RunFolder(run).load_best()), read_dataset(tiny_dataset)
     validation = {
-        name: evaluate_scores(score, ds, Protocol(split="valid", protocol=name, seed=42), 32, with_popularity=False)
+        name: evaluate_scores(score, ds, Protocol(split="valid", protocol=name), 32, with_popularity=False)
         for name in ("full", "sampled-100")
     }
     assert training["best"] == pytest.approx(validation["sampled-100"]["metrics"]["ndcg@10"], abs=1e-6)
@@ -146,3 +147,88 @@ def test_unknown_val_protocol_is_a_config_error():
 
     with pytest.raises(InputError, match="val_protocol"):
         SASRecConfig(val_protocol="sampled-50")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dataset, tmp_path_factory):
+    """Two epochs of the default training seed (42) on the tiny synthetic data."""
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    assert main(["train", "--data", str(tiny_dataset), "--out", str(run), "--epochs", "2", "--set", "maxlen=16",
+                 "--set", "loss=ce", *FAST]) == 0
+    return run
+
+
+def test_evaluation_uses_its_own_seed_not_the_training_seed(tiny_run):
+    from sasrec.evaluate import evaluate_run
+    from sasrec.run import RunFolder
+
+    config = RunFolder(tiny_run).config()
+    assert config.seed == 42 and config.eval_seed == 0
+    result = evaluate_run(tiny_run, protocols=("sampled-100",), write=False)["results"][0]
+    assert result["protocol"]["seed"] == config.eval_seed
+
+
+def test_evaluate_refuses_a_dataset_the_run_was_not_trained_on(tiny_run, tiny_dataset, tmp_path, capsys):
+    from tests.conftest import make_synthetic_dataset
+
+    other = make_synthetic_dataset(tmp_path, users=100, items=60, chains=6, min_length=15, max_length=30, seed=5)
+    assert main(["evaluate", "--run", str(tiny_run), "--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(other) in err and str(tiny_run) in err and "not the one" in err
+    # The run's own dataset is accepted; results of other splits and protocols stay in metrics.json.
+    assert main(["evaluate", "--run", str(tiny_run), "--data", str(tiny_dataset), "--split", "valid"]) == 0
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    kept = {(r["protocol"]["split"], r["protocol"]["protocol"]) for r in metrics["results"]}
+    assert kept == {("test", "full"), ("test", "sampled-100"), ("valid", "full")}
+    assert metrics["training"]["epoch"] == 2
+    out = capsys.readouterr().out
+    assert "repeats missed" in out and "targets that repeat an item of the history" in out
+
+
+def test_a_diverging_run_stops_with_a_one_line_error_and_keeps_no_nan_model(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(tiny_dataset), "--out", str(run), "--epochs", "3", "--set", "maxlen=16",
+                 "--set", "loss=ce", "--set", "learning_rate=1e30", *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "training diverged in epoch 1" in err and "learning_rate" in err
+    assert not (run / "best.keras").exists() and not list((run / "checkpoints").glob("epoch-*"))
+
+
+def test_a_model_with_nan_weights_is_never_kept_as_best(tiny_dataset, tmp_path):
+    import numpy as np
+
+    from pipelines.dataset import read_dataset
+    from sasrec.config import SASRecConfig
+    from sasrec.model import build_model
+    from sasrec.run import RunFolder
+    from sasrec.train import RunState, TrainingDiverged
+
+    ds, config = read_dataset(tiny_dataset), SASRecConfig(maxlen=16, hidden_units=16)
+    model = build_model(config, ds.vocab_size)
+    for weight in model.weights:
+        weight.assign(np.full(weight.shape, np.nan, "float32"))
+    run = RunFolder(tmp_path / "run")
+    run.create_or_check(tiny_dataset, config, {})
+    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "train_seconds": 0.0, "stopped_early": False,
+             "curve": []}
+    callback = RunState(run, ds, config, feed=None, state=state)
+    callback.set_model(model)
+    with pytest.raises(TrainingDiverged, match="NaN or infinite scores"):
+        callback.on_epoch_end(0, {"loss": 1.0})  # a finite loss cannot hide non-finite scores
+    assert not (run.path / "best.keras").exists() and run.latest_checkpoint() is None
+
+
+def test_a_dataset_without_validation_users_is_refused_before_training(tmp_path, capsys):
+    from pipelines.prepare import prepare_file
+    from pipelines.synthetic import generate, write_log
+
+    log = write_log(generate(users=100, items=30, chains=3, min_length=10, max_length=20, seed=1), tmp_path / "log.csv")
+    # The validation cut equals the test cut: the validation window is empty.
+    prepare_file("csv", log, tmp_path / "ds", reader_options=dict(user_col="user_id", item_col="item_id",
+                 time_col="timestamp"), kcore="none", split="temporal", cutoff_quantile=0.9, valid_quantile=0.9)
+    assert main(["train", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no user has a valid item" in err and "--valid-quantile" in err
+    assert not (tmp_path / "run").exists()

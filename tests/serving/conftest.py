@@ -37,9 +37,9 @@ def recommender(model_base):
 
 @pytest.fixture(scope="session")
 def keras_model(run_dir):
-    from sasrec.export import load_run_model
+    from sasrec.run import RunFolder
 
-    return load_run_model(run_dir)
+    return RunFolder(run_dir).load_best()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from sasrec.export import list_versions
+from sasrec.model_base import list_versions
 from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
 from tests.serving.conftest import start_server
 from tests.serving.helpers import item_names
