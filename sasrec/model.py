@@ -57,7 +57,9 @@ class SASRec(keras.Model):
             CausalSelfAttentionBlock(hidden_units, num_heads, dropout, norm, init_std=init_std, name=f"block_{i}")
             for i in range(num_blocks)
         ]
-        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-8, name="final_norm")
+        # float32 even under mixed precision: the hidden state that every item score is a dot product
+        # with keeps full precision, so near-equal scores do not collapse into bfloat16 ties.
+        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-8, dtype="float32", name="final_norm")
         # Set by training code (see sasrec.losses); not part of the saved model.
         self.training_loss = None
 
@@ -90,9 +92,10 @@ class SASRec(keras.Model):
         return self.final_norm(x)
 
     def item_logits(self, hidden):
-        """Scores of every item for hidden states ``(..., d)``: ``(..., vocab_size)`` in float32."""
-        table = ops.cast(self.item_embedding.embeddings, hidden.dtype)
-        return ops.cast(ops.matmul(hidden, ops.transpose(table)), "float32")
+        """Scores of every item for hidden states ``(..., d)``: ``(..., vocab_size)``, computed in float32
+        whatever the compute precision (evaluation, export and serving all score through here)."""
+        table = ops.cast(self.item_embedding.embeddings, "float32")
+        return ops.matmul(ops.cast(hidden, "float32"), ops.transpose(table))
 
     def score_last(self, ids):
         """Next-item scores after the last position only: ``(B, vocab_size)`` float32.

@@ -106,3 +106,22 @@ def test_block_config_round_trip():
     block = CausalSelfAttentionBlock(16, num_heads=4, dropout=0.3, norm="post", init_std=0.02, name="b")
     clone = CausalSelfAttentionBlock.from_config(block.get_config())
     assert clone.get_config() == block.get_config()
+
+
+def test_item_scores_are_float32_under_mixed_precision():
+    """bfloat16 keeps 8 bits of mantissa: near-equal scores of a large catalog would collapse into ties."""
+    vocab = 3000
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = build_model(SASRecConfig(maxlen=12, hidden_units=32), vocab)
+        ids = np.random.default_rng(0).integers(2, vocab, size=(4, 12)).astype("int32")
+        scores = np.asarray(model.score_last(ids))
+        hidden = np.asarray(model(ids, last_only=True)[:, -1, :])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert scores.dtype == np.float32 and hidden.dtype == np.float32
+    table = np.asarray(model.item_embedding.embeddings, np.float32)
+    np.testing.assert_allclose(scores[:, 2:], (hidden @ table.T)[:, 2:], rtol=1e-4, atol=1e-4)
+    top20 = np.sort(scores[:, 2:], axis=1)[:, -20:]
+    assert all(len(np.unique(row)) == 20 for row in top20)
