@@ -129,6 +129,11 @@ def test_integer_item_ids_are_matched_as_strings(tmp_path):
     pd.testing.assert_frame_equal(a, b)
     pd.testing.assert_frame_equal(a, c)
     assert not a["cold_start"].any() and a["unknown_count"].eq(0).all()
+    # Exclusion ids follow the same rule as history ids: 7, 7.0 and "7" are the same item.
+    best = a.loc[a["user_id"] == 1, "item_id"].iloc[0]
+    for excluded in ([int(best)], [float(best)], [best]):
+        out = rec.score_frame(ints, k=3, exclude_item_ids=excluded)
+        assert best not in out["item_id"].tolist(), excluded
 
 
 @pytest.mark.parametrize(
