@@ -11,7 +11,8 @@ how many batches in flight pay off depends on the cores and TensorFlow's thread 
 Requests in one batch are grouped by ``exclude_seen`` (a scalar of the signature) and called with
 the largest ``k`` of the group; each request gets its own first ``k`` columns. Requests whose
 deadline passed or whose caller went away are dropped before the model call. The model used for a
-batch is read once per batch, so a hot swap never mixes versions inside a batch.
+batch is read once per batch, so a hot swap never mixes versions inside a batch; a request whose
+``k`` that model cannot return fails alone with :class:`KOutOfRange`, the rest of the batch is answered.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class DeadlineExceeded(Exception):
 
 class ShuttingDown(Exception):
     pass
+
+
+class KOutOfRange(Exception):
+    """The request's ``k`` exceeds what the model running its batch can return (a hot swap to a model
+    with fewer items since the servicer checked it)."""
 
 
 @dataclass
@@ -157,6 +163,15 @@ class MicroBatcher:
         if not live:
             return
         model = self._get_model()
+        fits = []
+        for item in live:
+            if item.k > model.max_k:
+                item.future.set_exception(KOutOfRange(f"k must be in 1..{model.max_k}, got {item.k}"))
+            else:
+                fits.append(item)
+        live = fits
+        if not live:
+            return
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(live))
         for exclude_seen in (True, False):

@@ -18,7 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import grpc
 
 from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
-from serving.batcher import DeadlineExceeded, ShuttingDown
+from serving.batcher import DeadlineExceeded, KOutOfRange, ShuttingDown
 
 log = logging.getLogger("serving.servicer")
 DEFAULT_K = 10
@@ -87,6 +87,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 raise RequestError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
             except ShuttingDown:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            except KOutOfRange as exc:  # a model with fewer items was swapped in since validate()
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             response = recommender_pb2.RecommendResponse(
                 items=[recommender_pb2.ScoredItem(item_id=i, score=s) for i, s in zip(result.item_ids, result.scores)],
                 model_name=self._name,

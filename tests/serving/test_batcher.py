@@ -6,12 +6,13 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import DeadlineExceeded, MicroBatcher
+from serving.batcher import DeadlineExceeded, KOutOfRange, MicroBatcher
 from sasrec.recommender import BatchResult
 
 
 class FakeModel:
     version = 7
+    max_k = 100
 
     def __init__(self, delay=0.0):
         self.calls = []
@@ -108,3 +109,56 @@ def test_model_workers_run_batches_side_by_side():
     assert all(f.result(5).item_ids for f in futures)
     batcher.close(5)
     assert model.peak == 2
+
+
+class SmallerCatalog(FakeModel):
+    version = 8
+    max_k = 5
+
+
+def test_a_k_the_batch_model_cannot_return_fails_alone():
+    """A hot swap to a model with fewer items between validation and the batch: only that request fails."""
+    batcher = MicroBatcher(SmallerCatalog, max_batch_size=8, max_wait_s=0.05)
+    fits, too_large = batcher.submit(["a"], 3, True, []), batcher.submit(["b"], 9, True, [])
+    assert fits.result(5).item_ids == ["a-0", "a-1"] and fits.result().version == 8
+    with pytest.raises(KOutOfRange, match=r"k must be in 1\.\.5, got 9"):
+        too_large.result(5)
+    batcher.close(5)
+
+
+def test_servicer_answers_invalid_argument_naming_k_after_a_swap_to_a_smaller_catalog():
+    import grpc
+
+    from sasrec.v1 import recommender_pb2
+    from serving.observability import Metrics
+    from serving.servicer import RecommenderServicer
+
+    class Store:  # validation sees the big model; the batch runs on the smaller one swapped in meanwhile
+        def get(self):
+            return FakeModel()
+
+    class Context:
+        code = grpc.StatusCode.OK
+        details = ""
+
+        def time_remaining(self):
+            return 5.0
+
+        def add_callback(self, callback):
+            pass
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    batcher = MicroBatcher(SmallerCatalog, max_batch_size=8, max_wait_s=0)
+    servicer = RecommenderServicer(Store(), batcher, model_name="m", metrics=Metrics())
+    ok, bad = Context(), Context()
+    assert [i.item_id for i in servicer.Recommend(recommender_pb2.RecommendRequest(history=["a"], k=3), ok).items] \
+        == ["a-0", "a-1"]
+    servicer.Recommend(recommender_pb2.RecommendRequest(history=["b"], k=9), bad)
+    assert ok.code == grpc.StatusCode.OK
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and "k must be in 1..5, got 9" in bad.details
+    batcher.close(5)
