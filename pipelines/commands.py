@@ -11,7 +11,7 @@ import argparse
 from pipelines.clean import KCORE_MODES
 from pipelines.errors import InputError
 from pipelines.readers import BAD_LINE_POLICIES, FORMATS
-from pipelines.split import SPLIT_PROTOCOLS
+from pipelines.split import DEFAULT_VALIDATION, SPLIT_PROTOCOLS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -132,8 +132,8 @@ def _register_prepare(subparsers) -> None:
         "split",
         "leave-one-out: last event test, second-to-last validation, users with < 3 events train only. "
         "temporal: one global cut for test (--cutoff-time or --cutoff-quantile of all event times: events at "
-        "or after it are test) and one for validation (--valid-time or --valid-quantile; without either, no "
-        "validation events). Users keep all their events, even with no training history.",
+        "or after it are test) and one for validation (--valid-time or --valid-quantile; without either, the validation window holds "
+        f"{DEFAULT_VALIDATION}). Users keep all their events, even with no training history.",
     )
     split.add_argument("--split", choices=SPLIT_PROTOCOLS, default="leave-one-out", help="split protocol")
     split.add_argument("--cutoff-time", type=int, help="temporal: test cut (timestamp)")

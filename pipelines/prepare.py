@@ -17,7 +17,7 @@ from pipelines.clean import KCORE_MODES, consecutive_duplicate_mask, kcore_mask,
 from pipelines.dataset import SequenceDataset, write_dataset
 from pipelines.errors import InputError
 from pipelines.readers import read_interactions
-from pipelines.split import SPLIT_PROTOCOLS, leave_one_out_split, temporal_cutoffs, temporal_split
+from pipelines.split import DEFAULT_VALIDATION, SPLIT_PROTOCOLS, leave_one_out_split, temporal_cutoffs, temporal_split
 from pipelines.vocab import item_vocabulary, rank_codes
 
 STEPS = ("filter", "sort", "k-core", "vocabulary", "split")
@@ -111,6 +111,8 @@ def prepare(
             cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile, valid_time=valid_time, valid_quantile=valid_quantile,
             valid_cut=valid_cut, test_cut=test_cut,
         )
+        if valid_time is None and valid_quantile is None:
+            split_info["valid_window"] = DEFAULT_VALIDATION
     position = np.arange(len(items)) - np.repeat(offsets[:-1], np.diff(offsets))
     in_train = position < np.repeat(train_end, np.diff(offsets))
     item_counts = np.bincount(items, minlength=len(item_ids)).astype(np.int64)

@@ -11,6 +11,7 @@ import numpy as np
 from pipelines.errors import InputError
 
 SPLIT_PROTOCOLS = ("leave-one-out", "temporal")
+DEFAULT_VALIDATION = "as many events as the test window, just before it"
 
 
 def leave_one_out_split(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -33,8 +34,9 @@ def temporal_cutoffs(
     """Resolve ``(valid_cut, test_cut)`` from times or quantiles of all event timestamps.
 
     Exactly one of ``cutoff_time``/``cutoff_quantile`` sets the test cut. The validation cut comes
-    from ``valid_time``/``valid_quantile``; without either it equals the test cut (no validation events).
-    Quantiles use the "lower" method, so the cut is an actual event time.
+    from ``valid_time``/``valid_quantile``; without either, the validation window holds as many events
+    as the test window, just before it (:data:`DEFAULT_VALIDATION`). Quantiles use the "lower" method,
+    so the cut is an actual event time.
     """
     if (cutoff_time is None) == (cutoff_quantile is None):
         raise InputError("temporal split needs exactly one of --cutoff-time or --cutoff-quantile")
@@ -49,7 +51,16 @@ def temporal_cutoffs(
         return int(time) if time is not None else int(np.quantile(ts, quantile, method="lower"))
 
     test_cut = cut(cutoff_time, cutoff_quantile)
-    valid_cut = test_cut if valid_time is None and valid_quantile is None else cut(valid_time, valid_quantile)
+    if valid_time is None and valid_quantile is None:
+        ordered = np.sort(ts)
+        before_test = int(np.searchsorted(ordered, test_cut, side="left"))
+        first_valid = before_test - (len(ordered) - before_test)
+        if first_valid <= 0:
+            raise InputError(f"the test window (events at or after {test_cut}) holds half of the events or more, "
+                             "leaving no room for a validation window of the same size before it; give "
+                             "--valid-time or --valid-quantile")
+        return int(ordered[first_valid]), test_cut
+    valid_cut = cut(valid_time, valid_quantile)
     if valid_cut > test_cut:
         raise InputError(f"validation cut {valid_cut} is after the test cut {test_cut}")
     return valid_cut, test_cut

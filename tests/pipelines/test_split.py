@@ -35,10 +35,20 @@ def test_temporal_split_invariants(per_user, a, b):
 
 def test_temporal_cutoffs():
     times = np.arange(100)
-    assert temporal_cutoffs(times, cutoff_quantile=0.9) == (89, 89)
+    assert temporal_cutoffs(times, cutoff_quantile=0.9) == (78, 89)  # default: a validation window as big as the test one
     assert temporal_cutoffs(times, cutoff_quantile=0.9, valid_quantile=0.8) == (79, 89)
     assert temporal_cutoffs(times, cutoff_time=50, valid_time=40) == (40, 50)
     with pytest.raises(InputError, match="exactly one"):
         temporal_cutoffs(times)
     with pytest.raises(InputError, match="after the test cut"):
         temporal_cutoffs(times, cutoff_time=10, valid_time=20)
+
+
+def test_temporal_default_validation_window_holds_as_many_events_as_the_test_window():
+    times = np.repeat(np.arange(100), 3)  # ties: 3 events per time
+    valid_cut, test_cut = temporal_cutoffs(times, cutoff_quantile=0.9)
+    assert test_cut == 89
+    n_test = (times >= test_cut).sum()
+    assert ((times >= valid_cut) & (times < test_cut)).sum() == n_test and valid_cut == 78
+    with pytest.raises(InputError, match="half of the events"):
+        temporal_cutoffs(times, cutoff_quantile=0.4)
