@@ -86,9 +86,24 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def run_command(argv: list[str] | None = None) -> str:
+    """The command as anyone runs it from the repository root: ``python -m benchmarks.NAME ARGS``, with
+    paths inside the repository written relative to it (no machine's absolute paths)."""
+    argv = list(sys.argv if argv is None else argv)
+    root = REPORT.parent
+    script = Path(argv[0]).resolve()
+    head = (f"python -m {'.'.join(script.relative_to(root).with_suffix('').parts)}"
+            if script.is_relative_to(root) and script.suffix == ".py" else f"python {argv[0]}")
+
+    def relative(arg: str) -> str:
+        return arg.replace(f"{root}/", "").replace(str(root), ".")
+
+    return " ".join([head, *(shlex.quote(relative(a)) for a in argv[1:])])
+
+
 def write_section(name: str, title: str, rows: list[dict], notes: str = "", command: str | None = None) -> str:
     """Replace section ``name`` of BENCHMARKS.md with ``rows``; returns the section text."""
-    command = command or "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command or run_command()
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     body = (
         f"<!-- section:{name} -->\n## {title}\n\n"

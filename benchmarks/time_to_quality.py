@@ -4,7 +4,8 @@
 
 Each case trains from scratch with `sasrec train` in a fresh process (imports, compilation, every
 validation and the final test evaluation all count) and stops as soon as validation NDCG@10 reaches
-the case's ``stop_at_ndcg`` (or at its epoch budget). The row reports the whole process's wall time
+the target value on the target's protocol (or at its epoch budget, or by patience): the stop
+threshold is the target itself, chosen before any run and from validation only, never from test results. The row reports the whole process's wall time
 and the test metric the target is stated on:
 
 - ``ce``: `configs/dense.toml`, target full-ranking NDCG@10 >= 0.18 within 60 s on one GPU;
@@ -39,17 +40,20 @@ class Case:
     config: str
     protocol: str  # the test protocol the target is stated on
     target: float  # NDCG@10 on that protocol
-    overrides: tuple[str, ...]  # speed settings: validation drives the stop, no TensorBoard
+    speed: tuple[str, ...]  # how often to validate and how long to wait for an improvement
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The stop rule, fixed before any run: validation NDCG@10, on the protocol the target is stated
+        on, reaches the target value itself. Only validation data decides when to stop; a run may stop
+        there and still miss the target on test, and the table shows it."""
+        return (f"val_protocol={self.protocol}", f"stop_at_ndcg={self.target}", *self.speed)
 
 
 CASES = {
-    "ce": Case("configs/dense.toml", "full", 0.18, ("stop_at_ndcg=0.19", "eval_every=1", "patience=5")),
-    # Validated on sampled-100, the target's protocol. Validation runs ahead of test (2026-11-29,
-    # CPU): validation 0.6003 at epoch 64 -> test 0.5788; best validation 0.6096 at epoch 102 -> test
-    # 0.5870, hence the stop at 0.613. Sampled validation is noisy (+-0.003 between evaluations) and
-    # still climbs slowly after epoch 100: patience 25 evaluations = the paper config's 50 epochs.
-    "bce": Case("configs/ml-1m-paper.toml", "sampled-100", 0.59,
-                ("val_protocol=sampled-100", "stop_at_ndcg=0.613", "eval_every=2", "patience=25")),
+    "ce": Case("configs/dense.toml", "full", 0.18, ("eval_every=1", "patience=5")),
+    # Sampled validation is noisier than full ranking: patience 25 evaluations = the paper config's 50 epochs.
+    "bce": Case("configs/ml-1m-paper.toml", "sampled-100", 0.59, ("eval_every=2", "patience=25")),
 }
 
 
@@ -112,6 +116,7 @@ def main(argv=None) -> int:
     notes = (
         "Wall time of one `sasrec train` process from start to the test metrics written (imports, data "
         "loading, compilation, validations, final evaluation), trained from scratch; leave-one-out, all 6,040 users. "
+        "Stop rule (validation only): validation NDCG@10 on the target's protocol reaches the target value. "
         "Targets (issue 6): on one H100/H200, full NDCG@10 >= 0.18 with ce and sampled-100 NDCG@10 >= 0.59 with bce, "
         "each within 60 s." + (" Quick mode: synthetic data, 2 epochs, no target." if args.quick else "")
     )
