@@ -11,7 +11,6 @@ the published figures and the targets, go to the "quality" section of BENCHMARKS
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from dataclasses import dataclass

@@ -21,7 +21,6 @@ on a GPU).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from benchmarks.quality import CASES as QUALITY_CASES
 from benchmarks.quality import sasrec, synthetic_source
 from benchmarks.report import SHARED_DATA, accelerator, write_section
+from sasrec.run import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def run_case(name: str, case: Case, data: Path, run: Path, backend: str, extra: 
     sasrec("train", "--data", str(data), "--out", str(run), "--config", case.config, "--backend", backend,
            "--quiet", *sets)
     wall = time.perf_counter() - started
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = RunFolder(run).read_metrics()
     result = next(r for r in metrics["results"] if r["protocol"]["protocol"] == case.protocol)
     ndcg, training = result["metrics"]["ndcg@10"], metrics["training"]
     return {

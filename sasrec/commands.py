@@ -56,9 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--model-base", required=True, help="model base folder, e.g. models/ml-1m")
     p.add_argument("--version", type=int, help="version number (default: newest + 1)")
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=False,
-                   help="XLA-compile the scoring part (default off: on 2 CPU cores it served no faster than the "
-                   "plain graph, and it compiles one program per batch size and sequence width, ~20 s of warm-up "
-                   "for an ML-1M-sized model; serve XLA exports with --inter-op-threads 2)")
+                   help="XLA-compile the scoring part (default off: it compiles one program per batch size and "
+                   "sequence width when a server warms the version, and on a small CPU machine it served no faster; "
+                   "BENCHMARKS.md, section serving; serve XLA exports with --inter-op-threads 2)")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(

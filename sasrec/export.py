@@ -45,7 +45,7 @@ import numpy as np
 from pipelines.atomic import atomic_directory
 from pipelines.dataset import FIRST_ITEM_ID, OOV_ID, PADDING_ID
 from pipelines.errors import InputError
-from sasrec.model_base import CARD_FORMAT, MODEL_CARD, SIGNATURE, new_version_folder, sequence_widths
+from sasrec.model_base import CARD_FORMAT, MODEL_CARD, SIGNATURE, card_path, new_version_folder, sequence_widths
 
 POPULARITY_IN_CARD = 1000  # the card lists at most this many items of the popularity ranking
 
@@ -232,10 +232,10 @@ def export_model(
     )
     with atomic_directory(target, overwrite=False) as tmp:
         card_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.card-", dir=Path(tmp).parent))
-        card_path = card_dir / MODEL_CARD
+        card_file = card_dir / MODEL_CARD
         try:
-            card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-            module.model_card = tf.saved_model.Asset(str(card_path))
+            card_file.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+            module.model_card = tf.saved_model.Asset(str(card_file))
             tf.saved_model.save(
                 module,
                 str(tmp),
@@ -245,9 +245,8 @@ def export_model(
         finally:
             shutil.rmtree(card_dir, ignore_errors=True)
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a server may run as another user
-        # The asset keeps its file name; make sure the card sits at assets/model_card.json.
-        assets = Path(tmp) / "assets"
-        if not (assets / MODEL_CARD).is_file():
+        # The asset keeps its file name; make sure the card sits where the model base's readers look.
+        if not card_path(tmp).is_file():
             raise RuntimeError("model card missing from the SavedModel assets")
     return target
 

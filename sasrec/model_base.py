@@ -71,6 +71,19 @@ def resolve_version(path: str | os.PathLike) -> tuple[Path, int | None]:
     return path / str(versions[-1]), versions[-1]
 
 
+def version_fingerprint(folder: str | os.PathLike) -> tuple:
+    """Changes when a version folder's content is (re)written, so a fixed broken version is retried."""
+    folder = Path(folder)
+    stamps = []
+    for sub in (folder, folder / "saved_model.pb", folder / "variables", folder / "assets"):
+        try:
+            st = sub.stat()
+            stamps.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
 def card_path(version_dir: str | os.PathLike) -> Path:
     return Path(version_dir) / "assets" / MODEL_CARD
 

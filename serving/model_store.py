@@ -22,21 +22,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sasrec.model_base import list_versions
+from sasrec.model_base import list_versions, version_fingerprint
 
 log = logging.getLogger("serving.model_store")
-
-
-def _fingerprint(folder: Path) -> tuple:
-    """Changes when the folder's content is (re)written, so a fixed broken version is retried."""
-    stamps = []
-    for sub in (folder, folder / "saved_model.pb", folder / "variables", folder / "assets"):
-        try:
-            st = sub.stat()
-            stamps.append((st.st_mtime_ns, st.st_size))
-        except OSError:
-            stamps.append(None)
-    return tuple(stamps)
 
 
 class ModelStore:
@@ -113,7 +101,7 @@ class ModelStore:
                 if version <= current:
                     break
                 folder = self.base / str(version)
-                fingerprint = _fingerprint(folder)
+                fingerprint = version_fingerprint(folder)
                 if self._failed.get(version) == fingerprint:
                     continue
                 if not self._inside_base(folder):

@@ -165,7 +165,8 @@ def test_loads_without_project_code(model_base):
 
 
 def test_versions_are_new_folders_and_atomic(run_dir, tmp_path, recommender):
-    from sasrec.export import export_run, list_versions
+    from sasrec.export import export_run
+    from sasrec.model_base import list_versions
     from sasrec.recommender import Recommender
 
     base = tmp_path / "m"
