@@ -186,8 +186,9 @@ def evaluate_scores(
     }
     if with_popularity:
         pop_ranks, _ = rank_targets(popularity_scores(ds), ds, evalset, protocol, maxlen, batch_size)
-        result.update({f"popularity_{k}" if k != "metrics" else "popularity": v
-                       for k, v in _metrics(pop_ranks, evalset.repeats, protocol.ks).items()})
+        popularity = _metrics(pop_ranks, evalset.repeats, protocol.ks)
+        result["popularity"] = popularity["metrics"]
+        result["popularity_deliverable_metrics"] = popularity["deliverable_metrics"]
     return result
 
 

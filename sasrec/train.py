@@ -88,8 +88,9 @@ class RunState(keras.callbacks.Callback):
         return self._scorer(ids)
 
     def _diverged(self, epoch: int, what: str) -> TrainingDiverged:
-        kept = (f"{self.run.path} keeps best.keras (epoch {self.state['best_epoch']}) and the checkpoint of epoch "
-                f"{self.state['epoch']}" if self.state["epoch"] else f"no epoch finished, {self.run.path} holds no model")
+        saved = [f"best.keras (epoch {self.state['best_epoch']})"] if self.state["best_epoch"] else []
+        saved += [f"the checkpoint of epoch {self.state['epoch']}"] if self.state["epoch"] else []
+        kept = f"{self.run.path} keeps " + " and ".join(saved) if saved else f"{self.run.path} holds no model yet"
         return TrainingDiverged(f"training diverged in epoch {epoch + 1}: {what}; {kept}. Start a new run with a "
                                 "lower learning_rate, warmup_steps or without mixed_precision")
 
