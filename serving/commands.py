@@ -42,7 +42,8 @@ def register(subparsers) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from serving.server import config_from_args, serve
+    from serving.processes import serve
+    from serving.server import config_from_args
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(config_from_args(args))

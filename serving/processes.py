@@ -1,7 +1,11 @@
-"""``sasrec serve --processes N``: N server processes share one port, one GIL each.
+"""``sasrec serve``: one server in this process, or ``--processes N`` sharing one port, one GIL each.
 
-One Python process serves at most what one GIL lets its gRPC threads do (with a model that answers
-at once, about 2,200 requests per second on the 2-core machine). With ``--processes N`` a
+:func:`serve` is what ``sasrec serve`` runs: :func:`serving.server.run_server` for one process, else
+the supervisor below, which starts the servers (this module imports :mod:`serving.server`, never the
+other way round).
+
+One Python process serves at most what one GIL lets its gRPC threads do, even with a model that
+answers at once (instant-model rows in BENCHMARKS.md, section serving). With ``--processes N`` a
 supervisor (which never imports TensorFlow) starts N copies of the server with ``SO_REUSEPORT`` on
 the same address; the kernel spreads incoming *connections* over them, so a client needs several
 channels (or many clients one each) to reach every process. Each process loads, warms and
@@ -29,6 +33,8 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, replace
+
+from serving.server import ServerConfig, run_server, stop_on_signals
 
 log = logging.getLogger("serving.processes")
 
@@ -65,7 +71,6 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _child_main(config, log_level: int, parent_pid: int, listening) -> None:
     from pipelines.errors import InputError
-    from serving.server import run_server
 
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
@@ -170,7 +175,14 @@ def _serve_metrics(config, path: str):
     return serve_metrics_http(registry, config.metrics_port, config.host)
 
 
-def serve_processes(config) -> int:
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT (one server here, or a supervised pool); returns the exit code."""
+    if config.processes > 1:
+        return serve_processes(config)
+    return run_server(config)
+
+
+def serve_processes(config: ServerConfig) -> int:
     """Run ``config.processes`` servers on one port until SIGTERM/SIGINT; returns the exit code."""
     port = check_port(config.host, config.port)
     metrics_dir = httpd = None
@@ -179,8 +191,6 @@ def serve_processes(config) -> int:
         # the children start); the supervisor's endpoint adds them up.
         metrics_dir = tempfile.mkdtemp(prefix="sasrec-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    from serving.server import stop_on_signals
-
     pool = ProcessPool(replace(config, port=port, metrics_port=None))
     stop = stop_on_signals(f"{config.processes} server processes ", config.grace_period_s)
     on_exit = None

@@ -2,26 +2,31 @@
 
     sasrec serve --model-base models/ml-1m --port 8500 --metrics-port 9090
 
-Pieces: a thread-pool ``grpc.server`` (a ``grpc.aio`` version, tried on 2026-11-29, served 10-25%
-more requests at 32-64 clients on 2 cores but, under 3x overload, answered RESOURCE_EXHAUSTED only
-after ~2 s instead of tens of milliseconds, since its event loop was saturated) with the Recommender
-servicer, the standard health service (NOT_SERVING until a model is loaded and warmed) and
-reflection; a :class:`~serving.model_store.ModelStore` watching the model base; a
+Pieces: a thread-pool ``grpc.server`` (not ``grpc.aio``, whose saturated event loop answered overload
+late: see BENCHMARKS.md, section serving) with the Recommender servicer, the standard health service
+(NOT_SERVING until a model is loaded and warmed) and reflection; a
+:class:`~serving.model_store.ModelStore` watching the model base; a
 :class:`~serving.batcher.MicroBatcher`; Prometheus metrics on ``--metrics-port``; optional TLS and
 bearer-token auth (:mod:`serving.security`). Two batches are in flight, their graphs run on one
 TensorFlow thread, and the process's threads run under SCHED_BATCH (``--model-workers``,
 ``--intra-op-threads``, ``--inter-op-threads``, ``--cpu-scheduling``): on a small machine this
 serves more requests per core. SIGTERM or SIGINT: health goes NOT_SERVING, new calls are refused,
-in-flight calls finish within ``--grace-period-s``, exit 0. ``--processes N`` runs N such servers on
-one port under a supervisor (:mod:`serving.processes`).
+in-flight calls finish within ``--grace-period-s``, exit 0. This module runs one server
+(:func:`run_server`); ``--processes N`` is :mod:`serving.processes`, which starts N of them.
+
+Each :class:`ServerConfig` field is declared once, with :func:`option`: its default, ``--help`` text
+and bounds; :func:`add_arguments` and :func:`config_from_args` derive the flags from the fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import threading
+import types
+import typing
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,127 +34,127 @@ from pathlib import Path
 log = logging.getLogger("serving")
 
 
+def option(default=dataclasses.MISSING, *, help: str, minimum: int | None = None, choices=None,
+           default_text: str | None = None, value=None, also: dict[str, str] | None = None):
+    """A :class:`ServerConfig` field and its ``sasrec serve`` flag (``--`` + the name with ``-``).
+
+    ``help`` is the flag's text; " (default X)" is appended to it (``default_text`` replaces X; a None
+    default without one shows nothing; no default makes the flag required). ``minimum``: smaller values
+    are an error naming the flag (None passes). ``choices``: the values accepted. Hooks for the few
+    special cases: ``value(args)`` computes the field from the parsed flags instead of taking the flag's
+    value as it is; ``also`` maps extra flags (not fields) that ``value`` reads to their help texts."""
+    metadata = {"help": help, "minimum": minimum, "choices": choices, "default_text": default_text,
+                "value": value, "also": also or {}}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _metrics_port(args) -> int | None:
+    return None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
+
+
+def _auth_token(args) -> str | None:
+    from serving.security import read_token
+
+    return read_token(args.auth_token, args.auth_token_file)
+
+
 @dataclass
 class ServerConfig:
-    model_base: str
-    model_name: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8500
-    metrics_port: int | None = 9090  # None: no metrics endpoint
-    max_batch_size: int = 64
-    batch_timeout_ms: float = 0.0  # greedy: requests queued while the model runs form the next batch
-    poll_interval_s: float = 5.0
-    max_message_bytes: int = 1 << 20
-    grace_period_s: float = 10.0
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    auth_token: str | None = None
-    max_k: int | None = None
-    workers: int = 32
-    # Two batches in flight whose graphs run on one TensorFlow thread (intra- and inter-op 1): one
-    # worker gathers, converts and answers while the other's batch computes, the other core stays free
-    # for gRPC's Python threads, and a lone request does not wait for sleeping pool threads to wake.
-    # Measured on 2 cores (alternated): 32 clients 1,143-1,233 req/s vs 1,050-1,088 with one worker
-    # and two inter-op threads, 1,047 with two of each. An XLA export compiles ~0.6 s per batch size
-    # and width on that one thread when a new version warms, stalling every batch meanwhile: serve XLA
-    # exports with inter_op_threads=2 (a warning says so).
-    model_workers: int = 2
-    intra_op_threads: int = 1
-    inter_op_threads: int = 1
-    # "batch": Linux SCHED_BATCH, so a woken handler thread does not preempt the thread that woke it
-    # while that one still holds the GIL (measured on 2 cores: +16-20% req/s for the stack with an
-    # instant model, about +5-10% with the real one, which is near the machine's noise).
-    cpu_scheduling: str = "batch"
-    max_concurrent_rpcs: int = 1024
-    # Server processes sharing the port (SO_REUSEPORT), each with its own GIL: see serving.processes.
-    # Measured on 2 cores over 32 client connections: 2 processes 1,379 vs 1,176 req/s at 64 clients,
-    # 983 vs 778 within p99 25 ms; N times the memory, and a soak at 70% of the higher peak lost its
-    # tail (RELIABILITY.md): one process stays the default.
-    processes: int = 1
+    model_base: str = option(help="model base folder with integer version folders (sasrec export)")
+    model_name: str | None = option(None, help="name reported in responses",
+                                    default_text="the model base folder name")
+    host: str = option("127.0.0.1", help="address to bind; use 0.0.0.0 in containers")
+    port: int = option(8500, help="gRPC port; 0 picks a free one")
+    metrics_port: int | None = option(9090, help="Prometheus /metrics port; -1 disables",
+                                      value=_metrics_port)
+    max_batch_size: int = option(64, help="most requests per model call", minimum=1)
+    # Greedy by default: requests queued while the model runs form the next batch.
+    batch_timeout_ms: float = option(
+        0.0, minimum=0,
+        help="longest wait for a batch to fill after its first request; 0: no wait, requests that arrive "
+        "while the model is busy still batch together")
+    poll_interval_s: float = option(5.0, help="how often to look for new model versions")
+    max_message_bytes: int = option(1 << 20, help="largest accepted request; bigger ones get RESOURCE_EXHAUSTED")
+    grace_period_s: float = option(10.0, help="on SIGTERM, time for in-flight requests to finish")
+    tls_cert: str | None = option(None, help="PEM certificate chain: serve over TLS (with --tls-key)")
+    tls_key: str | None = option(None, help="PEM private key for --tls-cert")
+    auth_token: str | None = option(
+        None, value=_auth_token, also={"--auth-token-file": "file holding the bearer token"},
+        help="require 'authorization: Bearer TOKEN' (health checks stay open); prefer --auth-token-file or "
+        "SASREC_AUTH_TOKEN, arguments are visible in ps")
+    max_k: int | None = option(None, help="largest k accepted", minimum=1, default_text="every item of the model")
+    workers: int = option(32, help="gRPC handler threads", minimum=1)
+    # Two batches in flight on one TensorFlow thread: one worker answers while the other's batch computes,
+    # the other core runs gRPC's Python threads (see BENCHMARKS.md, section serving).
+    model_workers: int = option(2, help="threads that form batches and call the model side by side", minimum=1)
+    intra_op_threads: int = option(
+        1, minimum=0,
+        help="TensorFlow threads inside one op; 1: a batch computes on one core, 0: TensorFlow's default, every core")
+    inter_op_threads: int = option(
+        1, minimum=0,
+        help="TensorFlow threads running ops; use 2 for models exported with --xla, whose warm-up compiles would "
+        "otherwise stall the batches; 0: TensorFlow's default, one per core")
+    # SCHED_BATCH: a woken handler does not preempt the GIL holder that woke it (see BENCHMARKS.md, section serving).
+    cpu_scheduling: str = option(
+        "batch", choices=["batch", "default"],
+        help="Linux scheduling policy of the server's threads: 'batch' is SCHED_BATCH, woken threads wait for "
+        "the running one's time slice instead of preempting it, which keeps the GIL moving; 'default' leaves it")
+    max_concurrent_rpcs: int = option(1024, help="calls beyond this get RESOURCE_EXHAUSTED")
+    # One process by default: more buy peak throughput for N times the memory, not sustained load on 2 cores
+    # (see BENCHMARKS.md, section serving, and RELIABILITY.md, section Load).
+    processes: int = option(
+        1, minimum=1,
+        help="server processes sharing the port, one GIL each; each loads the model, and clients reach them all "
+        "only over several connections, see README")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _flag_type(annotation):
+    """``int`` for ``int`` and ``int | None``; the one non-None type of an optional."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation
 
 
 def add_arguments(parser) -> None:
-    d = ServerConfig(model_base="")
-    a = parser.add_argument
-    a("--model-base", required=True, help="model base folder with integer version folders (sasrec export)")
-    a("--model-name", help="name reported in responses (default: the model base folder name)")
-    a("--host", default=d.host, help=f"address to bind (default {d.host}; use 0.0.0.0 in containers)")
-    a("--port", type=int, default=d.port, help=f"gRPC port (default {d.port}; 0 picks a free one)")
-    a("--metrics-port", type=int, default=d.metrics_port, help=f"Prometheus /metrics port (default {d.metrics_port}; -1 disables)")
-    a("--max-batch-size", type=int, default=d.max_batch_size, help=f"most requests per model call (default {d.max_batch_size})")
-    a("--batch-timeout-ms", type=float, default=d.batch_timeout_ms,
-      help=f"longest wait for a batch to fill after its first request (default {d.batch_timeout_ms}: no wait; "
-      "requests that arrive while the model is busy still batch together)")
-    a("--poll-interval-s", type=float, default=d.poll_interval_s,
-      help=f"how often to look for new model versions (default {d.poll_interval_s})")
-    a("--max-message-bytes", type=int, default=d.max_message_bytes,
-      help=f"largest accepted request; bigger ones get RESOURCE_EXHAUSTED (default {d.max_message_bytes})")
-    a("--grace-period-s", type=float, default=d.grace_period_s,
-      help=f"on SIGTERM, time for in-flight requests to finish (default {d.grace_period_s})")
-    a("--tls-cert", help="PEM certificate chain: serve over TLS (with --tls-key)")
-    a("--tls-key", help="PEM private key for --tls-cert")
-    a("--auth-token", help="require 'authorization: Bearer TOKEN' (health checks stay open); "
-      "prefer --auth-token-file or SASREC_AUTH_TOKEN, arguments are visible in ps")
-    a("--auth-token-file", help="file holding the bearer token")
-    a("--max-k", type=int, default=None, help="largest k accepted (default: every item of the model)")
-    a("--workers", type=int, default=d.workers, help=f"gRPC handler threads (default {d.workers})")
-    a("--model-workers", type=int, default=d.model_workers,
-      help=f"threads that form batches and call the model side by side (default {d.model_workers})")
-    a("--intra-op-threads", type=int, default=d.intra_op_threads,
-      help=f"TensorFlow threads inside one op (default {d.intra_op_threads}: a batch computes on one core; "
-      "0: TensorFlow's default, every core)")
-    a("--inter-op-threads", type=int, default=d.inter_op_threads,
-      help=f"TensorFlow threads running ops (default {d.inter_op_threads}; use 2 for models exported with "
-      "--xla, whose warm-up compiles would otherwise stall the batches; 0: TensorFlow's default, one per core)")
-    a("--cpu-scheduling", choices=["batch", "default"], default=d.cpu_scheduling,
-      help=f"Linux scheduling policy of the server's threads (default {d.cpu_scheduling}: SCHED_BATCH, "
-      "woken threads wait for the running one's time slice instead of preempting it, which keeps the "
-      "GIL moving; 'default': leave it)")
-    a("--max-concurrent-rpcs", type=int, default=d.max_concurrent_rpcs,
-      help=f"calls beyond this get RESOURCE_EXHAUSTED (default {d.max_concurrent_rpcs})")
-    a("--processes", type=int, default=d.processes,
-      help=f"server processes sharing the port, one GIL each (default {d.processes}); each loads the model, "
-      "and clients reach them all only over several connections (see README)")
-    a("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    """One flag per :class:`ServerConfig` field (plus the extra flags its ``also`` hooks name), then
+    ``--log-level``, which is no server setting."""
+    hints = typing.get_type_hints(ServerConfig)
+    for field in dataclasses.fields(ServerConfig):
+        meta = field.metadata
+        kwargs = {"type": _flag_type(hints[field.name]), "help": meta["help"]}
+        if field.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = field.default
+            if meta["default_text"] is not None:
+                kwargs["help"] += f" (default: {meta['default_text']})"
+            elif field.default is not None:
+                kwargs["help"] += f" (default {field.default})"
+        if meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]
+        parser.add_argument(_flag(field.name), **kwargs)
+        for flag, help in meta["also"].items():
+            parser.add_argument(flag, help=help)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def config_from_args(args) -> ServerConfig:
+    """The :class:`ServerConfig` of parsed ``sasrec serve`` flags; a value below a field's minimum is an
+    :class:`~pipelines.errors.InputError` naming the flag."""
     from pipelines.errors import InputError
-    from serving.security import read_token
 
-    if args.max_batch_size < 1:
-        raise InputError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
-    if args.batch_timeout_ms < 0:
-        raise InputError(f"--batch-timeout-ms must be >= 0, got {args.batch_timeout_ms}")
-    if args.max_k is not None and args.max_k < 1:
-        raise InputError(f"--max-k must be >= 1, got {args.max_k}")
-    for flag, least in (("workers", 1), ("model_workers", 1), ("intra_op_threads", 0), ("inter_op_threads", 0),
-                        ("processes", 1)):
-        if getattr(args, flag) < least:
-            raise InputError(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
-    return ServerConfig(
-        model_base=args.model_base,
-        model_name=args.model_name,
-        host=args.host,
-        port=args.port,
-        metrics_port=None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port,
-        max_batch_size=args.max_batch_size,
-        batch_timeout_ms=args.batch_timeout_ms,
-        poll_interval_s=args.poll_interval_s,
-        max_message_bytes=args.max_message_bytes,
-        grace_period_s=args.grace_period_s,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        auth_token=read_token(args.auth_token, args.auth_token_file),
-        max_k=args.max_k,
-        workers=args.workers,
-        model_workers=args.model_workers,
-        intra_op_threads=args.intra_op_threads,
-        inter_op_threads=args.inter_op_threads,
-        cpu_scheduling=args.cpu_scheduling,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        processes=args.processes,
-    )
+    values = {}
+    for field in dataclasses.fields(ServerConfig):
+        meta = field.metadata
+        given = getattr(args, field.name)
+        if meta["minimum"] is not None and given is not None and given < meta["minimum"]:
+            raise InputError(f"{_flag(field.name)} must be >= {meta['minimum']}, got {given}")
+        values[field.name] = given if meta["value"] is None else meta["value"](args)
+    return ServerConfig(**values)
 
 
 def set_batch_scheduling() -> None:
@@ -317,15 +322,6 @@ class RecommenderServer:
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self.ready.wait(timeout)
-
-
-def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
-    if config.processes > 1:
-        from serving.processes import serve_processes
-
-        return serve_processes(config)
-    return run_server(config)
 
 
 def stop_on_signals(what: str, grace: float) -> threading.Event:

@@ -166,3 +166,24 @@ def test_a_metrics_port_in_use_is_an_error_naming_the_flag(model_base):
         taken.listen()
         with pytest.raises(InputError, match=r"--metrics-port: cannot bind"):
             start_server(model_base, host="127.0.0.1", metrics_port=taken.getsockname()[1])
+
+
+def test_the_server_module_does_not_import_the_process_supervisor():
+    """One-way dependency: serving.processes starts servers; serving.server does not load it, directly or
+    through another module (tests/test_layering.py checks the server's own import statements)."""
+    script = "import sys, serving.server; print('serving.processes' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("processes, runs", [(1, "run_server"), (3, "serve_processes")])
+def test_serve_runs_one_server_here_or_a_pool(monkeypatch, processes, runs):
+    from serving import processes as module
+    from serving.server import ServerConfig
+
+    called = []
+    monkeypatch.setattr(module, "run_server", lambda config: called.append("run_server") or 0)
+    monkeypatch.setattr(module, "serve_processes", lambda config: called.append("serve_processes") or 0)
+    assert module.serve(ServerConfig(model_base="models/x", processes=processes)) == 0
+    assert called == [runs]

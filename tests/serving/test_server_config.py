@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -39,6 +40,60 @@ def test_processes_default_to_one_and_must_be_positive(capsys):
     assert config_from_args(parse("--processes", "3")).processes == 3
     assert main(["serve", "--model-base", "models/x", "--processes", "0"]) == 2
     assert "--processes must be >= 1, got 0" in capsys.readouterr().err
+
+
+def serve_actions():
+    """The argparse actions of `sasrec serve`, by dest."""
+    parser = build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    return {action.dest: action for action in serve._actions}
+
+
+def test_every_field_has_exactly_one_flag_whose_parsed_default_is_the_dataclass_default(monkeypatch):
+    monkeypatch.delenv("SASREC_AUTH_TOKEN", raising=False)
+    actions = serve_actions()
+    fields = dataclasses.fields(ServerConfig)
+    args = parse()
+    for field in fields:
+        flag = "--" + field.name.replace("_", "-")
+        assert [a.option_strings for a in actions.values() if flag in a.option_strings] == [[flag]], flag
+        assert actions[field.name].option_strings == [flag]
+        if field.name == "model_base":
+            assert actions[field.name].required
+            continue
+        assert getattr(args, field.name) == field.default, flag
+        assert actions[field.name].help.count("(default") <= 1, flag
+    # The only flags that are not fields: help, the token file read into auth_token, the log level.
+    assert set(actions) - {f.name for f in fields} == {"help", "auth_token_file", "log_level"}
+    assert config_from_args(args) == ServerConfig(model_base="models/x")
+
+
+def test_special_flags_map_onto_their_fields(tmp_path, monkeypatch):
+    monkeypatch.delenv("SASREC_AUTH_TOKEN", raising=False)
+    assert config_from_args(parse("--metrics-port", "-1")).metrics_port is None
+    assert config_from_args(parse("--metrics-port", "0")).metrics_port == 0
+    assert config_from_args(parse()).max_k is None
+    assert config_from_args(parse("--max-k", "7")).max_k == 7
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    assert config_from_args(parse("--auth-token-file", str(token))).auth_token == "s3cret"
+    assert config_from_args(parse("--auth-token", "abc")).auth_token == "abc"
+    monkeypatch.setenv("SASREC_AUTH_TOKEN", "from-env")
+    assert config_from_args(parse()).auth_token == "from-env"
+    actions = serve_actions()
+    assert actions["max_k"].help.endswith("(default: every item of the model)")
+    assert actions["cpu_scheduling"].choices == ["batch", "default"]
+    assert actions["tls_cert"].help.count("default") == 0
+
+
+@pytest.mark.parametrize("flag, value, least", [
+    ("--max-batch-size", "0", "1"), ("--batch-timeout-ms", "-1", "0"), ("--max-k", "0", "1"),
+    ("--workers", "0", "1"), ("--model-workers", "0", "1"),
+])
+def test_a_value_below_the_minimum_is_one_line_naming_the_flag(flag, value, least, capsys):
+    assert main(["serve", "--model-base", "models/x", flag, value]) == 2
+    got = float(value) if flag == "--batch-timeout-ms" else int(value)  # as the flag's type parses it
+    assert capsys.readouterr().err.splitlines() == [f"sasrec serve: error: {flag} must be >= {least}, got {got}"]
 
 
 def test_thread_pools_are_set_before_tensorflow_starts_and_kept_after_with_a_warning():
