@@ -37,10 +37,12 @@ def register(subparsers) -> None:
         "evaluate",
         help="evaluate a trained run (HR, NDCG, MRR at 1/5/10/20)",
         description="Evaluate RUN/best.keras. Protocols: full (every item, seen items removed) and "
-        "sampled-100 (100 uniform unseen negatives, the SASRec paper's). Writes RUN/metrics.json.",
+        "sampled-100 (100 uniform unseen negatives, the SASRec paper's). The results replace those of the same "
+        "split and protocol in RUN/metrics.json, with repeat targets and the metrics counting them as misses.",
     )
     p.add_argument("--run", required=True, type=Path, help="run folder (from `sasrec train`)")
-    p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
+    p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on; another "
+                   "folder must hold the same manifest and vocabulary)")
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--protocol", choices=("full", "sampled-100", "both"), default="full")
     p.add_argument("--backend", choices=BACKENDS)
