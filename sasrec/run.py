@@ -123,9 +123,13 @@ class RunFolder:
     def dataset_dir(self, given: str | os.PathLike | None = None) -> Path:
         """The dataset folder to evaluate on: ``given`` or the one the run was trained on, refused
         (one line naming both folders) unless it is the dataset the run's vocabulary came from."""
-        data_dir = Path(given) if given else Path(self.info().get("data", ""))
+        recorded = self.info().get("data")
+        if not given and not recorded:
+            raise InputError(f"{self.path} does not record its dataset folder; pass it with --data")
+        data_dir = Path(given or recorded)
         if not (data_dir / MANIFEST_FILE).is_file():
-            raise InputError(f"--data {data_dir}: not a dataset folder (no {MANIFEST_FILE})")
+            raise InputError(f"{'--data ' if given else f'the dataset of {self.path}, '}{data_dir}: not a dataset "
+                             f"folder (no {MANIFEST_FILE})")
         why = dataset_mismatch(self.path / DATASET_DIR, data_dir)
         if why:
             raise InputError(f"dataset {data_dir} is not the one run {self.path} was trained on (compared with "
