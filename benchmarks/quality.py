@@ -82,7 +82,7 @@ def run_case(case: Case, work: Path, extra: list[str], collect: bool = False) ->
 
 def rows_for(case: Case, metrics: dict) -> list[dict]:
     rows = []
-    for result in metrics["results"]:
+    for result in (r for r in metrics["results"] if r["protocol"]["split"] == "test"):
         p, m, d = result["protocol"], result["metrics"], result["deliverable_metrics"]
         on_target = p["protocol"] == case.protocol
         rows.append({
