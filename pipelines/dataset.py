@@ -2,7 +2,10 @@
 
 A dataset folder holds three files, written together and atomically:
 
-``sequences.parquet``, one row per user, users in ``user_index`` order:
+``sequences.parquet`` (or, for large outputs, ``sequences/part-00000.parquet``, ``part-00001.parquet``,
+... : the same table cut into parts of consecutive users, which concatenated in file-name order give
+it back; a folder holds one layout or the other, and every reader accepts both), one row per user,
+users in ``user_index`` order:
     ``user_id`` (string, external id), ``user_index`` (int32, 0..U-1),
     ``items`` (list<int32>, internal item ids in time order, ties in file order),
     ``timestamps`` (list<int64>, same length as ``items``),
@@ -37,6 +40,7 @@ PADDING_ID = 0
 OOV_ID = 1
 FIRST_ITEM_ID = 2
 SEQUENCES_FILE = "sequences.parquet"
+SEQUENCES_PARTS = "sequences"  # folder of part-NNNNN.parquet files, the multi-part layout
 ITEMS_FILE = "items.parquet"
 MANIFEST_FILE = "manifest.json"
 
@@ -81,8 +85,9 @@ class SequenceDataset:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
 
 
-def write_dataset(out_dir: str | Path, ds: SequenceDataset) -> Path:
-    """Write ``ds`` to ``out_dir`` atomically (temporary folder, then rename)."""
+def write_dataset(out_dir: str | Path, ds: SequenceDataset, *, users_per_part: int = 0) -> Path:
+    """Write ``ds`` to ``out_dir`` atomically (temporary folder, then rename). ``users_per_part`` > 0
+    writes the sequences as parts of at most that many users (``sequences/part-NNNNN.parquet``)."""
     out_dir = Path(out_dir)
     n_users = ds.num_users
     list_type = pa.list_(pa.int32())
@@ -115,7 +120,13 @@ def write_dataset(out_dir: str | Path, ds: SequenceDataset) -> Path:
     with atomic_directory(out_dir) as tmp:
         # Fixed writer settings keep the bytes identical for identical input.
         opts = dict(compression="zstd", use_dictionary=True, write_statistics=True, store_schema=True)
-        pq.write_table(sequences, tmp / SEQUENCES_FILE, **opts)
+        if users_per_part and n_users > users_per_part:
+            (tmp / SEQUENCES_PARTS).mkdir()
+            for part, start in enumerate(range(0, n_users, users_per_part)):
+                pq.write_table(sequences.slice(start, users_per_part),
+                               tmp / SEQUENCES_PARTS / f"part-{part:05d}.parquet", **opts)
+        else:
+            pq.write_table(sequences, tmp / SEQUENCES_FILE, **opts)
         pq.write_table(items, tmp / ITEMS_FILE, **opts)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out_dir
@@ -143,11 +154,34 @@ def read_items(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return item_ids, counts, train_counts
 
 
+def read_sequences(data_dir: str | Path) -> pa.Table:
+    """The sequences table of a dataset folder, from one file or from its parts in file-name order."""
+    data_dir = Path(data_dir)
+    single, parts_dir = data_dir / SEQUENCES_FILE, data_dir / SEQUENCES_PARTS
+    if single.is_file() and parts_dir.is_dir():
+        raise InputError(f"{data_dir}: holds both {SEQUENCES_FILE} and {SEQUENCES_PARTS}/; keep one layout")
+    if single.is_file():
+        return pq.read_table(single)
+    parts = sorted(parts_dir.glob("part-*.parquet")) if parts_dir.is_dir() else []
+    if not parts:
+        raise InputError(f"{data_dir}: no {SEQUENCES_FILE} and no {SEQUENCES_PARTS}/part-*.parquet")
+    tables, expected = [], 0
+    for path in parts:
+        table = pq.read_table(path)
+        index = table.column("user_index").to_numpy()
+        if len(index) and (index[0] != expected or np.any(np.diff(index) != 1)):
+            raise InputError(f"{path}: user_index must continue from {expected} in steps of 1 (parts hold "
+                             "consecutive users in file-name order)")
+        expected += len(index)
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
 def read_dataset(data_dir: str | Path) -> SequenceDataset:
     """Read a dataset folder written by :func:`write_dataset`."""
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
-    table = pq.read_table(data_dir / SEQUENCES_FILE)
+    table = read_sequences(data_dir)
     items_col = table.column("items").combine_chunks()
     ts_col = table.column("timestamps").combine_chunks()
     offsets = items_col.offsets.to_numpy().astype(np.int64)

@@ -81,3 +81,29 @@ def test_reader_frame_round_trips_through_prepare_for_pairs(tmp_path):
     ds = prepare(read_interactions("pairs", tmp_path / "p.txt"), kcore="single-pass", user_core=5, item_core=3)
     assert ds.manifest["reader"]["timestamp"] == "file-order"
     assert ds.user_items(2).tolist() == [2, 3, 4, 5, 6]
+
+
+def test_sequences_in_parts_read_back_as_one_table(tmp_path):
+    """The multi-part layout (sequences/part-NNNNN.parquet) holds the same dataset as one file."""
+    import shutil
+
+    from pipelines.dataset import SEQUENCES_PARTS, write_dataset
+
+    log = write_log(generate(users=230, items=60, chains=3, seed=4), tmp_path / "log.csv")
+    ds = prepare_file("csv", log, tmp_path / "one", reader_options=dict(user_col="user_id", item_col="item_id",
+                                                                         time_col="timestamp"))
+    write_dataset(tmp_path / "parts", ds, users_per_part=50)
+    assert sorted(p.name for p in (tmp_path / "parts" / SEQUENCES_PARTS).iterdir()) == [
+        f"part-{i:05d}.parquet" for i in range(5)]
+    assert not (tmp_path / "parts" / SEQUENCES_FILE).exists()
+    one, parts = read_dataset(tmp_path / "one"), read_dataset(tmp_path / "parts")
+    for field in ("user_ids", "items", "timestamps", "offsets", "train_end", "valid_end", "item_ids", "train_counts"):
+        assert np.array_equal(getattr(one, field), getattr(parts, field)), field
+    # Parts out of order, or both layouts at once, are refused naming the file or folder.
+    (tmp_path / "parts" / SEQUENCES_PARTS / "part-00001.parquet").rename(tmp_path / "parts" / SEQUENCES_PARTS /
+                                                                          "part-00009.parquet")
+    with pytest.raises(InputError, match="part-00002.parquet: user_index must continue from 50"):
+        read_dataset(tmp_path / "parts")
+    shutil.copyfile(tmp_path / "one" / SEQUENCES_FILE, tmp_path / "parts" / SEQUENCES_FILE)
+    with pytest.raises(InputError, match="keep one layout"):
+        read_dataset(tmp_path / "parts")

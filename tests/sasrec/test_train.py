@@ -232,3 +232,16 @@ def test_a_dataset_without_validation_users_is_refused_before_training(tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no user has a valid item" in err and "--valid-quantile" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_with_sequences_in_parts_trains_and_evaluates_like_one_file(tiny_run, tiny_dataset, tmp_path):
+    from pipelines.dataset import read_dataset, write_dataset
+
+    parts = write_dataset(tmp_path / "parts", read_dataset(tiny_dataset), users_per_part=128)
+    assert main(["evaluate", "--run", str(tiny_run), "--data", str(parts), "--protocol", "both"]) == 0
+    from_parts = json.loads((tiny_run / "metrics.json").read_text())["results"]
+    assert main(["evaluate", "--run", str(tiny_run), "--protocol", "both"]) == 0
+    from_file = json.loads((tiny_run / "metrics.json").read_text())["results"]
+    assert [r["metrics"] for r in from_parts] == [r["metrics"] for r in from_file]
+    assert main(["train", "--data", str(parts), "--out", str(tmp_path / "run"), "--epochs", "1", "--set", "maxlen=16",
+                 "--set", "loss=ce", *FAST]) == 0
