@@ -70,9 +70,10 @@ def run_case(case: Case, work: Path, extra: list[str], collect: bool = False) ->
     run = work / f"run-{case.name}"
     if collect:
         sasrec("evaluate", "--run", str(run), "--protocol", "both")
-        metrics = RunFolder(run).read_metrics()
+        folder = RunFolder(run)
+        metrics = folder.read_metrics()
         training = metrics["training"]
-        training["unfinished"] = not training["stopped_early"] and training["epoch"] < RunFolder(run).config().epochs
+        training["unfinished"] = not training["stopped_early"] and training["epoch"] < folder.config().epochs
         return metrics
     if not (data / "manifest.json").exists():
         sasrec("prepare", *case.prepare, "--out", str(data))

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.atomic import atomic_directory, atomic_file
-from pipelines.dataset import ITEMS_FILE, MANIFEST_FILE, read_items
+from pipelines.dataset import ITEMS_FILE, MANIFEST_FILE, read_items, read_manifest
 from pipelines.errors import InputError
 from sasrec.config import SASRecConfig
 
@@ -49,11 +49,7 @@ TRAINING_SUMMARY = ("epoch", "best", "best_epoch", "train_seconds", "stopped_ear
 def dataset_mismatch(copy_dir: Path, data_dir: Path) -> str | None:
     """Why the dataset folder ``data_dir`` is not the one whose manifest and vocabulary were copied to
     ``copy_dir`` (None when it is): the same internal item id must name the same item."""
-    try:
-        copied = json.loads((copy_dir / MANIFEST_FILE).read_text())
-        given = json.loads((data_dir / MANIFEST_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        return f"cannot read a manifest ({exc})"
+    copied, given = read_manifest(copy_dir), read_manifest(data_dir)
     if copied != given:
         differing = sorted(k for k in set(copied) | set(given) if copied.get(k) != given.get(k))
         return f"manifest.json differs in {', '.join(differing)}"
@@ -114,7 +110,7 @@ class RunFolder:
         return self.config_tables().get("run", {})
 
     def manifest(self) -> dict:
-        return json.loads((self.path / DATASET_DIR / MANIFEST_FILE).read_text())
+        return read_manifest(self.path / DATASET_DIR)
 
     def items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(item_ids, counts, train_counts)`` of the run's vocabulary (see :func:`read_items`)."""
@@ -173,16 +169,13 @@ class RunFolder:
             return None
         model.optimizer.build(model.trainable_variables)
         model.load_weights(checkpoint / "model.weights.h5")
-        return json.loads((checkpoint / "state.json").read_text())
+        return _loop_state(checkpoint)
 
     def training_summary(self) -> dict | None:
         """Epochs, best validation NDCG@10 and its epoch, training seconds, early stop: from the newest
         checkpoint (None before the first epoch ends)."""
         checkpoint = self.latest_checkpoint()
-        if checkpoint is None:
-            return None
-        state = json.loads((checkpoint / "state.json").read_text())
-        return {k: state[k] for k in TRAINING_SUMMARY}
+        return None if checkpoint is None else {k: v for k, v in _loop_state(checkpoint).items() if k in TRAINING_SUMMARY}
 
     # --- results
     @property
@@ -221,3 +214,7 @@ class RunFolder:
         with atomic_file(self.path / CURVE_FILE) as handle:
             fig.savefig(handle, format="png")
         plt.close(fig)
+
+
+def _loop_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "state.json").read_text())
