@@ -85,50 +85,82 @@ class SequenceDataset:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
 
 
-def write_dataset(out_dir: str | Path, ds: SequenceDataset, *, users_per_part: int = 0) -> Path:
-    """Write ``ds`` to ``out_dir`` atomically (temporary folder, then rename). ``users_per_part`` > 0
-    writes the sequences as parts of at most that many users (``sequences/part-NNNNN.parquet``)."""
-    out_dir = Path(out_dir)
-    n_users = ds.num_users
-    list_type = pa.list_(pa.int32())
-    offsets32 = pa.array(ds.offsets.astype(np.int32), pa.int32())
-    sequences = pa.table(
+DEFAULT_USERS_PER_PART = 1_000_000
+# Fixed writer settings keep the bytes identical for identical input, whichever engine wrote them.
+_PARQUET_OPTIONS = dict(compression="zstd", use_dictionary=True, write_statistics=True, store_schema=True)
+
+
+def sequences_table(user_ids: np.ndarray, first_user: int, items: np.ndarray, timestamps: np.ndarray,
+                    offsets: np.ndarray, train_end: np.ndarray, valid_end: np.ndarray) -> pa.Table:
+    """Rows of the sequences table for consecutive users from ``first_user`` (CSR ``items``/``offsets``)."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    offsets32 = pa.array((offsets - offsets[0]).astype(np.int32), pa.int32())
+    flat = slice(int(offsets[0]), int(offsets[-1]))
+    return pa.table(
         {
-            "user_id": pa.array(ds.user_ids.astype(str), pa.string()),
-            "user_index": pa.array(np.arange(n_users, dtype=np.int32)),
-            "items": pa.ListArray.from_arrays(offsets32, pa.array(ds.items.astype(np.int32))).cast(list_type),
-            "timestamps": pa.ListArray.from_arrays(offsets32, pa.array(ds.timestamps.astype(np.int64))),
-            "train_end": pa.array(ds.train_end.astype(np.int32)),
-            "valid_end": pa.array(ds.valid_end.astype(np.int32)),
+            "user_id": pa.array(np.asarray(user_ids).astype(str), pa.string()),
+            "user_index": pa.array(np.arange(first_user, first_user + len(user_ids), dtype=np.int32)),
+            "items": pa.ListArray.from_arrays(offsets32, pa.array(np.asarray(items[flat], dtype=np.int32))),
+            "timestamps": pa.ListArray.from_arrays(offsets32, pa.array(np.asarray(timestamps[flat], dtype=np.int64))),
+            "train_end": pa.array(np.asarray(train_end, dtype=np.int32)),
+            "valid_end": pa.array(np.asarray(valid_end, dtype=np.int32)),
         }
     )
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the bytes of a dataset-folder Parquet file (so a Dask worker can write them elsewhere)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.combine_chunks(), sink, **_PARQUET_OPTIONS)
+    return sink.getvalue().to_pybytes()
+
+
+def sequence_parts(num_users: int, users_per_part: int = DEFAULT_USERS_PER_PART) -> list[tuple[str, int, int]]:
+    """``(file, first_user, end_user)`` of each sequences file: one ``sequences.parquet``, or parts of
+    ``users_per_part`` users when there are more users than that (``users_per_part`` 0: always one file)."""
+    if users_per_part < 0:
+        raise InputError(f"--users-per-part must be >= 0, got {users_per_part}")
+    if not users_per_part or num_users <= users_per_part:
+        return [(SEQUENCES_FILE, 0, num_users)]
+    return [(f"{SEQUENCES_PARTS}/part-{part:05d}.parquet", start, min(start + users_per_part, num_users))
+            for part, start in enumerate(range(0, num_users, users_per_part))]
+
+
+def write_items_and_manifest(folder: Path, item_ids: np.ndarray, item_counts: np.ndarray, train_counts: np.ndarray,
+                             manifest: dict) -> None:
+    """``items.parquet`` and ``manifest.json`` (with the vocabulary layout) into a folder being written."""
     items = pa.table(
         {
-            "item_index": pa.array(np.arange(FIRST_ITEM_ID, ds.vocab_size, dtype=np.int32)),
-            "item_id": pa.array(ds.item_ids[FIRST_ITEM_ID:].astype(str), pa.string()),
-            "count": pa.array(ds.item_counts[FIRST_ITEM_ID:].astype(np.int64)),
-            "train_count": pa.array(ds.train_counts[FIRST_ITEM_ID:].astype(np.int64)),
+            "item_index": pa.array(np.arange(FIRST_ITEM_ID, len(item_ids), dtype=np.int32)),
+            "item_id": pa.array(np.asarray(item_ids[FIRST_ITEM_ID:]).astype(str), pa.string()),
+            "count": pa.array(np.asarray(item_counts[FIRST_ITEM_ID:], dtype=np.int64)),
+            "train_count": pa.array(np.asarray(train_counts[FIRST_ITEM_ID:], dtype=np.int64)),
         }
     )
-    manifest = dict(ds.manifest)
+    (folder / ITEMS_FILE).write_bytes(parquet_bytes(items))
+    manifest = dict(manifest)
     manifest["vocabulary"] = {
         "padding_id": PADDING_ID,
         "oov_id": OOV_ID,
         "first_item_id": FIRST_ITEM_ID,
-        "vocab_size": ds.vocab_size,
+        "vocab_size": len(item_ids),
     }
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def write_dataset(out_dir: str | Path, ds: SequenceDataset, *, users_per_part: int = DEFAULT_USERS_PER_PART) -> Path:
+    """Write ``ds`` to ``out_dir`` atomically (temporary folder, then rename), the sequences in the
+    files of :func:`sequence_parts`."""
+    out_dir = Path(out_dir)
+    parts = sequence_parts(ds.num_users, users_per_part)
     with atomic_directory(out_dir) as tmp:
-        # Fixed writer settings keep the bytes identical for identical input.
-        opts = dict(compression="zstd", use_dictionary=True, write_statistics=True, store_schema=True)
-        if users_per_part and n_users > users_per_part:
+        if len(parts) > 1:
             (tmp / SEQUENCES_PARTS).mkdir()
-            for part, start in enumerate(range(0, n_users, users_per_part)):
-                pq.write_table(sequences.slice(start, users_per_part),
-                               tmp / SEQUENCES_PARTS / f"part-{part:05d}.parquet", **opts)
-        else:
-            pq.write_table(sequences, tmp / SEQUENCES_FILE, **opts)
-        pq.write_table(items, tmp / ITEMS_FILE, **opts)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for name, start, end in parts:
+            table = sequences_table(ds.user_ids[start:end], start, ds.items, ds.timestamps, ds.offsets[start : end + 1],
+                                    ds.train_end[start:end], ds.valid_end[start:end])
+            (tmp / name).write_bytes(parquet_bytes(table))
+        write_items_and_manifest(tmp, ds.item_ids, ds.item_counts, ds.train_counts, ds.manifest)
     return out_dir
 
 

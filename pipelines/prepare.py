@@ -17,7 +17,7 @@ from pipelines.clean import KCORE_MODES, consecutive_duplicate_mask, kcore_mask,
 from pipelines.dataset import SequenceDataset, write_dataset
 from pipelines.errors import InputError
 from pipelines.readers import read_interactions
-from pipelines.split import DEFAULT_VALIDATION, SPLIT_PROTOCOLS, leave_one_out_split, temporal_cutoffs, temporal_split
+from pipelines.split import DEFAULT_VALIDATION, SPLIT_PROTOCOLS, SortedTimes, leave_one_out_split, temporal_cutoffs, temporal_split
 from pipelines.vocab import item_vocabulary, rank_codes
 
 STEPS = ("filter", "sort", "k-core", "vocabulary", "split")
@@ -98,21 +98,17 @@ def prepare(
     bar.update()
 
     bar.set_postfix_str("split")
-    split_info: dict = {"protocol": split}
+    split_info = split_description(split, cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile,
+                                   valid_time=valid_time, valid_quantile=valid_quantile)
     if split == "leave-one-out":
         train_end, valid_end = leave_one_out_split(np.diff(offsets))
-        split_info["min_length_for_evaluation"] = 3
     else:
         valid_cut, test_cut = temporal_cutoffs(
-            times, cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile, valid_time=valid_time, valid_quantile=valid_quantile
+            SortedTimes(times), cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile, valid_time=valid_time,
+            valid_quantile=valid_quantile,
         )
         train_end, valid_end = temporal_split(times, offsets, valid_cut, test_cut)
-        split_info.update(
-            cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile, valid_time=valid_time, valid_quantile=valid_quantile,
-            valid_cut=valid_cut, test_cut=test_cut,
-        )
-        if valid_time is None and valid_quantile is None:
-            split_info["valid_window"] = DEFAULT_VALIDATION
+        split_info.update(valid_cut=valid_cut, test_cut=test_cut)
     position = np.arange(len(items)) - np.repeat(offsets[:-1], np.diff(offsets))
     in_train = position < np.repeat(train_end, np.diff(offsets))
     item_counts = np.bincount(items, minlength=len(item_ids)).astype(np.int64)
@@ -120,38 +116,10 @@ def prepare(
     bar.update()
     bar.close()
 
-    lengths = np.diff(offsets)
-    manifest = {
-        "pipeline_version": PIPELINE_VERSION,
-        "source": list(attrs.get("files", [])),
-        "reader": {"format": attrs.get("format", "dataframe"), "timestamp": attrs.get("timestamp", "column"), **attrs.get("options", {})},
-        "filters": {
-            "min_rating": min_rating,
-            "dedupe_consecutive": dedupe_consecutive,
-            "kcore": kcore,
-            "user_core": user_core if kcore != "none" else None,
-            "item_core": item_core if kcore != "none" else None,
-        },
-        "split": split_info,
-        "statistics": {
-            "users": int(len(user_ids)),
-            "items": int(len(item_ids) - 2),
-            "events": int(len(items)),
-            "train_events": int(train_end.sum()),
-            "valid_events": int((valid_end - train_end).sum()),
-            "test_events": int((lengths - valid_end).sum()),
-            "valid_users": int((valid_end > train_end).sum()),
-            "test_users": int((lengths > valid_end).sum()),
-            "mean_length": round(float(lengths.mean()), 4),
-            "median_length": float(np.median(lengths)),
-            "min_length": int(lengths.min()),
-            "max_length": int(lengths.max()),
-            "density": round(float(len(items) / (len(user_ids) * (len(item_ids) - 2))), 8),
-            "first_timestamp": int(times.min()),
-            "last_timestamp": int(times.max()),
-        },
-        "dropped": dropped,
-    }
+    manifest = dataset_manifest(
+        attrs, filter_description(min_rating, dedupe_consecutive, kcore, user_core, item_core), split_info, np.diff(offsets),
+        train_end, valid_end, num_items=len(item_ids) - 2, time_range=(int(times.min()), int(times.max())), dropped=dropped,
+    )
     return SequenceDataset(
         user_ids=user_ids,
         items=items,
@@ -164,6 +132,59 @@ def prepare(
         train_counts=train_counts,
         manifest=manifest,
     )
+
+
+def filter_description(min_rating, dedupe_consecutive, kcore, user_core, item_core) -> dict:
+    """The cleaning options as the manifest records them."""
+    return {
+        "min_rating": min_rating,
+        "dedupe_consecutive": dedupe_consecutive,
+        "kcore": kcore,
+        "user_core": user_core if kcore != "none" else None,
+        "item_core": item_core if kcore != "none" else None,
+    }
+
+
+def split_description(split: str, **cuts) -> dict:
+    """The split protocol as the manifest records it (the resolved cuts are added once known)."""
+    if split == "leave-one-out":
+        return {"protocol": split, "min_length_for_evaluation": 3}
+    info = {"protocol": split, **cuts}
+    if cuts["valid_time"] is None and cuts["valid_quantile"] is None:
+        info["valid_window"] = DEFAULT_VALIDATION
+    return info
+
+
+def dataset_manifest(attrs: dict, filters: dict, split: dict, lengths: np.ndarray, train_end: np.ndarray,
+                     valid_end: np.ndarray, *, num_items: int, time_range: tuple[int, int], dropped: dict) -> dict:
+    """The manifest of a prepared dataset, from per-user lengths and split ends (every engine builds it here)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    events, users = int(lengths.sum()), len(lengths)
+    return {
+        "pipeline_version": PIPELINE_VERSION,
+        "source": list(attrs.get("files", [])),
+        "reader": {"format": attrs.get("format", "dataframe"), "timestamp": attrs.get("timestamp", "column"), **attrs.get("options", {})},
+        "filters": filters,
+        "split": split,
+        "statistics": {
+            "users": users,
+            "items": int(num_items),
+            "events": events,
+            "train_events": int(train_end.sum()),
+            "valid_events": int((valid_end - train_end).sum()),
+            "test_events": int((lengths - valid_end).sum()),
+            "valid_users": int((valid_end > train_end).sum()),
+            "test_users": int((lengths > valid_end).sum()),
+            "mean_length": round(float(lengths.mean()), 4),
+            "median_length": float(np.median(lengths)),
+            "min_length": int(lengths.min()),
+            "max_length": int(lengths.max()),
+            "density": round(float(events / (users * num_items)), 8),
+            "first_timestamp": time_range[0],
+            "last_timestamp": time_range[1],
+        },
+        "dropped": dropped,
+    }
 
 
 def prepare_file(

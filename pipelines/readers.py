@@ -7,7 +7,13 @@ Every reader returns the same frame, rows in file order:
 the file, 0, 1, 2, ...); ``rating``: float32, only when the source has one.
 
 ``frame.attrs`` records how it was read: ``format``, ``timestamp`` (``"column"`` or ``"file-order"``),
-``bad_lines`` (lines skipped with ``on_bad_lines="skip"``) and ``files`` (what was read).
+``bad_lines`` (lines skipped with ``on_bad_lines="skip"``), ``files`` (what was read) and ``rows``
+(data rows in the files, bad ones included).
+
+An input is one file or many (:func:`input_files`: a folder, a glob, an fsspec URL): their rows are
+read in sorted file-name order, then line order, and for formats without time the file-order
+timestamp continues from one file to the next. Each file is read alone (:func:`read_input_file`), so
+the Dask engine reads files on its workers with exactly this code.
 
 Parsing runs in pyarrow (CSV and JSON readers, dictionary-encoded ids), never a Python loop over
 rows, except to find the line number of a bad line for the error message.
@@ -15,10 +21,12 @@ rows, except to find the line number of a bad line for the error message.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import zipfile
 import zlib
@@ -45,6 +53,7 @@ AMAZON_FIELDS = (
     ("user_id", "asin", "timestamp", "rating"),  # 2023, per-variant item ids
 )
 _ID_TYPE = pa.dictionary(pa.int32(), pa.string())
+_GLOB_CHARS = re.compile(r"[*?\[]")
 _INTEGER = re.compile(r"^\s*-?\d+\s*$")
 
 
@@ -52,11 +61,12 @@ _INTEGER = re.compile(r"^\s*-?\d+\s*$")
 class SourceFile:
     """The bytes of one input file (decompressed) plus what identifies the file on disk."""
 
-    path: Path
+    path: Path | str  # a local path, or an fsspec URL
     raw_sha256: str
     raw_bytes: int
     data: bytes
     member: str | None = None  # the file inside a zip archive
+    entry: str | None = None  # the name the manifest records (default: the file name)
 
     @property
     def name(self) -> str:
@@ -66,7 +76,8 @@ class SourceFile:
     @property
     def manifest_entry(self) -> dict:
         """File name (not the folder, so manifests match across checkouts), sha256 and size on disk."""
-        name = f"{self.path.name}:{self.member}" if self.member else self.path.name
+        base = self.entry or _base_name(str(self.path))
+        name = f"{base}:{self.member}" if self.member else base
         return {"path": name, "sha256": self.raw_sha256, "bytes": self.raw_bytes}
 
 
@@ -75,6 +86,85 @@ class ReadContext:
     on_bad_lines: str = "error"
     bad_lines: int = 0
     files: list[SourceFile] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file of an input: where to read it (local path or fsspec URL) and its name in the manifest."""
+
+    location: str
+    entry: str
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _base_name(location: str) -> str:
+    return location.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _hidden(relative: str) -> bool:
+    """Files Spark, Hive and Hadoop write beside the data (_SUCCESS, _metadata, .crc files, _temporary/)."""
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def input_files(format: str, path: str | Path) -> list[InputFile]:
+    """The files ``path`` names, in the order their rows are read.
+
+    A file; a folder (every file below it, by sorted relative path, without the hidden files Spark and
+    Hive write: names starting with ``.`` or ``_``; hive-partitioned folders ``col=value/`` included);
+    a glob pattern (``logs/2026-*.csv.gz``, ``**`` recurses; sorted matches); or an fsspec URL of any of
+    these (``s3://``, ``gs://``, ...: needs that file system's package, e.g. s3fs). A MovieLens folder
+    or zip is one input (its ratings file). Many files are named in the manifest by their path
+    relative to the folder (or the glob's folder)."""
+    path = str(path)
+    if _is_url(path):
+        return _url_files(path)
+    if os.path.isfile(path) or format == "movielens" and os.path.isdir(path):
+        return [InputFile(path, _base_name(path))]
+    if os.path.isdir(path):
+        root = Path(path)
+        found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        files = [InputFile(str(root / rel), rel) for rel in found if not _hidden(rel)]
+        if not files:
+            raise InputError(f"{path}: folder holds no input files")
+        return files
+    if _GLOB_CHARS.search(path):
+        matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise InputError(f"{path}: no file matches this pattern")
+        return _named(matches, os.sep)
+    raise InputError(f"{path}: no such file or folder")
+
+
+def _named(locations: list[str], separator: str) -> list[InputFile]:
+    """Files named by their path below the folder all of them share."""
+    if len(locations) == 1:
+        return [InputFile(locations[0], _base_name(locations[0]))]
+    prefix = os.path.commonprefix(locations)
+    root = prefix[: prefix.rfind(separator) + 1]
+    return [InputFile(loc, loc[len(root):].replace(os.sep, "/")) for loc in locations]
+
+
+def _url_files(url: str) -> list[InputFile]:
+    try:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        if _GLOB_CHARS.search(root):
+            found = sorted(p for p in fs.glob(root) if fs.isfile(p))
+        elif fs.isdir(root):
+            found = sorted(p for p in fs.find(root) if not _hidden(p[len(root.rstrip("/")) + 1:]))
+        else:
+            found = [root] if fs.exists(root) else []
+    except ImportError as exc:  # e.g. s3:// without s3fs: fsspec names the package to install
+        raise InputError(f"{url}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{url}: cannot list ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not found:
+        raise InputError(f"{url}: no such file, folder or matching file")
+    return _named([fs.unstrip_protocol(p) for p in found], "/")
 
 
 def read_interactions(
@@ -91,38 +181,59 @@ def read_interactions(
 ) -> pd.DataFrame:
     """Read ``path`` in ``format`` (one of :data:`FORMATS`) into the interactions frame.
 
-    The column options apply to ``csv`` and ``parquet`` (``user_col``, ``item_col`` required,
-    ``time_col`` optional: without it file order is the time order). ``delimiter`` defaults to tab
-    for ``.tsv``/``.tab`` files and comma otherwise. Text may be gzipped (``.gz``) or a zip archive.
+    ``path`` is a file, a folder, a glob or a URL (:func:`input_files`); many files are read in order
+    and concatenated. The column options apply to ``csv`` and ``parquet`` (``user_col``, ``item_col``
+    required, ``time_col`` optional: without it file order is the time order). ``delimiter`` defaults
+    to tab for ``.tsv``/``.tab`` files and comma otherwise. Text may be gzipped (``.gz``) or a zip archive.
     """
+    options = dict(user_col=user_col, item_col=item_col, time_col=time_col, rating_col=rating_col,
+                   delimiter=delimiter, encoding=encoding, on_bad_lines=on_bad_lines)
+    check_reader_options(format, options)
+    return concat_interactions([read_input_file(format, source, **options) for source in input_files(format, path)])
+
+
+def check_reader_options(format: str, options: dict) -> None:
+    """The errors in the options alone, raised before any file is read."""
     if format not in FORMATS:
         raise InputError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    if on_bad_lines not in BAD_LINE_POLICIES:
-        raise InputError(f"--on-bad-lines must be one of {', '.join(BAD_LINE_POLICIES)}, not {on_bad_lines!r}")
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
+    if options.get("on_bad_lines", "error") not in BAD_LINE_POLICIES:
+        raise InputError(f"--on-bad-lines must be one of {', '.join(BAD_LINE_POLICIES)}, not {options['on_bad_lines']!r}")
+    if format in ("csv", "parquet") and (not options.get("user_col") or not options.get("item_col")):
+        raise InputError(f"--format {format} needs --user-col and --item-col")
+
+
+def read_input_file(
+    format: str,
+    source: InputFile,
+    *,
+    user_col: str | None = None,
+    item_col: str | None = None,
+    time_col: str | None = None,
+    rating_col: str | None = None,
+    delimiter: str | None = None,
+    encoding: str = "utf-8",
+    on_bad_lines: str = "error",
+) -> pd.DataFrame:
+    """One file of an input as the interactions frame (options as :func:`read_interactions`)."""
+    check_reader_options(format, dict(user_col=user_col, item_col=item_col, on_bad_lines=on_bad_lines))
+    path = source.location if _is_url(source.location) else Path(source.location)
     ctx = ReadContext(on_bad_lines=on_bad_lines)
     if format == "movielens":
-        frame = _read_movielens(path, ctx)
+        frame = _read_movielens(path, ctx, source.entry)
     elif format == "csv":
-        if not user_col or not item_col:
-            raise InputError("--format csv needs --user-col and --item-col")
-        src = _load(path, ctx, encoding=encoding)
-        sep = delimiter or ("\t" if re.search(r"\.(tsv|tab)(\.gz|\.zip)?$", path.name) else ",")
+        src = _load(path, ctx, encoding=encoding, entry=source.entry)
+        sep = delimiter or ("\t" if re.search(r"\.(tsv|tab)(\.gz|\.zip)?$", _base_name(str(path))) else ",")
         frame = _read_delimited(src, ctx, sep, header=True, cols=(user_col, item_col, time_col, rating_col))
     elif format == "parquet":
-        if not user_col or not item_col:
-            raise InputError("--format parquet needs --user-col and --item-col")
-        frame = _read_parquet(path, ctx, (user_col, item_col, time_col, rating_col))
+        frame = _read_parquet(_load(path, ctx, entry=source.entry), ctx, (user_col, item_col, time_col, rating_col))
     elif format == "amazon-json":
-        frame = _read_amazon(path, ctx)
+        frame = _read_amazon(_load(path, ctx, entry=source.entry), ctx)
     elif format == "pairs":
-        src = _load(path, ctx, encoding=encoding)
+        src = _load(path, ctx, encoding=encoding, entry=source.entry)
         src.data = src.data.replace(b"\t", b" ")
         frame = _read_delimited(src, ctx, " ", header=False, cols=(0, 1, None, None))
     else:
-        frame = _read_sequences(_load(path, ctx, encoding=encoding), ctx)
+        frame = _read_sequences(_load(path, ctx, encoding=encoding, entry=source.entry), ctx)
     frame.attrs.update(
         format=format,
         bad_lines=ctx.bad_lines,
@@ -131,15 +242,44 @@ def read_interactions(
     return frame
 
 
+def concat_interactions(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Frames of consecutive files as one: ids as categoricals over all files' ids, file-order
+    timestamps shifted by the rows of the files before (the position in the whole input)."""
+    if len(frames) == 1:
+        return frames[0]
+    shifts = file_order_shifts(frames[0].attrs["timestamp"], [f.attrs["rows"] for f in frames])
+    frame = pd.DataFrame({
+        "user_id": pd.api.types.union_categoricals([f["user_id"] for f in frames]),
+        "item_id": pd.api.types.union_categoricals([f["item_id"] for f in frames]),
+        "timestamp": np.concatenate([f["timestamp"].to_numpy() + shift for f, shift in zip(frames, shifts)]),
+        **({"rating": np.concatenate([f["rating"].to_numpy() for f in frames])} if all("rating" in f for f in frames) else {}),
+    })
+    frame.attrs.update(
+        format=frames[0].attrs["format"],
+        timestamp=frames[0].attrs["timestamp"],
+        bad_lines=sum(f.attrs["bad_lines"] for f in frames),
+        files=[entry for f in frames for entry in f.attrs["files"]],
+        rows=int(sum(f.attrs["rows"] for f in frames)),
+    )
+    return frame
+
+
+def file_order_shifts(timestamp: str, rows: list[int]) -> np.ndarray:
+    """What to add to each file's timestamps: for file-order time, the rows of the files before it."""
+    if timestamp != "file-order":
+        return np.zeros(len(rows), dtype=np.int64)
+    return np.concatenate(([0], np.cumsum(rows[:-1], dtype=np.int64)))
+
+
 # ----------------------------------------------------------------------------- file loading
 
 
-def _load(path: Path, ctx: ReadContext, *, encoding: str = "utf-8", member: str | None = None) -> SourceFile:
+def _load(path: Path | str, ctx: ReadContext, *, encoding: str = "utf-8", member: str | None = None,
+          entry: str | None = None) -> SourceFile:
     """Read ``path`` fully, hash the bytes on disk, decompress gzip/zip and return UTF-8 text bytes."""
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, expected a file")
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     digest = hashlib.sha256(raw).hexdigest()
+    size = len(raw)
     chosen = None
     if raw[:2] == b"\x1f\x8b":
         try:
@@ -153,7 +293,7 @@ def _load(path: Path, ctx: ReadContext, *, encoding: str = "utf-8", member: str 
     del raw
     if data[:3] == b"\xef\xbb\xbf":
         data = data[3:]
-    source = SourceFile(path, digest, path.stat().st_size, data, chosen)
+    source = SourceFile(path, digest, size, data, chosen, entry)
     if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
         try:
             source.data = data.decode(encoding).encode("utf-8")
@@ -163,11 +303,30 @@ def _load(path: Path, ctx: ReadContext, *, encoding: str = "utf-8", member: str 
     return source
 
 
+def _read_bytes(path: Path | str) -> bytes:
+    """The file's bytes: local paths directly, URLs through fsspec."""
+    if isinstance(path, Path):
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder, expected a file")
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder")
+        return path.read_bytes()
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as handle:
+            return handle.read()
+    except ImportError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 # What a damaged or unusual zip archive raises (encrypted members raise RuntimeError).
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, NotImplementedError, RuntimeError, ValueError)
 
 
-def _unzip_member(path: Path, raw: bytes, member: str | None) -> tuple[bytes, str]:
+def _unzip_member(path: Path | str, raw: bytes, member: str | None) -> tuple[bytes, str]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(raw))
         names = [n for n in archive.namelist() if not n.endswith("/")]
@@ -341,7 +500,7 @@ def _frame(src: SourceFile, ctx: ReadContext, table: pa.Table, cols: tuple, head
     if not keep.all():
         ctx.bad_lines += int((~keep).sum())
         frame = frame[keep].reset_index(drop=True)
-    frame.attrs["timestamp"] = "column" if time else "file-order"
+    frame.attrs.update(timestamp="column" if time else "file-order", rows=table.num_rows)
     return frame
 
 
@@ -384,13 +543,15 @@ def _parse_times(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- per format
 
 
-def _read_movielens(path: Path, ctx: ReadContext) -> pd.DataFrame:
+def _read_movielens(path: Path | str, ctx: ReadContext, entry: str | None = None) -> pd.DataFrame:
     """``ratings.dat`` (``::``, ML-1M/10M), ``u.data`` (tabs, ML-100K) or ``ratings.csv`` (ML-20M and later).
 
     ``path`` may be the ratings file (gzipped or not), the extracted folder or the official zip.
     """
-    member = None
-    if path.is_dir():
+    member, given = None, path
+    if isinstance(path, str):  # a URL: the ratings file itself
+        pass
+    elif path.is_dir():
         found = [path / n for n in MOVIELENS_FILES if (path / n).is_file()]
         if not found:
             raise InputError(f"{path}: no MovieLens ratings file ({', '.join(MOVIELENS_FILES)}) in this folder")
@@ -404,7 +565,7 @@ def _read_movielens(path: Path, ctx: ReadContext) -> pd.DataFrame:
         if not members:
             raise InputError(f"{path}: no MovieLens ratings file ({', '.join(MOVIELENS_FILES)}) in this zip")
         member = sorted(members, key=lambda n: MOVIELENS_FILES.index(Path(n).name))[0]
-    src = _load(path, ctx, member=member)
+    src = _load(path, ctx, member=member, entry=entry if path == given else None)  # a folder: the file's name
     first = _first_line(src.data)
     if b"::" in first:
         # ML-1M/10M: '::' separated, no header. One byte replace lets the C parser do the rest.
@@ -424,8 +585,7 @@ def _read_movielens(path: Path, ctx: ReadContext) -> pd.DataFrame:
     raise InputError(f"{src.name}: line 1: not a MovieLens ratings file ('::', tab or userId,movieId,... CSV): {first[:200]!r}")
 
 
-def _read_parquet(path: Path, ctx: ReadContext, cols: tuple) -> pd.DataFrame:
-    src = _load(path, ctx)
+def _read_parquet(src: SourceFile, ctx: ReadContext, cols: tuple) -> pd.DataFrame:
     try:
         table = pq.read_table(pa.BufferReader(src.data))
     except (pa.ArrowInvalid, OSError) as exc:
@@ -440,10 +600,9 @@ def _read_parquet(path: Path, ctx: ReadContext, cols: tuple) -> pd.DataFrame:
     return _frame(src, ctx, table, cols, header=None)
 
 
-def _read_amazon(path: Path, ctx: ReadContext) -> pd.DataFrame:
+def _read_amazon(src: SourceFile, ctx: ReadContext) -> pd.DataFrame:
     """Amazon review JSON lines (2014/2018: reviewerID, asin, unixReviewTime, overall; 2023: user_id,
     parent_asin, timestamp in ms, rating), plain, gzipped or in a zip with one file."""
-    src = _load(path, ctx)
     _check_utf8(src)
     first_line = _first_line(src.data)
     line_no = src.data.count(b"\n", 0, src.data.find(first_line)) + 1 if first_line else 1

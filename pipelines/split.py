@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from pipelines.errors import InputError
@@ -23,8 +25,37 @@ def leave_one_out_split(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return train_end, valid_end
 
 
+class EventTimes(Protocol):
+    """The order statistics a temporal cut needs: the number of events, the k-th smallest time
+    (0-based) and the number of events before a time. :class:`SortedTimes` answers them from an array in
+    memory; the Dask engine answers them from its workers, so both engines cut at the same times."""
+
+    n: int
+
+    def kth(self, k: int) -> int: ...
+
+    def count_before(self, time: int) -> int: ...
+
+
+class SortedTimes:
+    def __init__(self, timestamps: np.ndarray):
+        self.ordered = np.sort(np.asarray(timestamps))
+        self.n = len(self.ordered)
+
+    def kth(self, k: int) -> int:
+        return int(self.ordered[k])
+
+    def count_before(self, time: int) -> int:
+        return int(np.searchsorted(self.ordered, time, side="left"))
+
+
+def lower_quantile_index(n: int, quantile: float) -> int:
+    """The 0-based rank numpy's ``quantile(..., method="lower")`` picks among ``n`` sorted values."""
+    return int(np.floor((n - 1) * np.float64(quantile)))
+
+
 def temporal_cutoffs(
-    timestamps: np.ndarray,
+    times: EventTimes,
     *,
     cutoff_time: int | None = None,
     cutoff_quantile: float | None = None,
@@ -45,21 +76,19 @@ def temporal_cutoffs(
     for name, q in (("--cutoff-quantile", cutoff_quantile), ("--valid-quantile", valid_quantile)):
         if q is not None and not 0.0 < q < 1.0:
             raise InputError(f"{name} must be between 0 and 1 (exclusive), got {q}")
-    ts = np.asarray(timestamps)
 
     def cut(time, quantile):
-        return int(time) if time is not None else int(np.quantile(ts, quantile, method="lower"))
+        return int(time) if time is not None else times.kth(lower_quantile_index(times.n, quantile))
 
     test_cut = cut(cutoff_time, cutoff_quantile)
     if valid_time is None and valid_quantile is None:
-        ordered = np.sort(ts)
-        before_test = int(np.searchsorted(ordered, test_cut, side="left"))
-        first_valid = before_test - (len(ordered) - before_test)
+        before_test = times.count_before(test_cut)
+        first_valid = before_test - (times.n - before_test)
         if first_valid <= 0:
             raise InputError(f"the test window (events at or after {test_cut}) holds half of the events or more, "
                              "leaving no room for a validation window of the same size before it; give "
                              "--valid-time or --valid-quantile")
-        return int(ordered[first_valid]), test_cut
+        return times.kth(first_valid), test_cut
     valid_cut = cut(valid_time, valid_quantile)
     if valid_cut > test_cut:
         raise InputError(f"validation cut {valid_cut} is after the test cut {test_cut}")

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.errors import InputError
-from pipelines.split import leave_one_out_split, temporal_cutoffs, temporal_split
+from pipelines.split import SortedTimes, leave_one_out_split, lower_quantile_index, temporal_cutoffs, temporal_split
 
 
 @given(st.lists(st.integers(1, 50), min_size=1, max_size=50))
@@ -34,7 +34,7 @@ def test_temporal_split_invariants(per_user, a, b):
 
 
 def test_temporal_cutoffs():
-    times = np.arange(100)
+    times = SortedTimes(np.arange(100))
     assert temporal_cutoffs(times, cutoff_quantile=0.9) == (78, 89)  # default: a validation window as big as the test one
     assert temporal_cutoffs(times, cutoff_quantile=0.9, valid_quantile=0.8) == (79, 89)
     assert temporal_cutoffs(times, cutoff_time=50, valid_time=40) == (40, 50)
@@ -46,9 +46,19 @@ def test_temporal_cutoffs():
 
 def test_temporal_default_validation_window_holds_as_many_events_as_the_test_window():
     times = np.repeat(np.arange(100), 3)  # ties: 3 events per time
-    valid_cut, test_cut = temporal_cutoffs(times, cutoff_quantile=0.9)
+    valid_cut, test_cut = temporal_cutoffs(SortedTimes(times), cutoff_quantile=0.9)
     assert test_cut == 89
     n_test = (times >= test_cut).sum()
     assert ((times >= valid_cut) & (times < test_cut)).sum() == n_test and valid_cut == 78
     with pytest.raises(InputError, match="half of the events"):
-        temporal_cutoffs(times, cutoff_quantile=0.4)
+        temporal_cutoffs(SortedTimes(times), cutoff_quantile=0.4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 10**9), st.floats(0.0, 1.0, exclude_min=True, exclude_max=True))
+def test_the_quantile_rank_is_the_one_numpy_picks(n, q):
+    """Both engines cut at the value of this rank; on an array it must be numpy's "lower" quantile."""
+    k = lower_quantile_index(n, q)
+    assert 0 <= k < n
+    if n <= 10**6:
+        assert np.quantile(np.arange(n), q, method="lower") == k
