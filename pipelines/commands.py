@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 
 from pipelines.clean import KCORE_MODES
+from pipelines.dask_cluster import add_dask_arguments, check_dask_arguments
+from pipelines.dataset import DEFAULT_USERS_PER_PART
 from pipelines.errors import InputError
 from pipelines.readers import BAD_LINE_POLICIES, FORMATS
 from pipelines.split import DEFAULT_VALIDATION, SPLIT_PROTOCOLS
@@ -110,8 +112,13 @@ def _register_prepare(subparsers) -> None:
     )
     # No argparse `choices`: an unknown format is reported as one clean error line by the reader.
     p.add_argument("--format", required=True, metavar="{" + ",".join(FORMATS) + "}", help="input format")
-    p.add_argument("--input", required=True, help="input file (or MovieLens folder/zip)")
+    p.add_argument("--input", required=True,
+                   help="input: a file, a folder (every file in it; a MovieLens folder/zip for movielens), a glob "
+                   "(quote it) or an fsspec URL (s3://..., gs://...: install s3fs/gcsfs); many files are read in sorted "
+                   "name order, then line order")
     p.add_argument("--out", required=True, help="dataset folder to write (replaced if it exists)")
+    p.add_argument("--users-per-part", type=int, default=DEFAULT_USERS_PER_PART,
+                   help="store the sequences as parts of this many users when there are more (0: always one file)")
     cols = p.add_argument_group("columns (csv, parquet)")
     cols.add_argument("--user-col", help="user id column")
     cols.add_argument("--item-col", help="item id column")
@@ -140,38 +147,38 @@ def _register_prepare(subparsers) -> None:
     split.add_argument("--cutoff-quantile", type=float, help="temporal: test cut as a quantile of event times, e.g. 0.9")
     split.add_argument("--valid-time", type=int, help="temporal: validation cut (timestamp)")
     split.add_argument("--valid-quantile", type=float, help="temporal: validation cut as a quantile, e.g. 0.8")
+    add_dask_arguments(p)
     p.set_defaults(func=prepare_command)
 
 
 def prepare_command(args: argparse.Namespace) -> int:
-    from pipelines.prepare import prepare_file
-
+    check_dask_arguments(args)
     if args.split == "leave-one-out" and any(
         v is not None for v in (args.cutoff_time, args.cutoff_quantile, args.valid_time, args.valid_quantile)
     ):
         raise InputError("--cutoff-*/--valid-* options need --split temporal")
-    dataset = prepare_file(
-        args.format,
-        args.input,
-        args.out,
-        reader_options=dict(
-            user_col=args.user_col, item_col=args.item_col, time_col=args.time_col, rating_col=args.rating_col,
-            delimiter=args.delimiter, encoding=None if args.encoding.lower() in ("utf-8", "utf8") else args.encoding,
-            on_bad_lines=args.on_bad_lines,
-        ),
-        progress=None,
-        min_rating=args.min_rating,
-        dedupe_consecutive=args.dedupe_consecutive,
-        kcore=args.kcore,
-        user_core=args.user_core,
-        item_core=args.item_core,
-        split=args.split,
-        cutoff_time=args.cutoff_time,
-        cutoff_quantile=args.cutoff_quantile,
-        valid_time=args.valid_time,
+    reader_options = dict(
+        user_col=args.user_col, item_col=args.item_col, time_col=args.time_col, rating_col=args.rating_col,
+        delimiter=args.delimiter, encoding=None if args.encoding.lower() in ("utf-8", "utf8") else args.encoding,
+        on_bad_lines=args.on_bad_lines,
+    )
+    options = dict(
+        reader_options=reader_options, users_per_part=args.users_per_part, min_rating=args.min_rating,
+        dedupe_consecutive=args.dedupe_consecutive, kcore=args.kcore, user_core=args.user_core, item_core=args.item_core,
+        split=args.split, cutoff_time=args.cutoff_time, cutoff_quantile=args.cutoff_quantile, valid_time=args.valid_time,
         valid_quantile=args.valid_quantile,
     )
-    print(summary_table(dataset.manifest))
+    if args.engine == "dask":
+        from pipelines.dask_cluster import dask_client
+        from pipelines.dask_engine import prepare_on_dask
+
+        with dask_client(args.scheduler, workers=args.workers, memory_limit=args.memory_limit) as client:
+            manifest = prepare_on_dask(client, args.format, args.input, args.out, **options)
+    else:
+        from pipelines.prepare import prepare_file
+
+        manifest = prepare_file(args.format, args.input, args.out, progress=None, **options).manifest
+    print(summary_table(manifest))
     print(f"wrote {args.out}")
     return 0
 

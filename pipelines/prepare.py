@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from pipelines import PIPELINE_VERSION
 from pipelines.clean import KCORE_MODES, consecutive_duplicate_mask, kcore_mask, min_rating_mask
-from pipelines.dataset import SequenceDataset, write_dataset
+from pipelines.dataset import DEFAULT_USERS_PER_PART, SequenceDataset, sequence_parts, write_dataset
 from pipelines.errors import InputError
 from pipelines.readers import read_interactions
 from pipelines.split import DEFAULT_VALIDATION, SPLIT_PROTOCOLS, SortedTimes, leave_one_out_split, temporal_cutoffs, temporal_split
@@ -82,7 +82,7 @@ def prepare(
         keep_rows(kcore_mask(users, items, user_core, item_core, iterative=kcore == "iterative"), "kcore")
     bar.update()
     if len(users) == 0:
-        raise InputError(f"no events left after filtering (dropped: {_describe(dropped)}); relax the filters")
+        raise InputError(f"no events left after filtering (dropped: {describe_dropped(dropped)}); relax the filters")
 
     bar.set_postfix_str("vocabulary")
     user_index, user_ids = rank_codes(user_names, used=np.bincount(users, minlength=len(user_names)) > 0)
@@ -188,18 +188,21 @@ def dataset_manifest(attrs: dict, filters: dict, split: dict, lengths: np.ndarra
 
 
 def prepare_file(
-    format: str, path: str | Path, out_dir: str | Path, *, reader_options: dict | None = None, progress: bool | None = False, **options
+    format: str, path: str | Path, out_dir: str | Path, *, reader_options: dict | None = None, progress: bool | None = False,
+    users_per_part: int = DEFAULT_USERS_PER_PART, **options
 ) -> SequenceDataset:
-    """Read ``path`` with :func:`read_interactions`, :func:`prepare` it and write the dataset folder.
+    """Read ``path`` (a file, folder, glob or URL) with :func:`read_interactions`, :func:`prepare` it and
+    write the dataset folder (sequences in parts of ``users_per_part`` users when there are more).
 
     The folder appears only complete (written beside it, then renamed); on any error nothing is left."""
+    sequence_parts(0, users_per_part)  # checks the option before the (slow) read
     reader_options = {k: v for k, v in (reader_options or {}).items() if v is not None}
     frame = read_interactions(format, path, **reader_options)
     frame.attrs["options"] = {k: v for k, v in reader_options.items()}
     dataset = prepare(frame, progress=progress, **options)
-    write_dataset(out_dir, dataset)
+    write_dataset(out_dir, dataset, users_per_part=users_per_part)
     return dataset
 
 
-def _describe(dropped: dict) -> str:
+def describe_dropped(dropped: dict) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in dropped.items()) or "nothing"

@@ -1,0 +1,376 @@
+"""The Dask engine of ``prepare``: the pandas engine's dataset folder, built on a Dask cluster.
+
+Every rule is the pandas engine's own code, run on partitions; what changes is where counts are taken:
+
+1. **read**: one task per input file (:func:`pipelines.readers.read_input_file`), the minimum rating
+   applied there; the client receives each file's distinct ids, never its events.
+2. **codes**: the client ranks all user and item ids (:func:`pipelines.vocab.rank_codes`; memory in
+   distinct ids, not events) and each file's ids become integer codes, a user's code being its rank.
+3. **order**: a shuffle by user code into ranges (``set_index`` with divisions balanced by events):
+   each partition holds whole users, consecutive, sorted by (user, time, file order); repeated
+   consecutive events are dropped there.
+4. **k-core**: item counts summed over partitions, user counts within them, until nothing changes
+   (or one pass for ``single-pass``), the rule of :func:`pipelines.clean.kcore_mask`.
+5. **vocabulary and split**: the survivors ranked as the pandas engine ranks them, splits per user,
+   temporal cuts from order statistics the workers answer (:class:`DistributedTimes`); each sequences
+   file is built on a worker as Parquet bytes (:func:`pipelines.dataset.parquet_bytes`) and written by
+   the client into the folder, which appears atomically.
+
+The same input and options give byte-identical files to the pandas engine's (tests check it).
+Workers need the input paths (a shared file system or an fsspec URL); the output is written by the
+client only.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.atomic import atomic_directory
+from pipelines.clean import KCORE_MODES, consecutive_duplicate_mask, min_rating_mask
+from pipelines.dataset import (
+    DEFAULT_USERS_PER_PART,
+    SEQUENCES_PARTS,
+    parquet_bytes,
+    sequence_parts,
+    sequences_table,
+    write_items_and_manifest,
+)
+from pipelines.errors import InputError
+from pipelines.prepare import dataset_manifest, describe_dropped, filter_description, split_description
+from pipelines.readers import InputFile, check_reader_options, file_order_shifts, input_files, read_input_file
+from pipelines.split import SPLIT_PROTOCOLS, leave_one_out_split, temporal_cutoffs, temporal_split
+from pipelines.vocab import item_vocabulary, rank_codes
+
+# Events per partition after the shuffle: small enough for a worker of a few GB, large enough that
+# per-task overhead stays small.
+EVENTS_PER_PARTITION = 2_000_000
+_ROW_BITS = 40  # a row's file-order key: file index << 40 | line; 2**40 rows per file, 2**23 files
+
+
+def prepare_on_dask(
+    client,
+    format: str,
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    reader_options: dict | None = None,
+    min_rating: float | None = None,
+    dedupe_consecutive: bool = False,
+    kcore: str = "iterative",
+    user_core: int = 5,
+    item_core: int = 5,
+    split: str = "leave-one-out",
+    cutoff_time: int | None = None,
+    cutoff_quantile: float | None = None,
+    valid_time: int | None = None,
+    valid_quantile: float | None = None,
+    users_per_part: int = DEFAULT_USERS_PER_PART,
+    events_per_partition: int = EVENTS_PER_PARTITION,
+) -> dict:
+    """Read ``path`` on the cluster of ``client``, prepare it as :func:`pipelines.prepare.prepare` does and
+    write the dataset folder ``out_dir``; returns its manifest. Options as :func:`pipelines.prepare.prepare_file`."""
+    if kcore not in KCORE_MODES:
+        raise InputError(f"--kcore must be one of {', '.join(KCORE_MODES)}, not {kcore!r}")
+    if split not in SPLIT_PROTOCOLS:
+        raise InputError(f"--split must be one of {', '.join(SPLIT_PROTOCOLS)}, not {split!r}")
+    sequence_parts(0, users_per_part)  # checks the option before any work
+    reader_options = {k: v for k, v in (reader_options or {}).items() if v is not None}
+    check_reader_options(format, reader_options)
+    sources = input_files(format, path)
+
+    # 1. read
+    read = client.map(_read_file, sources, range(len(sources)), format=format, options=reader_options,
+                      min_rating=min_rating, pure=False)
+    summaries = client.gather(client.map(_summary, read))
+    attrs = {
+        "format": format, "timestamp": summaries[0]["timestamp"], "options": reader_options,
+        "files": [entry for s in summaries for entry in s["files"]],
+    }
+    dropped = {"bad_lines": sum(s["bad_lines"] for s in summaries), "min_rating": sum(s["min_rating"] for s in summaries),
+               "dedupe": 0, "kcore": 0}
+
+    # 2. codes
+    user_codes, user_names, user_events = _global_codes([s["users"] for s in summaries], [s["user_counts"] for s in summaries])
+    item_codes, item_names, _ = _global_codes([s["items"] for s in summaries], [s["item_counts"] for s in summaries])
+    shifts = file_order_shifts(attrs["timestamp"], [s["rows"] for s in summaries])
+    parts = client.map(_encode, read, user_codes, item_codes, shifts)
+    del read
+
+    # 3. order
+    parts = _by_user(client, parts, user_events, events_per_partition, dedupe_consecutive)
+    if dedupe_consecutive:
+        dropped["dedupe"] = int(user_events.sum()) - _count(client, parts)
+
+    # 4. k-core
+    if kcore != "none":
+        events = _count(client, parts)
+        while True:
+            counts = client.submit(_sum_counts, client.map(_bincount, parts, column="item", size=len(item_names)))
+            parts = client.map(_kcore_round, parts, item_counts=counts, user_core=user_core, item_core=item_core)
+            left = _count(client, parts)
+            dropped["kcore"] += events - left
+            if left == events or kcore == "single-pass" or left == 0:
+                break
+            events = left
+    events = _count(client, parts)
+    if events == 0:
+        raise InputError(f"no events left after filtering (dropped: {describe_dropped(dropped)}); relax the filters")
+
+    # 5. vocabulary
+    used = np.zeros(len(user_names), dtype=bool)
+    used[np.concatenate(client.gather(client.map(_users_of, parts)))] = True
+    user_index, user_ids = rank_codes(user_names, used=used)
+    if np.any(np.diff(user_index[used]) < 0):  # the survivors sort differently than all users (e.g. now all numeric)
+        per_code = client.gather(client.submit(_sum_counts, client.map(_bincount, parts, column="user", size=len(user_names))))
+        events_per_user = np.zeros(len(user_ids), dtype=np.int64)
+        events_per_user[user_index[used]] = per_code[used]
+        parts = client.map(_recode_users, parts, user_index=client.scatter(user_index, broadcast=True))
+        parts = _by_user(client, parts, events_per_user, events_per_partition, dedupe=False)
+        user_index = np.arange(len(user_ids))
+    item_counts = client.gather(client.submit(_sum_counts, client.map(_bincount, parts, column="item", size=len(item_names))))
+    item_index, item_sorted = rank_codes(item_names, used=item_counts > 0, first=2)
+    item_ids = item_vocabulary(item_sorted)
+
+    # split
+    split_info = split_description(split, cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile,
+                                   valid_time=valid_time, valid_quantile=valid_quantile)
+    cuts = None
+    if split == "temporal":
+        cuts = temporal_cutoffs(DistributedTimes(client, parts), cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile,
+                                valid_time=valid_time, valid_quantile=valid_quantile)
+        split_info.update(valid_cut=cuts[0], test_cut=cuts[1])
+    user_map = client.scatter(user_index, broadcast=True)
+    item_map = client.scatter(item_index.astype(np.int32), broadcast=True)
+    finished = client.map(_finish, parts, user_index=user_map, item_index=item_map, vocab_size=len(item_ids), cuts=cuts)
+    del parts
+    ends = client.gather(client.map(_split_ends, finished))
+    order = [i for i in np.argsort([e["first_user"] for e in ends]) if ends[i]["lengths"].size]  # empty partitions left out
+    finished = [finished[i] for i in order]
+    ends = [ends[i] for i in order]
+    lengths, train_end, valid_end = (np.concatenate([e[key] for e in ends]) for key in ("lengths", "train_end", "valid_end"))
+    firsts = np.array([e["first_user"] for e in ends] + [len(user_ids)])
+    counts, train_counts = client.gather(client.submit(_sum_count_pairs, client.map(_counts_of, finished)))
+    time_range = (min(e["first_time"] for e in ends), max(e["last_time"] for e in ends))
+    manifest = dataset_manifest(
+        attrs, filter_description(min_rating, dedupe_consecutive, kcore, user_core, item_core), split_info, lengths,
+        train_end, valid_end, num_items=len(item_ids) - 2, time_range=time_range, dropped=dropped,
+    )
+
+    # write
+    files = sequence_parts(len(user_ids), users_per_part)
+    blobs = {}
+    for name, start, end in files:
+        overlapping = [finished[i] for i in range(len(finished)) if firsts[i] < end and firsts[i + 1] > start]
+        blobs[client.submit(_sequences_file, start, end, user_ids[start:end], overlapping)] = name
+    with atomic_directory(Path(out_dir)) as tmp:
+        if len(files) > 1:
+            (tmp / SEQUENCES_PARTS).mkdir()
+        from distributed import as_completed
+
+        for future in as_completed(list(blobs)):
+            (tmp / blobs[future]).write_bytes(future.result())
+            future.release()
+        write_items_and_manifest(tmp, item_ids, counts, train_counts, manifest)
+    return manifest
+
+
+class DistributedTimes:
+    """:class:`pipelines.split.EventTimes` over the events of partitions on the cluster: each worker
+    sorts its partition's times once; the k-th time is found by bisection on the value, counting below it."""
+
+    def __init__(self, client, parts):
+        self.client = client
+        self.sorted = client.map(_sorted_times, parts)
+        sizes_and_ranges = client.gather(client.map(_time_range, self.sorted))
+        self.n = sum(n for n, _, _ in sizes_and_ranges)
+        self.low = min(lo for n, lo, _ in sizes_and_ranges if n)
+        self.high = max(hi for n, _, hi in sizes_and_ranges if n)
+
+    def count_before(self, time: int) -> int:
+        return int(sum(self.client.gather(self.client.map(_count_before, self.sorted, time=int(time)))))
+
+    def kth(self, k: int) -> int:
+        low, high = self.low, self.high  # the answer is in [low, high]: the smallest t with k + 1 times <= t
+        while low < high:
+            middle = (low + high) // 2
+            if self.count_before(middle + 1) >= k + 1:
+                high = middle
+            else:
+                low = middle + 1
+        return int(low)
+
+
+# ----------------------------------------------------------------------------- the client's side
+
+
+def _global_codes(names_per_file: list[np.ndarray], counts_per_file: list[np.ndarray]):
+    """Each file's local ids -> code = rank among all ids; returns (per-file code arrays, ids by code,
+    events per code)."""
+    everything = np.concatenate(names_per_file) if names_per_file else np.zeros(0, dtype=object)
+    local_to_unique, uniques = pd.factorize(everything)
+    rank, names = rank_codes(np.asarray(uniques, dtype=object))
+    codes = rank[local_to_unique]
+    events = np.bincount(codes, weights=np.concatenate(counts_per_file), minlength=len(names)).astype(np.int64)
+    bounds = np.cumsum([0] + [len(n) for n in names_per_file])
+    return [codes[a:b] for a, b in zip(bounds[:-1], bounds[1:])], names, events
+
+
+def _divisions(events_per_user: np.ndarray, events_per_partition: int) -> list[int]:
+    """User-code boundaries giving partitions of about ``events_per_partition`` events (whole users)."""
+    total = int(events_per_user.sum())
+    n = max(1, math.ceil(total / events_per_partition))
+    cumulative = np.cumsum(events_per_user)
+    cuts = np.searchsorted(cumulative, np.arange(1, n) * total / n, side="right")
+    return sorted({0, *map(int, cuts), len(events_per_user) - 1})
+
+
+def _by_user(client, parts, events_per_user: np.ndarray, events_per_partition: int, dedupe: bool):
+    """Shuffle to partitions of consecutive whole users, each sorted by (user, time, file order)."""
+    import dask.dataframe as dd
+
+    meta = pd.DataFrame({"user": np.zeros(0, np.int64), "item": np.zeros(0, np.int32),
+                         "timestamp": np.zeros(0, np.int64), "row": np.zeros(0, np.int64)})
+    frame = dd.from_delayed(parts, meta=meta, verify_meta=False)
+    shuffled = frame.set_index("user", divisions=_divisions(events_per_user, events_per_partition), drop=False)
+    return client.compute(shuffled.map_partitions(_ordered, dedupe, meta=meta).to_delayed())
+
+
+def _count(client, parts) -> int:
+    return int(sum(client.gather(client.map(len, parts))))
+
+
+# ----------------------------------------------------------------------------- tasks (on workers)
+
+
+def _read_file(source: InputFile, index: int, *, format: str, options: dict, min_rating: float | None) -> pd.DataFrame:
+    frame = read_input_file(format, source, **options)
+    keep = min_rating_mask(frame["rating"].to_numpy() if "rating" in frame else None, min_rating)
+    rows = np.arange(len(frame), dtype=np.int64) | (np.int64(index) << _ROW_BITS)
+    attrs = dict(frame.attrs, min_rating=0 if keep is None else int(len(keep) - keep.sum()))
+    users, items = frame["user_id"], frame["item_id"]
+    if keep is not None:
+        users, items, rows = users[keep], items[keep], rows[keep]
+        frame = frame[keep]
+    users, items = users.cat.remove_unused_categories(), items.cat.remove_unused_categories()
+    out = pd.DataFrame({"user": users.cat.codes.to_numpy().astype(np.int64), "item": items.cat.codes.to_numpy().astype(np.int64),
+                        "timestamp": frame["timestamp"].to_numpy().astype(np.int64), "row": rows})
+    out.attrs = dict(attrs, users=np.asarray(users.cat.categories, dtype=object), items=np.asarray(items.cat.categories, dtype=object))
+    return out
+
+
+def _summary(frame: pd.DataFrame) -> dict:
+    a = frame.attrs
+    return {
+        "rows": a["rows"], "bad_lines": a["bad_lines"], "files": a["files"], "timestamp": a["timestamp"],
+        "min_rating": a["min_rating"], "users": a["users"], "items": a["items"],
+        "user_counts": np.bincount(frame["user"].to_numpy(), minlength=len(a["users"])),
+        "item_counts": np.bincount(frame["item"].to_numpy(), minlength=len(a["items"])),
+    }
+
+
+def _encode(frame: pd.DataFrame, user_codes: np.ndarray, item_codes: np.ndarray, shift: int) -> pd.DataFrame:
+    return pd.DataFrame({"user": user_codes[frame["user"].to_numpy()], "item": item_codes[frame["item"].to_numpy()].astype(np.int32),
+                         "timestamp": frame["timestamp"].to_numpy() + np.int64(shift), "row": frame["row"].to_numpy()})
+
+
+def _ordered(frame: pd.DataFrame, dedupe: bool) -> pd.DataFrame:
+    """Sorted by (user, time, file order): the pandas engine's stable sort, ties kept in file order."""
+    order = np.lexsort((frame["row"].to_numpy(), frame["timestamp"].to_numpy(), frame["user"].to_numpy()))
+    frame = frame.iloc[order].reset_index(drop=True)
+    if dedupe:
+        keep = consecutive_duplicate_mask(frame["user"].to_numpy(), frame["item"].to_numpy())
+        frame = frame[keep].reset_index(drop=True)
+    return frame
+
+
+def _bincount(frame: pd.DataFrame, column: str, size: int) -> np.ndarray:
+    return np.bincount(frame[column].to_numpy(), minlength=size)
+
+
+def _sum_counts(counts: list[np.ndarray]) -> np.ndarray:
+    return np.sum(counts, axis=0)
+
+
+def _kcore_round(frame: pd.DataFrame, item_counts: np.ndarray, user_core: int, item_core: int) -> pd.DataFrame:
+    users = frame["user"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])  # users are contiguous in a partition
+    per_user = np.diff(np.r_[starts, len(users)])
+    ok = (np.repeat(per_user, per_user) >= user_core) & (item_counts[frame["item"].to_numpy()] >= item_core)
+    return frame if ok.all() else frame[ok].reset_index(drop=True)
+
+
+def _users_of(frame: pd.DataFrame) -> np.ndarray:
+    return np.unique(frame["user"].to_numpy())
+
+
+def _recode_users(frame: pd.DataFrame, user_index: np.ndarray) -> pd.DataFrame:
+    return frame.assign(user=user_index[frame["user"].to_numpy()])
+
+
+def _finish(frame: pd.DataFrame, user_index: np.ndarray, item_index: np.ndarray, vocab_size: int, cuts) -> dict:
+    """A partition as CSR sequences with final ids, split ends and item counts."""
+    users = user_index[frame["user"].to_numpy()]
+    items = item_index[frame["item"].to_numpy()]
+    times = frame["timestamp"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
+    offsets = np.r_[starts, len(users)].astype(np.int64)
+    lengths = np.diff(offsets)
+    if cuts is None:
+        train_end, valid_end = leave_one_out_split(lengths)
+    else:
+        train_end, valid_end = temporal_split(times, offsets, *cuts)
+    position = np.arange(len(items)) - np.repeat(offsets[:-1], lengths)
+    in_train = position < np.repeat(train_end, lengths)
+    return {
+        "first_user": int(users[0]) if len(users) else -1, "items": items, "timestamps": times, "offsets": offsets,
+        "train_end": train_end, "valid_end": valid_end,
+        "counts": np.bincount(items, minlength=vocab_size).astype(np.int64),
+        "train_counts": np.bincount(items[in_train], minlength=vocab_size).astype(np.int64),
+    }
+
+
+def _split_ends(part: dict) -> dict:
+    times = part["timestamps"]
+    return {"first_user": part["first_user"], "lengths": np.diff(part["offsets"]), "train_end": part["train_end"],
+            "valid_end": part["valid_end"], "first_time": int(times.min()) if len(times) else 0,
+            "last_time": int(times.max()) if len(times) else 0}
+
+
+def _counts_of(part: dict) -> tuple[np.ndarray, np.ndarray]:
+    return part["counts"], part["train_counts"]
+
+
+def _sum_count_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.sum([p[0] for p in pairs], axis=0), np.sum([p[1] for p in pairs], axis=0)
+
+
+def _sequences_file(start: int, end: int, user_ids: np.ndarray, parts: list[dict]) -> bytes:
+    """The bytes of the sequences file for users ``start..end`` from the partitions that hold them."""
+    items, times, lengths, train_end, valid_end = [], [], [], [], []
+    for part in parts:
+        first, offsets = part["first_user"], part["offsets"]
+        a, b = max(start - first, 0), min(end - first, len(offsets) - 1)
+        items.append(part["items"][offsets[a] : offsets[b]])
+        times.append(part["timestamps"][offsets[a] : offsets[b]])
+        lengths.append(np.diff(offsets[a : b + 1]))
+        train_end.append(part["train_end"][a:b])
+        valid_end.append(part["valid_end"][a:b])
+    offsets = np.r_[0, np.cumsum(np.concatenate(lengths))]
+    return parquet_bytes(sequences_table(user_ids, start, np.concatenate(items), np.concatenate(times), offsets,
+                                         np.concatenate(train_end), np.concatenate(valid_end)))
+
+
+def _sorted_times(frame: pd.DataFrame) -> np.ndarray:
+    return np.sort(frame["timestamp"].to_numpy())
+
+
+def _time_range(ordered: np.ndarray) -> tuple[int, int, int]:
+    return (len(ordered), int(ordered[0]), int(ordered[-1])) if len(ordered) else (0, 0, 0)
+
+
+def _count_before(ordered: np.ndarray, time: int) -> int:
+    return int(np.searchsorted(ordered, time, side="left"))
