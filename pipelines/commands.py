@@ -39,7 +39,10 @@ def _register_synth(subparsers) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--out", required=True, help="CSV file to write (with --parts: a folder)")
+    p.add_argument("--parts", type=int, default=1,
+                   help="write a folder of this many files of consecutive users, each generated alone (logs larger than memory)")
+    p.add_argument("--file-format", choices=("csv", "parquet"), default="csv", help="file format of the parts (with --parts)")
     p.add_argument("--users", type=int, default=DEFAULTS["users"], help="number of users")
     p.add_argument("--items", type=int, default=DEFAULTS["items"], help="number of items")
     p.add_argument("--min-length", type=int, default=DEFAULTS["min_length"], help="shortest user sequence")
@@ -51,12 +54,15 @@ def _register_synth(subparsers) -> None:
 
 
 def synth_command(args: argparse.Namespace) -> int:
-    from pipelines.synthetic import generate, write_log
+    from pipelines.synthetic import generate, write_log, write_log_parts
 
-    frame = generate(
-        users=args.users, items=args.items, min_length=args.min_length, max_length=args.max_length,
-        chains=args.chains, noise=args.noise, seed=args.seed,
-    )
+    options = dict(items=args.items, min_length=args.min_length, max_length=args.max_length, chains=args.chains,
+                   noise=args.noise, seed=args.seed)
+    if args.parts > 1 or args.file_format != "csv":
+        folder, events = write_log_parts(args.out, parts=args.parts, file_format=args.file_format, users=args.users, **options)
+        print(f"wrote {folder}: {args.parts:,} {args.file_format} files, {args.users:,} users, {events:,} events")
+        return 0
+    frame = generate(users=args.users, **options)
     path = write_log(frame, args.out)
     print(f"wrote {path}: {frame['user_id'].nunique():,} users, {frame['item_id'].nunique():,} items, {len(frame):,} events")
     return 0

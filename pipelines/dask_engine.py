@@ -97,7 +97,8 @@ def prepare_on_dask(
     user_codes, user_names, user_events = _global_codes([s["users"] for s in summaries], [s["user_counts"] for s in summaries])
     item_codes, item_names, _ = _global_codes([s["items"] for s in summaries], [s["item_counts"] for s in summaries])
     shifts = file_order_shifts(attrs["timestamp"], [s["rows"] for s in summaries])
-    parts = client.map(_encode, read, user_codes, item_codes, shifts)
+    # Scattered, not embedded in the task graph: the code arrays hold one entry per distinct id of each file.
+    parts = client.map(_encode, read, client.scatter(user_codes), client.scatter(item_codes), shifts)
     del read
 
     # 3. order
@@ -235,7 +236,9 @@ def _by_user(client, parts, events_per_user: np.ndarray, events_per_partition: i
     meta = pd.DataFrame({"user": np.zeros(0, np.int64), "item": np.zeros(0, np.int32),
                          "timestamp": np.zeros(0, np.int64), "row": np.zeros(0, np.int64)})
     frame = dd.from_delayed(parts, meta=meta, verify_meta=False)
-    shuffled = frame.set_index("user", divisions=_divisions(events_per_user, events_per_partition), drop=False)
+    # The task-based shuffle: faster than p2p at these partition counts on the 20M-event benchmark.
+    shuffled = frame.set_index("user", divisions=_divisions(events_per_user, events_per_partition), drop=False,
+                               shuffle_method="tasks")
     return client.compute(shuffled.map_partitions(_ordered, dedupe, meta=meta).to_delayed())
 
 

@@ -85,7 +85,7 @@ class SequenceDataset:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
 
 
-DEFAULT_USERS_PER_PART = 1_000_000
+DEFAULT_USERS_PER_PART = 100_000
 # Fixed writer settings keep the bytes identical for identical input, whichever engine wrote them.
 _PARQUET_OPTIONS = dict(compression="zstd", use_dictionary=True, write_statistics=True, store_schema=True)
 

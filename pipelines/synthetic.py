@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from pipelines.atomic import atomic_file
 from pipelines.errors import InputError
@@ -44,15 +45,20 @@ def generate(
     chains: int = 10,
     noise: float = 0.1,
     seed: int = 0,
+    first_user: int = 1,
+    stream: int = 0,
 ) -> pd.DataFrame:
     """The interaction log as a frame of integer columns ``user_id``, ``item_id``, ``timestamp``, rows
-    grouped by user in time order. Same arguments, same frame."""
+    grouped by user in time order. Same arguments, same frame.
+
+    Users are numbered from ``first_user``; ``stream`` > 0 draws them from another random stream of the
+    same ``seed`` (the chains stay the same), which is how the parts of :func:`write_log_parts` differ."""
     if users < 1 or not 1 <= min_length <= max_length:
         raise InputError(f"need users >= 1 and 1 <= min_length <= max_length (got {users}, {min_length}, {max_length})")
     if not 0.0 <= noise <= 1.0:
         raise InputError(f"noise must be between 0 and 1, got {noise}")
     successor = chain_successors(items, chains, seed)
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, 1, stream] if stream else [seed, 1])
     lengths = rng.integers(min_length, max_length + 1, size=users)
     walk = np.empty((max_length, users), dtype=np.int32)  # step-major: one vector op per step
     walk[0] = rng.integers(1, items + 1, size=users)
@@ -67,7 +73,7 @@ def generate(
     valid_t = valid.T
     return pd.DataFrame(
         {
-            "user_id": np.repeat(np.arange(1, users + 1, dtype=np.int64), lengths),
+            "user_id": np.repeat(np.arange(first_user, first_user + users, dtype=np.int64), lengths),
             "item_id": walk.T[valid_t].astype(np.int64),
             "timestamp": times.T[valid_t],
         }
@@ -80,3 +86,29 @@ def write_log(frame: pd.DataFrame, path: str | Path) -> Path:
     with atomic_file(path, "wb") as handle:
         pacsv.write_csv(pa.Table.from_pandas(frame, preserve_index=False), handle)
     return path
+
+
+LOG_FORMATS = ("csv", "parquet")
+
+
+def write_log_parts(folder: str | Path, *, parts: int, file_format: str = "csv", users: int = 2000, **options) -> tuple[Path, int]:
+    """The log as ``parts`` files of consecutive users (``part-NNNNN.csv`` or ``.parquet``), each drawn
+    alone from its own stream, so memory stays that of one part: logs larger than memory. Written
+    into a temporary folder, then renamed. Returns the folder and the number of events."""
+    from pipelines.atomic import atomic_directory
+
+    if file_format not in LOG_FORMATS:
+        raise InputError(f"--file-format must be one of {', '.join(LOG_FORMATS)}, not {file_format!r}")
+    if not 1 <= parts <= users:
+        raise InputError(f"--parts must be between 1 and --users ({users}), got {parts}")
+    events = 0
+    with atomic_directory(folder) as tmp:
+        for part, chunk in enumerate(np.array_split(np.arange(users), parts)):
+            frame = generate(users=len(chunk), first_user=int(chunk[0]) + 1, stream=part + 1, **options)
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if file_format == "csv":
+                pacsv.write_csv(table, tmp / f"part-{part:05d}.csv")
+            else:
+                pq.write_table(table, tmp / f"part-{part:05d}.parquet")
+            events += len(frame)
+    return Path(folder), events

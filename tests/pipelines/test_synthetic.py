@@ -32,3 +32,23 @@ def test_chain_oracle_beats_popularity_by_far(tmp_path):
         pop_hits += target in popular
     oracle_hr, pop_hr = oracle_hits / ds.num_users, pop_hits / ds.num_users
     assert oracle_hr > 0.85 and pop_hr < 0.06 and oracle_hr > 10 * pop_hr
+
+
+def test_a_log_in_parts_is_deterministic_with_consecutive_users_and_the_same_chains(tmp_path, cli):
+    code, out, _ = cli("synth", "--out", tmp_path / "a", "--users", 50, "--items", 40, "--chains", 2, "--parts", 4,
+                       "--file-format", "parquet", "--seed", 7)
+    assert code == 0 and "4 parquet files, 50 users" in out
+    cli("synth", "--out", tmp_path / "b", "--users", 50, "--items", 40, "--chains", 2, "--parts", 4, "--file-format", "parquet", "--seed", 7)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == [f"part-{i:05d}.parquet" for i in range(4)]
+    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
+    frame = read_interactions("parquet", tmp_path / "a", user_col="user_id", item_col="item_id", time_col="timestamp")
+    users = frame["user_id"].astype(int).to_numpy()
+    assert sorted(set(users)) == list(range(1, 51)) and np.all(np.diff(users) >= 0)  # parts hold consecutive users
+    successor = chain_successors(items=40, chains=2, seed=7)
+    items = frame["item_id"].astype(int).to_numpy()
+    same_user = users[1:] == users[:-1]
+    follows = (successor[items[:-1]] == items[1:])[same_user].mean()
+    assert follows > 0.8  # every part walks the seed's chains (noise 0.1)
+    code, _, err = cli("synth", "--out", tmp_path / "c", "--users", 3, "--parts", 5)
+    assert code == 2 and "--parts must be between 1 and --users (3), got 5" in err
