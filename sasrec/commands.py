@@ -30,6 +30,16 @@ def register(subparsers) -> None:
     p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=None, help="XLA-compile steps (config jit_compile)")
     p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 compute")
     p.add_argument("--devices", type=int, default=1, help="data-parallel over this many local devices (TF MirroredStrategy / JAX DataParallel)")
+    p.add_argument("--multi-worker", action="store_true",
+                   help="train together with the other processes or machines that run this same command (tensorflow: "
+                   "MultiWorkerMirroredStrategy, cluster and task from $TF_CONFIG; jax: jax.distributed, from the "
+                   "three flags below or, without them, detected on Slurm); --data and --out on a shared filesystem; "
+                   "worker 0 alone writes the run folder (README: Training on several machines)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="jax --multi-worker: address of worker 0, reachable from every worker (default $SASREC_COORDINATOR)")
+    p.add_argument("--num-workers", type=int, help="jax --multi-worker: number of workers (default $SASREC_NUM_WORKERS)")
+    p.add_argument("--worker-index", type=int,
+                   help="jax --multi-worker: this worker's index, 0 = the chief (default $SASREC_WORKER_INDEX)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -121,21 +131,54 @@ def load_config(args) -> "SASRecConfig":  # noqa: F821
     return config.with_overrides(overrides)
 
 
+def cluster_flag(args, name: str, env: str, kind=str):
+    """A --multi-worker flag's value, else its environment variable's, else None."""
+    value = getattr(args, name)
+    raw = os.environ.get(env, "") if value is None else ""
+    if not raw:
+        return value
+    try:
+        return kind(raw)
+    except ValueError:
+        raise InputError(f"{env}={raw!r}: not an integer (it stands for --{name.replace('_', '-')})") from None
+
+
 def cmd_train(args) -> int:
     select_backend(args.backend)
     from sasrec import distributed
 
+    given = [f for f in ("coordinator", "num_workers", "worker_index") if getattr(args, f) is not None]
+    if given and not args.multi_worker:
+        raise InputError(f"--{given[0].replace('_', '-')} is a --multi-worker setting; add --multi-worker")
+    if args.multi_worker and args.devices != 1:
+        raise InputError("--multi-worker uses every device of each worker; leave out --devices")
     distributed.expose_host_devices(args.devices)
     if not (args.data / "manifest.json").is_file():
         raise InputError(f"--data {args.data}: not a dataset folder (no manifest.json); make one with `sasrec prepare`")
+    cluster = None
+    if args.multi_worker:  # before the backend computes anything
+        cluster = distributed.join_cluster(
+            os.environ.get("KERAS_BACKEND", "tensorflow"),
+            cluster_flag(args, "coordinator", distributed.COORDINATOR_ENV),
+            cluster_flag(args, "num_workers", distributed.NUM_WORKERS_ENV, int),
+            cluster_flag(args, "worker_index", distributed.WORKER_INDEX_ENV, int),
+        )
+        print(f"Worker {cluster.index} of {cluster.size}{' (chief: writes the run folder)' if cluster.is_chief else ''}")
     config = load_config(args)
     from sasrec.train import check_tensorboard, train
 
     check_tensorboard(config)
-    with distributed.data_parallel(args.devices) as strategy:
-        if strategy is not None:
-            print(f"Training on {args.devices} device(s) ({type(strategy).__name__})")
-        result = train(args.data, args.out, config, verbose=0 if args.quiet else "auto")
+    verbose = 0 if args.quiet else "auto"
+    if cluster is not None:
+        result = train(args.data, args.out, config, verbose=verbose, cluster=cluster)
+        if result is None:
+            print(f"Worker {cluster.index} done; worker 0 wrote the run folder {args.out}")
+            return 0
+    else:
+        with distributed.data_parallel(args.devices) as strategy:
+            if strategy is not None:
+                print(f"Training on {args.devices} device(s) ({type(strategy).__name__})")
+            result = train(args.data, args.out, config, verbose=verbose)
     print_results(result)
     return 0
 

@@ -65,9 +65,10 @@ class RunFolder:
         self.path = Path(path)
 
     # --- creation and identity
-    def create_or_check(self, data_dir: Path, config: SASRecConfig, info: dict) -> None:
+    def create_or_check(self, data_dir: Path, config: SASRecConfig, info: dict, *, create: bool = True) -> None:
         """Create the folder for a new run, or check that an existing one was made with the same
-        config, run info and dataset (so it can be resumed)."""
+        config, run info and dataset (so it can be resumed). Without ``create`` (a multi-worker run's
+        workers other than the chief) only an existing folder is checked."""
         data_dir = Path(data_dir)
         if (self.path / CONFIG_FILE).exists():
             # Compared as values, so a run saved before a config field was added (at its default) resumes.
@@ -76,6 +77,8 @@ class RunFolder:
                                  "another run")
             if dataset_mismatch(self.path / DATASET_DIR, data_dir):
                 raise InputError(f"{self.path} holds a run on a different dataset; use a new --out folder")
+            return
+        if not create:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         with atomic_directory(self.path / DATASET_DIR) as tmp:
