@@ -106,8 +106,9 @@ def _register_prepare(subparsers) -> None:
         "prepare",
         help="raw interaction log -> dataset folder (clean, k-core, vocabulary, split)",
         description=(
-            "Read a raw log, filter it, build the vocabulary and split, and write OUT/sequences.parquet, "
-            "OUT/items.parquet and OUT/manifest.json (atomically: a failed run leaves nothing). "
+            "Read a raw log, filter it, build the vocabulary and split, and write OUT/sequences.parquet (or "
+            "OUT/sequences/part-NNNNN.parquet above --users-per-part users), OUT/items.parquet and OUT/manifest.json "
+            "(atomically: a failed run leaves nothing). --engine dask runs it on a Dask cluster with identical output. "
             "Formats: movielens (ratings.dat '::', u.data, ratings.csv; a file, folder or the official zip), "
             "csv (CSV/TSV with --user-col/--item-col[/--time-col/--rating-col]), parquet (same columns), "
             "amazon-json (review JSON lines 2014/2018/2023, plain, .gz or .zip), pairs ('user item' per line, "

@@ -3,11 +3,13 @@
 Every rule is the pandas engine's own code, run on partitions; what changes is where counts are taken:
 
 1. **read**: one task per input file (:func:`pipelines.readers.read_input_file`), the minimum rating
-   applied there; the client receives each file's distinct ids, never its events.
-2. **codes**: the client ranks all user and item ids (:func:`pipelines.vocab.rank_codes`; memory in
-   distinct ids, not events) and each file's ids become integer codes, a user's code being its rank.
-3. **order**: a shuffle by user code into ranges (``set_index`` with divisions balanced by events):
-   each partition holds whole users, consecutive, sorted by (user, time, file order); repeated
+   applied there; the client receives counts and file names, never events.
+2. **codes**: each column's distinct ids are merged on the workers (a tree of unions: the same item is in
+   most files) and ranked on the client (:func:`pipelines.vocab.rank_codes`, on arrow strings: memory in
+   distinct ids); each worker builds one lookup per vocabulary and turns ids into codes, a code being
+   the id's rank.
+3. **order**: a shuffle by user code into ranges (``set_index``; Dask picks the divisions): each
+   partition holds whole users, consecutive, sorted by (user, time, file order); repeated
    consecutive events are dropped there.
 4. **k-core**: item counts summed over partitions, user counts within them, until nothing changes
    (or one pass for ``single-pass``), the rule of :func:`pipelines.clean.kcore_mask`.
@@ -24,10 +26,14 @@ client only.
 from __future__ import annotations
 
 import math
+import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.atomic import atomic_directory
 from pipelines.clean import KCORE_MODES, consecutive_duplicate_mask, min_rating_mask
@@ -92,25 +98,27 @@ def prepare_on_dask(
     }
     dropped = {"bad_lines": sum(s["bad_lines"] for s in summaries), "min_rating": sum(s["min_rating"] for s in summaries),
                "dedupe": 0, "kcore": 0}
+    events = sum(s["events"] for s in summaries)
 
-    # 2. codes
-    user_codes, user_names, user_events = _global_codes([s["users"] for s in summaries], [s["user_counts"] for s in summaries])
-    item_codes, item_names, _ = _global_codes([s["items"] for s in summaries], [s["item_counts"] for s in summaries])
+    # 2. codes: distinct ids merged on the workers (the same item is in most files), ranked on the client
+    job = uuid.uuid4().hex
+    user_names, user_lookup = _vocabulary(client, read, "user_id", f"{job}-users")
+    item_names, item_lookup = _vocabulary(client, read, "item_id", f"{job}-items")
     shifts = file_order_shifts(attrs["timestamp"], [s["rows"] for s in summaries])
-    # Scattered, not embedded in the task graph: the code arrays hold one entry per distinct id of each file.
-    parts = client.map(_encode, read, client.scatter(user_codes), client.scatter(item_codes), shifts)
+    parts = client.map(_encode, read, shifts, users=user_lookup, items=item_lookup)
     del read
 
     # 3. order
-    parts = _by_user(client, parts, user_events, events_per_partition, dedupe_consecutive)
+    partitions = max(1, math.ceil(events / events_per_partition))
+    parts = _by_user(client, parts, partitions, dedupe_consecutive)
     if dedupe_consecutive:
-        dropped["dedupe"] = int(user_events.sum()) - _count(client, parts)
+        dropped["dedupe"] = events - _count(client, parts)
 
     # 4. k-core
     if kcore != "none":
         events = _count(client, parts)
         while True:
-            counts = client.submit(_sum_counts, client.map(_bincount, parts, column="item", size=len(item_names)))
+            counts = _tree(client, _sum_counts, client.map(_bincount, parts, column="item", size=len(item_names)))
             parts = client.map(_kcore_round, parts, item_counts=counts, user_core=user_core, item_core=item_core)
             left = _count(client, parts)
             dropped["kcore"] += events - left
@@ -126,13 +134,10 @@ def prepare_on_dask(
     used[np.concatenate(client.gather(client.map(_users_of, parts)))] = True
     user_index, user_ids = rank_codes(user_names, used=used)
     if np.any(np.diff(user_index[used]) < 0):  # the survivors sort differently than all users (e.g. now all numeric)
-        per_code = client.gather(client.submit(_sum_counts, client.map(_bincount, parts, column="user", size=len(user_names))))
-        events_per_user = np.zeros(len(user_ids), dtype=np.int64)
-        events_per_user[user_index[used]] = per_code[used]
         parts = client.map(_recode_users, parts, user_index=client.scatter(user_index, broadcast=True))
-        parts = _by_user(client, parts, events_per_user, events_per_partition, dedupe=False)
+        parts = _by_user(client, parts, len(parts), dedupe=False)
         user_index = np.arange(len(user_ids))
-    item_counts = client.gather(client.submit(_sum_counts, client.map(_bincount, parts, column="item", size=len(item_names))))
+    item_counts = client.gather(_tree(client, _sum_counts, client.map(_bincount, parts, column="item", size=len(item_names))))
     item_index, item_sorted = rank_codes(item_names, used=item_counts > 0, first=2)
     item_ids = item_vocabulary(item_sorted)
 
@@ -154,7 +159,7 @@ def prepare_on_dask(
     ends = [ends[i] for i in order]
     lengths, train_end, valid_end = (np.concatenate([e[key] for e in ends]) for key in ("lengths", "train_end", "valid_end"))
     firsts = np.array([e["first_user"] for e in ends] + [len(user_ids)])
-    counts, train_counts = client.gather(client.submit(_sum_count_pairs, client.map(_counts_of, finished)))
+    counts, train_counts = client.gather(_tree(client, _sum_count_pairs, client.map(_counts_of, finished)))
     time_range = (min(e["first_time"] for e in ends), max(e["last_time"] for e in ends))
     manifest = dataset_manifest(
         attrs, filter_description(min_rating, dedupe_consecutive, kcore, user_core, item_core), split_info, lengths,
@@ -208,37 +213,32 @@ class DistributedTimes:
 # ----------------------------------------------------------------------------- the client's side
 
 
-def _global_codes(names_per_file: list[np.ndarray], counts_per_file: list[np.ndarray]):
-    """Each file's local ids -> code = rank among all ids; returns (per-file code arrays, ids by code,
-    events per code)."""
-    everything = np.concatenate(names_per_file) if names_per_file else np.zeros(0, dtype=object)
-    local_to_unique, uniques = pd.factorize(everything)
-    rank, names = rank_codes(np.asarray(uniques, dtype=object))
-    codes = rank[local_to_unique]
-    events = np.bincount(codes, weights=np.concatenate(counts_per_file), minlength=len(names)).astype(np.int64)
-    bounds = np.cumsum([0] + [len(n) for n in names_per_file])
-    return [codes[a:b] for a, b in zip(bounds[:-1], bounds[1:])], names, events
+def _vocabulary(client, frames, column: str, key: str):
+    """All distinct ids of ``column`` (merged on the workers), sorted by rank, and a broadcast future of
+    them that :func:`_encode` turns into a lookup once per worker: a code is the rank of its id."""
+    distinct = client.gather(_tree(client, _distinct, client.map(_ids_of, frames, column=column)))
+    _, names = rank_codes(distinct)
+    return names, (key, client.scatter(names, broadcast=True))
 
 
-def _divisions(events_per_user: np.ndarray, events_per_partition: int) -> list[int]:
-    """User-code boundaries giving partitions of about ``events_per_partition`` events (whole users)."""
-    total = int(events_per_user.sum())
-    n = max(1, math.ceil(total / events_per_partition))
-    cumulative = np.cumsum(events_per_user)
-    cuts = np.searchsorted(cumulative, np.arange(1, n) * total / n, side="right")
-    return sorted({0, *map(int, cuts), len(events_per_user) - 1})
+def _tree(client, combine, futures: list, fan_in: int = 8):
+    """Combine the results of ``futures`` pairwise-up on the workers (``combine(list) -> same kind``), so
+    no task receives more than ``fan_in`` partial results; a future of the total."""
+    while len(futures) > 1:
+        futures = [client.submit(combine, futures[i : i + fan_in]) for i in range(0, len(futures), fan_in)]
+    return futures[0]
 
 
-def _by_user(client, parts, events_per_user: np.ndarray, events_per_partition: int, dedupe: bool):
-    """Shuffle to partitions of consecutive whole users, each sorted by (user, time, file order)."""
+def _by_user(client, parts, partitions: int, dedupe: bool):
+    """Shuffle to ``partitions`` partitions of consecutive whole users (divisions from Dask's quantiles of
+    the user code), each sorted by (user, time, file order)."""
     import dask.dataframe as dd
 
     meta = pd.DataFrame({"user": np.zeros(0, np.int64), "item": np.zeros(0, np.int32),
                          "timestamp": np.zeros(0, np.int64), "row": np.zeros(0, np.int64)})
     frame = dd.from_delayed(parts, meta=meta, verify_meta=False)
     # The task-based shuffle: faster than p2p at these partition counts on the 20M-event benchmark.
-    shuffled = frame.set_index("user", divisions=_divisions(events_per_user, events_per_partition), drop=False,
-                               shuffle_method="tasks")
+    shuffled = frame.set_index("user", npartitions=partitions, drop=False, shuffle_method="tasks")
     return client.compute(shuffled.map_partitions(_ordered, dedupe, meta=meta).to_delayed())
 
 
@@ -250,33 +250,58 @@ def _count(client, parts) -> int:
 
 
 def _read_file(source: InputFile, index: int, *, format: str, options: dict, min_rating: float | None) -> pd.DataFrame:
+    """One input file as ``user_id``/``item_id`` (categorical), ``timestamp`` and ``row`` (the file-order
+    key: file index << 40 | line), after the minimum rating; how it was read in ``attrs``."""
     frame = read_input_file(format, source, **options)
     keep = min_rating_mask(frame["rating"].to_numpy() if "rating" in frame else None, min_rating)
     rows = np.arange(len(frame), dtype=np.int64) | (np.int64(index) << _ROW_BITS)
     attrs = dict(frame.attrs, min_rating=0 if keep is None else int(len(keep) - keep.sum()))
-    users, items = frame["user_id"], frame["item_id"]
     if keep is not None:
-        users, items, rows = users[keep], items[keep], rows[keep]
-        frame = frame[keep]
-    users, items = users.cat.remove_unused_categories(), items.cat.remove_unused_categories()
-    out = pd.DataFrame({"user": users.cat.codes.to_numpy().astype(np.int64), "item": items.cat.codes.to_numpy().astype(np.int64),
+        frame, rows = frame[keep], rows[keep]
+    out = pd.DataFrame({"user_id": frame["user_id"].cat.remove_unused_categories(),
+                        "item_id": frame["item_id"].cat.remove_unused_categories(),
                         "timestamp": frame["timestamp"].to_numpy().astype(np.int64), "row": rows})
-    out.attrs = dict(attrs, users=np.asarray(users.cat.categories, dtype=object), items=np.asarray(items.cat.categories, dtype=object))
+    out.attrs = attrs
     return out
 
 
 def _summary(frame: pd.DataFrame) -> dict:
     a = frame.attrs
-    return {
-        "rows": a["rows"], "bad_lines": a["bad_lines"], "files": a["files"], "timestamp": a["timestamp"],
-        "min_rating": a["min_rating"], "users": a["users"], "items": a["items"],
-        "user_counts": np.bincount(frame["user"].to_numpy(), minlength=len(a["users"])),
-        "item_counts": np.bincount(frame["item"].to_numpy(), minlength=len(a["items"])),
-    }
+    return {"rows": a["rows"], "bad_lines": a["bad_lines"], "files": a["files"], "timestamp": a["timestamp"],
+            "min_rating": a["min_rating"], "events": len(frame)}
 
 
-def _encode(frame: pd.DataFrame, user_codes: np.ndarray, item_codes: np.ndarray, shift: int) -> pd.DataFrame:
-    return pd.DataFrame({"user": user_codes[frame["user"].to_numpy()], "item": item_codes[frame["item"].to_numpy()].astype(np.int32),
+def _ids_of(frame: pd.DataFrame, column: str) -> pa.Array:
+    return pa.array(np.asarray(frame[column].cat.categories, dtype=object), pa.string())
+
+
+def _distinct(arrays: list[pa.Array]) -> pa.Array:
+    return pc.unique(pa.concat_arrays(arrays))
+
+
+_LOOKUPS: dict[str, pd.Index] = {}  # per worker process: the id -> code lookups of the running jobs
+_LOOKUPS_LOCK = threading.Lock()
+
+
+def _lookup(vocabulary: tuple[str, pa.Array]) -> pd.Index:
+    """The hash index of a vocabulary ``(key, names)``, built once per worker (not once per file); the
+    last 4 are kept."""
+    key, names = vocabulary
+    with _LOOKUPS_LOCK:
+        index = _LOOKUPS.get(key)
+        if index is None:
+            while len(_LOOKUPS) >= 4:
+                _LOOKUPS.pop(next(iter(_LOOKUPS)))
+            index = _LOOKUPS[key] = pd.Index(names.to_numpy(zero_copy_only=False))
+        return index
+
+
+def _encode(frame: pd.DataFrame, shift: int, users: tuple, items: tuple) -> pd.DataFrame:
+    """Ids as codes (ranks among all ids), file-order time shifted to the position in the whole input."""
+    user_codes = _lookup(users).get_indexer(frame["user_id"].cat.categories)
+    item_codes = _lookup(items).get_indexer(frame["item_id"].cat.categories)
+    return pd.DataFrame({"user": user_codes[frame["user_id"].cat.codes.to_numpy()].astype(np.int64),
+                         "item": item_codes[frame["item_id"].cat.codes.to_numpy()].astype(np.int32),
                          "timestamp": frame["timestamp"].to_numpy() + np.int64(shift), "row": frame["row"].to_numpy()})
 
 
