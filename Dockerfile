@@ -12,11 +12,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY . /app
+# /models, /runs, /datasets: mount points of named volumes, which take the owner of these folders.
 RUN pip install /app \
     && if [ -n "$TF_EXTRA" ]; then pip install "tensorflow[$TF_EXTRA]>=2.21,<2.22"; fi \
     && useradd --create-home --uid 10001 app \
-    && mkdir -p /models /runs /work \
-    && chown app:app /models /runs /work
+    && mkdir -p /models /runs /work /datasets \
+    && chown app:app /models /runs /work /datasets
 
 USER app
 # gRPC and Prometheus metrics.

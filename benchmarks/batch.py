@@ -16,6 +16,12 @@
 3. Synthetic: ``--synthetic-users`` users (default 1M; 50k with ``--quick``) with 10-30 events each,
    scored by ``score_frame`` in a fresh subprocess that reports its wall time and peak RSS.
 Results go to the ``batch`` section of BENCHMARKS.md.
+
+4. Dask (``--engines dask``, or both with the default ``pandas,dask``): the same synthetic users as a
+   time-ordered event log in Parquet parts, scored end to end (read, score, write Parquet) by
+   ``score_frame`` in one fresh process and by ``sasrec.dask_scoring`` (shuffle by user, one model per
+   worker) on a LocalCluster of ``--dask-workers`` processes started by another fresh process, one after
+   the other in one run. Results go to the ``batch-dask`` section.
 """
 
 from __future__ import annotations
@@ -123,18 +129,23 @@ def time_score_frame(rec, frame: pd.DataFrame, chunk_size: int, **kwargs) -> tup
     return time.perf_counter() - start, recs
 
 
+def synthetic_events(users: int) -> pd.DataFrame:
+    """``users`` users with 10-30 events each, grouped by user, timestamps in random order."""
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(10, 31, users)
+    return pd.DataFrame({
+        "user_id": np.repeat(np.arange(1, users + 1, dtype=np.int64), lengths),
+        "item_id": rng.integers(1, NUM_ITEMS + 1, lengths.sum()),
+        "timestamp": rng.integers(0, 1_000_000, lengths.sum()),  # unsorted: score_frame sorts
+    })
+
+
 def synthetic_child(model: str, users: int, chunk_size: int) -> None:
     """Run in a fresh process: generate ``users`` users with 10-30 events, score them, print JSON."""
     from sasrec.recommender import Recommender
 
     t0 = time.perf_counter()
-    rng = np.random.default_rng(7)
-    lengths = rng.integers(10, 31, users)
-    events = pd.DataFrame({
-        "user_id": np.repeat(np.arange(1, users + 1, dtype=np.int64), lengths),
-        "item_id": rng.integers(1, NUM_ITEMS + 1, lengths.sum()),
-        "timestamp": rng.integers(0, 1_000_000, lengths.sum()),  # unsorted: score_frame sorts
-    })
+    events = synthetic_events(users)
     gen_s = time.perf_counter() - t0
     rec = Recommender.load(model)
     # Compile the two batch shapes of the timed run (full chunks and the remainder) before timing.
@@ -146,68 +157,148 @@ def synthetic_child(model: str, users: int, chunk_size: int) -> None:
     recs = rec.score_frame(events, k=10, chunk_size=chunk_size, progress=False)
     wall = time.perf_counter() - t0
     print(json.dumps({
-        "users": users, "events": int(lengths.sum()), "wall_s": wall, "generate_s": gen_s,
+        "users": users, "events": len(events), "wall_s": wall, "generate_s": gen_s,
         "rows": len(recs), "rss_before_mb": rss_before,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", help="run folder to export (default: random-weight ML-1M-sized model)")
-    parser.add_argument("--data", default=str(DATA), help="ML-1M pairs file (default: the shared data folder)")
-    parser.add_argument("--quick", action="store_true", help="CI size: 50k synthetic users, 1 repeat")
-    parser.add_argument("--synthetic-users", type=int, help="users in the synthetic run (default 1M, quick 50k)")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="users per model call (default 1024)")
-    parser.add_argument("--xla", action="store_true", help="export with XLA (`sasrec export --xla`; default off, as there)")
-    parser.add_argument("--repeats", type=int, help="timed repeats of the ML-1M cases (default 3, quick 1)")
-    parser.add_argument("--no-report", action="store_true", help="print, do not write BENCHMARKS.md")
-    parser.add_argument("--child", nargs=2, metavar=("MODEL", "USERS"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        synthetic_child(args.child[0], int(args.child[1]), args.chunk_size)
-        return 0
-    synthetic_users = args.synthetic_users or (50_000 if args.quick else 1_000_000)
-    repeats = args.repeats or (1 if args.quick else 3)
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
+
+def engine_child(engine: str, model: str, source: str, out: str, workers: int, chunk_size: int) -> None:
+    """Run in a fresh process: read the Parquet event log ``source``, score it with ``engine``, write
+    ``out``; print JSON with the end-to-end wall time (model load included, cluster start apart)."""
+    if engine == "pandas":
+        from sasrec.recommender import Recommender
+
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        rec = Recommender.load(model)
+        events = pd.read_parquet(source)
+        t1 = time.perf_counter()
+        recs = rec.score_frame(events, k=10, chunk_size=chunk_size, progress=False)
+        t2 = time.perf_counter()
+        recs.to_parquet(out, index=False)
+        wall = time.perf_counter() - t0
+        print(json.dumps({"wall_s": wall, "cpu_s": cpu_seconds() - cpu0, "score_frame_s": t2 - t1, "rows": len(recs),
+                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
+    import dask.dataframe as dd
+
+    from pipelines.dask_cluster import dask_client
+    from sasrec import dask_scoring
+
+    t0 = time.perf_counter()
+    with dask_client(workers=workers) as client:
+        started = time.perf_counter() - t0
+        cpu0, t0 = sum(client.run(cpu_seconds).values()) + cpu_seconds(), time.perf_counter()
+        recs = dask_scoring.score_dask(model, dd.read_parquet(source), k=10, chunk_size=chunk_size)
+        rows = dask_scoring.write_parquet(recs, out)
+        wall = time.perf_counter() - t0
+        cpu = sum(client.run(cpu_seconds).values()) + cpu_seconds() - cpu0  # workers, and this client
+        loads = client.run(lambda: dask_scoring.LOADS)
+        peak = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "cluster_start_s": started, "rows": rows, "partitions": recs.npartitions,
+                      "loads_per_worker": sorted(loads.values()), "peak_rss_mb": max(peak.values())}))
+
+
+def run_child(*args: str) -> dict:
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"child {args[:2]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def dask_case(base: Path, model_desc: str, users: int, workers: int, parts: int, chunk_size: int,
+              quick: bool, no_report: bool) -> None:
+    """Section ``batch-dask``: the same Parquet event log scored by score_frame in one process and on a
+    LocalCluster, end to end, one after the other."""
+    tmp = base.parent
+    t0 = time.perf_counter()
+    # An event log in time order (as logs are written): every part holds events of many users, so the
+    # Dask engine really has to shuffle them by user.
+    events = synthetic_events(users).sort_values("timestamp", kind="stable").reset_index(drop=True)
+    source = tmp / "events"
+    source.mkdir()
+    for i, start in enumerate(range(0, len(events), -(-len(events) // parts))):
+        events.iloc[start : start + -(-len(events) // parts)].to_parquet(source / f"part-{i:05d}.parquet", index=False)
+    num_events, gen_s = len(events), time.perf_counter() - t0
+    del events
+    chunk = ["--chunk-size", str(chunk_size)]
+    loads = [os.getloadavg()[0]]  # other jobs on the machine take cores from either run
+    pandas = run_child("--engine-child", "pandas", str(base), str(source), str(tmp / "pandas.parquet"), "1", *chunk)
+    loads.append(os.getloadavg()[0])
+    dask = run_child("--engine-child", "dask", str(base), str(source), str(tmp / "dask"), str(workers), *chunk)
+    loads.append(os.getloadavg()[0])
+    assert pandas["rows"] == dask["rows"], (pandas["rows"], dask["rows"])
+    ratio = pandas["wall_s"] / dask["wall_s"]
+    rows = [
+        {"case": "score_frame, one process: read Parquet, score, write Parquet", "users": users,
+         "wall s": pandas["wall_s"], "users/s": users / pandas["wall_s"], "vs score_frame": 1.0,
+         "cores busy": pandas["cpu_s"] / pandas["wall_s"], "peak RSS MB": pandas["peak_rss_mb"]},
+        {"case": f"dask_scoring, LocalCluster of {workers} workers x 1 thread: read, shuffle, score, write",
+         "users": users, "wall s": dask["wall_s"], "users/s": users / dask["wall_s"], "vs score_frame": ratio,
+         "cores busy": dask["cpu_s"] / dask["wall_s"], "peak RSS MB": f"{dask['peak_rss_mb']:,.0f} per worker"},
+    ]
+    notes = f"""
+- Model: {model_desc}, XLA off. k = 10, seen items excluded, chunk size {chunk_size} users per call.
+- Input: {users:,} synthetic users, {num_events:,} events (10-30 per user), sorted by time (a log as it is written)
+  into {parts} Parquet parts, so every part holds events of many users (generated in {gen_s:.1f} s, untimed).
+  Both engines read the same folder and write {pandas['rows']:,} rows of Parquet; wall time from reading to written
+  output, model load included (Dask: each worker loads the model once; loads per worker
+  {dask['loads_per_worker']}). The LocalCluster started in {dask['cluster_start_s']:.1f} s
+  (not timed). score_frame alone took {pandas['score_frame_s']:.1f} s of the one-process run
+  ({users / pandas['score_frame_s']:,.0f} users/s); Dask shuffled {dask['partitions']} partitions.
+- Both runs on the same {os.cpu_count()} cores, one after the other, the cluster's workers with one thread each and
+  TensorFlow's default thread pools. Cores busy: CPU seconds of the run's processes (Dask: workers, nannies
+  excluded, and the client) per wall second. 1-minute load average before, between and after the runs:
+  {", ".join(f"{x:.2f}" for x in loads)}; a load above {os.cpu_count()} means other jobs took cores from the runs.
+"""
+    title = "Batch scoring on Dask: `score_dask` on a LocalCluster vs `score_frame` in one process"
+    if no_report:
+        print(rows, notes)
+    else:
+        from benchmarks.report import write_section
+
+        write_section("batch-dask" + ("-quick" if quick else ""), title, rows, notes)
+
+
+def pandas_cases(base: Path, model_desc: str, events: pd.DataFrame, real: bool, args, synthetic_users: int,
+                 repeats: int) -> None:
+    """Section ``batch``: ML-1M through the bare signature and through score_frame, then the synthetic users."""
     from sasrec.recommender import Recommender
 
-    events = read_ml1m(Path(args.data))
-    real = events is not None
-    if events is None:
-        events = synthetic_ml1m()
-    with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
-        base = Path(tmp) / "models"
-        model_desc = export_model_for_bench(base, args.run, events if real else None, xla=args.xla)
-        rec = Recommender.load(base)
-        histories = (events.assign(item_id=events["item_id"].astype(str))
-                     .groupby("user_id", sort=False, observed=True)["item_id"].agg(list).reset_index()
-                     .rename(columns={"item_id": "history"}))
-        users = len(histories)
-        batches = signature_batches(rec, events, args.chunk_size)
-        # Warm-up: compile every batch shape, both paths.
-        time_signature(rec, batches)
-        time_score_frame(rec, events, args.chunk_size)
-        best = {"signature": np.inf, "events": np.inf, "history": np.inf}
-        for _ in range(repeats):
-            best["signature"] = min(best["signature"], time_signature(rec, batches))
-            seconds, recs = time_score_frame(rec, events, args.chunk_size)
-            best["events"] = min(best["events"], seconds)
-            seconds, recs_h = time_score_frame(rec, histories, args.chunk_size)
-            best["history"] = min(best["history"], seconds)
-        same = recs["item_id"].tolist() == recs_h["item_id"].tolist()
-        ceiling = users / best["signature"]
+    rec = Recommender.load(base)
+    histories = (events.assign(item_id=events["item_id"].astype(str))
+                 .groupby("user_id", sort=False, observed=True)["item_id"].agg(list).reset_index()
+                 .rename(columns={"item_id": "history"}))
+    users = len(histories)
+    batches = signature_batches(rec, events, args.chunk_size)
+    # Warm-up: compile every batch shape, both paths.
+    time_signature(rec, batches)
+    time_score_frame(rec, events, args.chunk_size)
+    best = {"signature": np.inf, "events": np.inf, "history": np.inf}
+    for _ in range(repeats):
+        best["signature"] = min(best["signature"], time_signature(rec, batches))
+        seconds, recs = time_score_frame(rec, events, args.chunk_size)
+        best["events"] = min(best["events"], seconds)
+        seconds, recs_h = time_score_frame(rec, histories, args.chunk_size)
+        best["history"] = min(best["history"], seconds)
+    same = recs["item_id"].tolist() == recs_h["item_id"].tolist()
+    ceiling = users / best["signature"]
 
-        child = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", str(base), str(synthetic_users),
-             "--chunk-size", str(args.chunk_size)],
-            capture_output=True, text=True, cwd=ROOT, check=False,
-        )
-        if child.returncode != 0:
-            print(child.stderr[-3000:], file=sys.stderr)
-            return 1
-        synth = json.loads(child.stdout.strip().splitlines()[-1])
-        children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", str(base), str(synthetic_users),
+         "--chunk-size", str(args.chunk_size)],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"synthetic child failed:\n{child.stderr[-3000:]}")
+    synth = json.loads(child.stdout.strip().splitlines()[-1])
+    children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
     data_desc = f"ML-1M ({'real histories' if real else 'synthetic ML-1M-shaped histories'})"
     rows = [
@@ -245,6 +336,51 @@ def main(argv: list[str] | None = None) -> int:
         write_section("batch" + ("-quick" if args.quick else ""), "Batch scoring from pandas: `score_frame` vs the SavedModel signature", rows, notes)
     else:
         section()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", help="run folder to export (default: random-weight ML-1M-sized model)")
+    parser.add_argument("--data", default=str(DATA), help="ML-1M pairs file (default: the shared data folder)")
+    parser.add_argument("--quick", action="store_true", help="CI size: 50k synthetic users, 1 repeat")
+    parser.add_argument("--synthetic-users", type=int, help="users in the synthetic run (default 1M, quick 50k)")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="users per model call (default 1024)")
+    parser.add_argument("--xla", action="store_true", help="export with XLA (`sasrec export --xla`; default off, as there)")
+    parser.add_argument("--repeats", type=int, help="timed repeats of the ML-1M cases (default 3, quick 1)")
+    parser.add_argument("--no-report", action="store_true", help="print, do not write BENCHMARKS.md")
+    parser.add_argument("--engines", default="pandas,dask",
+                        help="pandas: section batch (ML-1M, synthetic users); dask: section batch-dask (default both)")
+    parser.add_argument("--dask-workers", type=int, default=2, help="LocalCluster worker processes (default 2)")
+    parser.add_argument("--dask-parts", type=int, default=16, help="Parquet parts of the Dask case's input (default 16)")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "USERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--engine-child", nargs=5, metavar=("ENGINE", "MODEL", "SOURCE", "OUT", "WORKERS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        synthetic_child(args.child[0], int(args.child[1]), args.chunk_size)
+        return 0
+    if args.engine_child:
+        engine, model, source, out, workers = args.engine_child
+        engine_child(engine, model, source, out, int(workers), args.chunk_size)
+        return 0
+    engines = set(args.engines.split(","))
+    if not engines or engines - {"pandas", "dask"}:
+        parser.error(f"--engines: pandas, dask or both, got {args.engines!r}")
+    synthetic_users = args.synthetic_users or (50_000 if args.quick else 1_000_000)
+    repeats = args.repeats or (1 if args.quick else 3)
+
+    events = read_ml1m(Path(args.data))
+    real = events is not None
+    if events is None:
+        events = synthetic_ml1m()
+    with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+        base = Path(tmp) / "models"
+        model_desc = export_model_for_bench(base, args.run, events if real else None, xla=args.xla)
+        if "pandas" in engines:
+            pandas_cases(base, model_desc, events, real, args, synthetic_users, repeats)
+        if "dask" in engines:
+            dask_case(base, model_desc, synthetic_users, args.dask_workers, args.dask_parts, args.chunk_size,
+                      args.quick, args.no_report)
     return 0
 
 

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from pipelines.dask_cluster import add_dask_arguments, check_dask_arguments
 from pipelines.errors import InputError
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -80,11 +81,14 @@ def register(subparsers) -> None:
         "optional timestamp) or a history file (one row per user, a list-valued history column), with the "
         "same history rules as the gRPC service. Writes a long table user_id, rank, item_id, score, "
         "cold_start, unknown_count atomically. In CSV, list cells (--history-col, --exclude-col) hold ids "
-        "separated by --list-sep.",
+        "separated by --list-sep. With --engine dask the input is shuffled by user over a Dask cluster, each "
+        "worker loads the model once and scores whole users, and --output is a folder of Parquet parts.",
     )
     p.add_argument("--model", required=True, help="model base (newest version) or a version folder")
-    p.add_argument("--input", required=True, help="events or histories: .parquet or .csv")
-    p.add_argument("--output", required=True, help="recommendations: .parquet or .csv (written atomically)")
+    p.add_argument("--input", required=True, help="events or histories: .parquet or .csv (dask: also a folder of "
+                   "Parquet files or a glob such as 'events/*.parquet')")
+    p.add_argument("--output", required=True, help="recommendations: .parquet or .csv (dask: a folder of Parquet "
+                   "parts that the workers can write); written atomically")
     p.add_argument("-k", type=int, default=10, help="items per user (default 10)")
     p.add_argument("--user-col", default="user_id", help="user id column (default user_id)")
     p.add_argument("--item-col", default="item_id", help="item id column of an events file (default item_id)")
@@ -98,6 +102,7 @@ def register(subparsers) -> None:
                    help="users per model call (default 1024)")
     p.add_argument("--list-sep", default=" ", help="separator of ids inside CSV list cells (default: space)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_dask_arguments(p)
     p.set_defaults(func=cmd_score)
 
 
@@ -258,11 +263,17 @@ def read_score_input(path: str, *, id_cols=(), list_cols=(), list_sep: str = " "
         frame = pd.read_csv(path, dtype=dtypes or None)
     except (OSError, ValueError) as exc:
         raise InputError(f"--input {path}: cannot read it as {fmt[1:]}: {exc}") from None
-    for col in list_cols:
-        if col and col in frame.columns:
-            frame[col] = [[] if isinstance(v, float) or v is None else [x for x in str(v).split(list_sep) if x]
-                          for v in frame[col].to_numpy(dtype=object)]
-    return frame
+    return split_list_cells(frame, list_cols, list_sep)
+
+
+def split_list_cells(frame, list_cols, list_sep: str):
+    """CSV list cells (``"a b c"``) as lists of ids; an empty cell is an empty list."""
+    import pandas as pd
+
+    return frame.assign(**{
+        col: [[] if pd.isna(v) else [x for x in str(v).split(list_sep) if x] for v in frame[col].to_numpy(dtype=object)]
+        for col in list_cols if col and col in frame.columns
+    })
 
 
 def write_score_output(frame, path: str) -> None:
@@ -286,21 +297,54 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from sasrec.recommender import DEFAULT_CHUNK_SIZE, Recommender
 
+    check_dask_arguments(args)
+    options = dict(
+        k=args.k, user_col=args.user_col, item_col=args.item_col,
+        time_col=args.time_col if args.time_col is not None else "timestamp",
+        history_col=args.history_col, exclude_col=args.exclude_col, exclude_item_ids=split_ids(args.exclude),
+        exclude_seen=not args.include_seen, chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+    )
+    if args.engine == "dask":
+        return score_on_dask(args, options)
     _table_format(args.output, "--output")  # fail before the (slow) load
     frame = read_score_input(args.input, id_cols=(args.user_col, args.item_col),
                              list_cols=(args.history_col, args.exclude_col), list_sep=args.list_sep)
     rec = Recommender.load(args.model)
     start = time.perf_counter()
-    recs = rec.score_frame(
-        frame, k=args.k, user_col=args.user_col, item_col=args.item_col,
-        time_col=args.time_col if args.time_col is not None else "timestamp",
-        history_col=args.history_col, exclude_col=args.exclude_col, exclude_item_ids=split_ids(args.exclude),
-        exclude_seen=not args.include_seen, chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
-        progress=None if args.progress else False,
-    )
+    recs = rec.score_frame(frame, progress=None if args.progress else False, **options)
     seconds = time.perf_counter() - start
     write_score_output(recs, args.output)
     users = recs["user_id"].nunique()
     print(f"scored {users:,} users ({int(recs.drop_duplicates('user_id')['cold_start'].sum()):,} cold start) "
           f"with {rec.path} in {seconds:.1f} s -> {args.output} ({len(recs):,} rows)")
+    return 0
+
+
+def score_on_dask(args: argparse.Namespace, options: dict) -> int:
+    """``sasrec score --engine dask``: read lazily, check columns and k on this machine, then shuffle,
+    score and write the Parquet parts on the cluster."""
+    import time
+
+    import pandas as pd
+
+    from pipelines.dask_cluster import dask_client
+    from sasrec import dask_scoring
+
+    if Path(args.output).suffix.lower() == ".csv":
+        raise InputError(f"--output {args.output}: --engine dask writes a folder of Parquet parts, not CSV")
+    csv = args.input.lower().endswith(".csv")  # a file or a glob; anything else is Parquet
+    frame = dask_scoring.read_table(args.input, csv=csv,
+                                    text_cols=(args.user_col, args.item_col, args.history_col, args.exclude_col))
+    list_cols = [c for c in (args.history_col, args.exclude_col) if c and c in frame.columns]
+    if csv and list_cols:
+        frame = frame.map_partitions(split_list_cells, list_cols, args.list_sep,
+                                     meta=frame._meta.assign(**{c: pd.Series(dtype=object) for c in list_cols}))
+    recs = dask_scoring.score_dask(args.model, frame, **options)
+    with dask_client(args.scheduler, workers=args.workers, memory_limit=args.memory_limit) as client:
+        start = time.perf_counter()
+        rows = dask_scoring.write_parquet(recs, args.output)
+        seconds = time.perf_counter() - start
+        workers = len(client.scheduler_info()["workers"])
+    print(f"scored {args.input} with {args.model} on {workers} Dask worker(s) in {seconds:.1f} s -> "
+          f"{args.output}/ ({rows:,} rows, {recs.npartitions} parts)")
     return 0

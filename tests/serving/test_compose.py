@@ -85,3 +85,51 @@ def test_server_flags_bind_all_interfaces_in_the_container(compose):
     assert (args.host, args.port, args.metrics_port, args.model_base) == ("0.0.0.0", 8500, 9090, "/models/sasrec")
     train_script = compose["services"]["train"]["command"][2]
     assert "--model-base /models/sasrec" in train_script
+
+
+def dask_cli(argv: list[str]) -> dict:
+    """A `dask scheduler|worker ...` command parsed by distributed's own CLI (unknown flags raise)."""
+    from distributed.cli import dask_scheduler, dask_worker
+
+    assert argv[0] == "dask" and argv[1] in ("scheduler", "worker"), argv
+    command = {"scheduler": dask_scheduler.main, "worker": dask_worker.main}[argv[1]]
+    return command.make_context(" ".join(argv[:2]), list(argv[2:])).params
+
+
+def test_dask_profile_prepares_on_a_scheduler_and_two_workers(compose):
+    from dask.utils import parse_bytes
+
+    services = compose["services"]
+    assert {name for name, s in services.items() if s.get("profiles") == ["dask"]} == {
+        "scheduler", "dask-worker", "prepare-dask"}
+    scheduler, worker, job = services["scheduler"], services["dask-worker"], services["prepare-dask"]
+    address = f"tcp://scheduler:{dask_cli(scheduler['command'])['port']}"
+    assert dask_cli(scheduler["command"])["host"] == "0.0.0.0"  # reachable from the other containers
+    assert "8786" in " ".join(scheduler["healthcheck"]["test"])
+
+    # Two worker processes of one thread each; Dask's memory limit below the container's.
+    params = dask_cli(worker["command"])
+    assert params["scheduler"] == address and (params["n_workers"], params["nthreads"]) == ("1", 1)
+    assert worker["deploy"]["replicas"] == 2
+    assert parse_bytes(params["memory_limit"]) < parse_bytes(worker["deploy"]["resources"]["limits"]["memory"] + "B")
+
+    # The job is a client of that scheduler, started once the scheduler answers and the workers exist.
+    script = job["command"][2]
+    prepare = [argv for argv in sasrec_commands(job["command"]) if argv[0] == "prepare"]
+    assert len(prepare) == 1
+    args = build_parser().parse_args(prepare[0])
+    assert (args.engine, args.scheduler) == ("dask", address)
+    assert job["depends_on"]["scheduler"]["condition"] == "service_healthy"
+    assert "dask-worker" in job["depends_on"] and worker["depends_on"]["scheduler"]["condition"] == "service_healthy"
+
+    # Workers read the input and write the dataset folder: the job's folders are theirs, at the same paths.
+    mounts = {v.split(":")[1]: v for v in worker["volumes"]}
+    assert job["volumes"] == worker["volumes"]
+    inputs = re.findall(r"INPUT=(/\S+?);", script)
+    assert inputs and all(any(path.startswith(m + "/") for m in mounts) for path in inputs), inputs
+    out_mount = next(m for m in mounts if args.out.startswith(m + "/"))
+    assert not mounts[out_mount].endswith(":ro")  # the workers write the output there
+    assert mounts[out_mount].split(":")[0] in compose["volumes"]  # a named volume, shared by every container
+    # A new named volume takes the owner of the image's folder: the image's user must own it to write there.
+    chown = re.search(r"chown app:app ([^\n\\]+)", (ROOT / "Dockerfile").read_text()).group(1).split()
+    assert out_mount in chown
