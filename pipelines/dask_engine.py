@@ -171,7 +171,9 @@ def prepare_on_dask(
     blobs = {}
     for name, start, end in files:
         overlapping = [finished[i] for i in range(len(finished)) if firsts[i] < end and firsts[i + 1] > start]
-        blobs[client.submit(_sequences_file, start, end, user_ids[start:end], overlapping)] = name
+        # A copy: a pickled arrow slice carries its whole parent buffer (all user ids) to every task.
+        names = pa.concat_arrays([user_ids.slice(start, end - start)])
+        blobs[client.submit(_sequences_file, start, end, names, overlapping)] = name
     with atomic_directory(Path(out_dir)) as tmp:
         if len(files) > 1:
             (tmp / SEQUENCES_PARTS).mkdir()
