@@ -126,6 +126,10 @@ def dask_section(tmp: Path, quick: bool) -> None:
     big = run_case(DASK_CASE, "parquet", tmp / "log-big", tmp / "big-out", json.dumps(SYNTH), workers, big_memory, tmp / "spill")
     rows.append(_row(f"Dask, {workers} workers x {big_memory}, {big['events'] / 1e6:.0f}M events, 200 Parquet files", big,
                      "completes within the memory limit"))
+    linear = pandas["seconds"] * big["events"] / pandas["events"]
+    notes.append(f"Dask took {big['seconds']:.0f} s for {big['events'] / 1e6:.0f}M events: {big['seconds'] / linear:.1f}x the pandas "
+                 f"engine's 20M-event time scaled linearly ({linear:.0f} s), the price of fitting in {workers} x {big_memory} by "
+                 "spilling to disk.")
     slope = (memory_points[-1][1] - memory_points[0][1]) / (memory_points[-1][0] - memory_points[0][0])
     projected = memory_points[-1][1] + slope * (big["events"] - memory_points[-1][0])
     notes.append(
