@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.atomic import atomic_directory
-from pipelines.clean import KCORE_MODES, consecutive_duplicate_mask, min_rating_mask
+from pipelines.clean import consecutive_duplicate_mask, min_rating_mask
 from pipelines.dataset import (
     DEFAULT_USERS_PER_PART,
     SEQUENCES_PARTS,
@@ -46,9 +46,9 @@ from pipelines.dataset import (
     write_items_and_manifest,
 )
 from pipelines.errors import InputError
-from pipelines.prepare import dataset_manifest, describe_dropped, filter_description, split_description
-from pipelines.readers import InputFile, check_reader_options, file_order_shifts, input_files, read_input_file
-from pipelines.split import SPLIT_PROTOCOLS, leave_one_out_split, temporal_cutoffs, temporal_split
+from pipelines.prepare import PrepareOptions, dataset_manifest, describe_dropped
+from pipelines.readers import InputFile, ReaderOptions, file_order_shifts, input_files, read_input_file
+from pipelines.split import leave_one_out_split, temporal_cutoffs, temporal_split
 from pipelines.vocab import item_vocabulary, rank_codes
 
 # Events per partition after the shuffle: small enough for a worker of a few GB, large enough that
@@ -64,33 +64,23 @@ def prepare_on_dask(
     out_dir: str | Path,
     *,
     reader_options: dict | None = None,
-    min_rating: float | None = None,
-    dedupe_consecutive: bool = False,
-    kcore: str = "iterative",
-    user_core: int = 5,
-    item_core: int = 5,
-    split: str = "leave-one-out",
-    cutoff_time: int | None = None,
-    cutoff_quantile: float | None = None,
-    valid_time: int | None = None,
-    valid_quantile: float | None = None,
     users_per_part: int = DEFAULT_USERS_PER_PART,
     events_per_partition: int = EVENTS_PER_PARTITION,
+    **options,
 ) -> dict:
-    """Read ``path`` on the cluster of ``client``, prepare it as :func:`pipelines.prepare.prepare` does and
-    write the dataset folder ``out_dir``; returns its manifest. Options as :func:`pipelines.prepare.prepare_file`."""
-    if kcore not in KCORE_MODES:
-        raise InputError(f"--kcore must be one of {', '.join(KCORE_MODES)}, not {kcore!r}")
-    if split not in SPLIT_PROTOCOLS:
-        raise InputError(f"--split must be one of {', '.join(SPLIT_PROTOCOLS)}, not {split!r}")
+    """Read ``path`` on the cluster of ``client``, prepare it as :func:`pipelines.prepare.prepare` does (the
+    :class:`pipelines.prepare.PrepareOptions` given as keywords) and write the dataset folder ``out_dir``;
+    returns its manifest. ``reader_options`` and ``users_per_part`` as :func:`pipelines.prepare.prepare_file`."""
+    opts = PrepareOptions(**options)
     sequence_parts(0, users_per_part)  # checks the option before any work
     reader_options = {k: v for k, v in (reader_options or {}).items() if v is not None}
-    check_reader_options(format, reader_options)
+    reading = ReaderOptions(**reader_options)
+    reading.check(format)
     sources = input_files(format, path)
 
     # 1. read
-    read = client.map(_read_file, sources, range(len(sources)), format=format, options=reader_options,
-                      min_rating=min_rating, pure=False)
+    read = client.map(_read_file, sources, range(len(sources)), format=format, options=reading,
+                      min_rating=opts.min_rating, pure=False)
     summaries = client.gather(client.map(_summary, read))
     attrs = {
         "format": format, "timestamp": summaries[0]["timestamp"], "options": reader_options,
@@ -110,19 +100,19 @@ def prepare_on_dask(
 
     # 3. order
     partitions = max(1, math.ceil(events / events_per_partition))
-    parts = _by_user(client, parts, partitions, dedupe_consecutive)
-    if dedupe_consecutive:
+    parts = _by_user(client, parts, partitions, opts.dedupe_consecutive)
+    if opts.dedupe_consecutive:
         dropped["dedupe"] = events - _count(client, parts)
 
     # 4. k-core
-    if kcore != "none":
+    if opts.kcore != "none":
         events = _count(client, parts)
         while True:
             counts = _tree(client, _sum_counts, client.map(_bincount, parts, column="item", size=len(item_names)))
-            parts = client.map(_kcore_round, parts, item_counts=counts, user_core=user_core, item_core=item_core)
+            parts = client.map(_kcore_round, parts, item_counts=counts, user_core=opts.user_core, item_core=opts.item_core)
             left = _count(client, parts)
             dropped["kcore"] += events - left
-            if left == events or kcore == "single-pass" or left == 0:
+            if left == events or opts.kcore == "single-pass" or left == 0:
                 break
             events = left
     events = _count(client, parts)
@@ -142,12 +132,10 @@ def prepare_on_dask(
     item_ids = item_vocabulary(item_sorted)
 
     # split
-    split_info = split_description(split, cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile,
-                                   valid_time=valid_time, valid_quantile=valid_quantile)
+    split_info = opts.split_description()
     cuts = None
-    if split == "temporal":
-        cuts = temporal_cutoffs(DistributedTimes(client, parts), cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile,
-                                valid_time=valid_time, valid_quantile=valid_quantile)
+    if opts.split == "temporal":
+        cuts = temporal_cutoffs(DistributedTimes(client, parts), **opts.cuts)
         split_info.update(valid_cut=cuts[0], test_cut=cuts[1])
     user_map = client.scatter(user_index, broadcast=True)
     item_map = client.scatter(item_index.astype(np.int32), broadcast=True)
@@ -162,7 +150,7 @@ def prepare_on_dask(
     counts, train_counts = client.gather(_tree(client, _sum_count_pairs, client.map(_counts_of, finished)))
     time_range = (min(e["first_time"] for e in ends), max(e["last_time"] for e in ends))
     manifest = dataset_manifest(
-        attrs, filter_description(min_rating, dedupe_consecutive, kcore, user_core, item_core), split_info, lengths,
+        attrs, opts.filters(), split_info, lengths,
         train_end, valid_end, num_items=len(item_ids) - 2, time_range=time_range, dropped=dropped,
     )
 
@@ -251,10 +239,10 @@ def _count(client, parts) -> int:
 # ----------------------------------------------------------------------------- tasks (on workers)
 
 
-def _read_file(source: InputFile, index: int, *, format: str, options: dict, min_rating: float | None) -> pd.DataFrame:
+def _read_file(source: InputFile, index: int, *, format: str, options: ReaderOptions, min_rating: float | None) -> pd.DataFrame:
     """One input file as ``user_id``/``item_id`` (categorical), ``timestamp`` and ``row`` (the file-order
     key: file index << 40 | line), after the minimum rating; how it was read in ``attrs``."""
-    frame = read_input_file(format, source, **options)
+    frame = read_input_file(format, source, options)
     keep = min_rating_mask(frame["rating"].to_numpy() if "rating" in frame else None, min_rating)
     rows = np.arange(len(frame), dtype=np.int64) | (np.int64(index) << _ROW_BITS)
     attrs = dict(frame.attrs, min_rating=0 if keep is None else int(len(keep) - keep.sum()))

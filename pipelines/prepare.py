@@ -6,6 +6,7 @@ repeated consecutive events, k-core, vocabulary, split. Everything runs on integ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,32 +24,53 @@ from pipelines.vocab import item_vocabulary, rank_codes
 STEPS = ("filter", "sort", "k-core", "vocabulary", "split")
 
 
-def prepare(
-    interactions: pd.DataFrame,
-    *,
-    min_rating: float | None = None,
-    dedupe_consecutive: bool = False,
-    kcore: str = "iterative",
-    user_core: int = 5,
-    item_core: int = 5,
-    split: str = "leave-one-out",
-    cutoff_time: int | None = None,
-    cutoff_quantile: float | None = None,
-    valid_time: int | None = None,
-    valid_quantile: float | None = None,
-    progress: bool | None = False,
-) -> SequenceDataset:
-    """Clean, order and split ``interactions`` (a frame from :func:`pipelines.readers.read_interactions`).
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How ``prepare`` cleans, orders and splits, the same on both engines (the flags of ``sasrec prepare``)."""
 
-    ``kcore`` is one of ``iterative`` (repeat until every user and item meets its threshold),
-    ``single-pass`` (the SASRec paper's preprocessing) or ``none``. ``split`` is ``leave-one-out``
-    or ``temporal`` (see :func:`pipelines.split.temporal_cutoffs` for the cut options).
-    ``progress=None`` shows a bar only on a terminal.
+    min_rating: float | None = None  # drop events rated below this
+    dedupe_consecutive: bool = False  # drop an event that repeats the user's previous item
+    kcore: str = "iterative"  # iterative (to the fixed point), single-pass (the SASRec paper's) or none
+    user_core: int = 5  # minimum events per user
+    item_core: int = 5  # minimum events per item
+    split: str = "leave-one-out"  # or temporal (see pipelines.split.temporal_cutoffs for the cuts)
+    cutoff_time: int | None = None  # temporal: the test cut
+    cutoff_quantile: float | None = None  # temporal: the test cut as a quantile of event times
+    valid_time: int | None = None  # temporal: the validation cut
+    valid_quantile: float | None = None  # temporal: the validation cut as a quantile
+
+    def __post_init__(self):
+        if self.kcore not in KCORE_MODES:
+            raise InputError(f"--kcore must be one of {', '.join(KCORE_MODES)}, not {self.kcore!r}")
+        if self.split not in SPLIT_PROTOCOLS:
+            raise InputError(f"--split must be one of {', '.join(SPLIT_PROTOCOLS)}, not {self.split!r}")
+
+    @property
+    def cuts(self) -> dict:
+        return dict(cutoff_time=self.cutoff_time, cutoff_quantile=self.cutoff_quantile, valid_time=self.valid_time,
+                    valid_quantile=self.valid_quantile)
+
+    def filters(self) -> dict:
+        """The cleaning options as the manifest records them."""
+        core = self.kcore != "none"
+        return {"min_rating": self.min_rating, "dedupe_consecutive": self.dedupe_consecutive, "kcore": self.kcore,
+                "user_core": self.user_core if core else None, "item_core": self.item_core if core else None}
+
+    def split_description(self) -> dict:
+        """The split protocol as the manifest records it (the resolved cuts are added once known)."""
+        if self.split == "leave-one-out":
+            return {"protocol": self.split, "min_length_for_evaluation": 3}
+        info = {"protocol": self.split, **self.cuts}
+        if self.valid_time is None and self.valid_quantile is None:
+            info["valid_window"] = DEFAULT_VALIDATION
+        return info
+
+
+def prepare(interactions: pd.DataFrame, *, progress: bool | None = False, **options) -> SequenceDataset:
+    """Clean, order and split ``interactions`` (a frame from :func:`pipelines.readers.read_interactions`)
+    with the :class:`PrepareOptions` given as keywords. ``progress=None`` shows a bar only on a terminal.
     """
-    if kcore not in KCORE_MODES:
-        raise InputError(f"--kcore must be one of {', '.join(KCORE_MODES)}, not {kcore!r}")
-    if split not in SPLIT_PROTOCOLS:
-        raise InputError(f"--split must be one of {', '.join(SPLIT_PROTOCOLS)}, not {split!r}")
+    opts = PrepareOptions(**options)
     bar = tqdm(total=len(STEPS), desc="prepare", unit="step", disable=None if progress is None else not progress, leave=False)
     attrs = interactions.attrs
     dropped = {"bad_lines": int(attrs.get("bad_lines", 0)), "min_rating": 0, "dedupe": 0, "kcore": 0}
@@ -65,7 +87,7 @@ def prepare(
             users, items, times = users[mask], items[mask], times[mask]
 
     bar.set_postfix_str("filter")
-    keep_rows(min_rating_mask(interactions["rating"].to_numpy() if "rating" in interactions else None, min_rating), "min_rating")
+    keep_rows(min_rating_mask(interactions["rating"].to_numpy() if "rating" in interactions else None, opts.min_rating), "min_rating")
     bar.update()
 
     bar.set_postfix_str("sort")
@@ -73,13 +95,13 @@ def prepare(
     order = np.lexsort((times, user_rank[users]))  # stable: equal times keep file order
     users, items, times = users[order], items[order], times[order]
     del order
-    if dedupe_consecutive:
+    if opts.dedupe_consecutive:
         keep_rows(consecutive_duplicate_mask(users, items), "dedupe")
     bar.update()
 
     bar.set_postfix_str("k-core")
-    if kcore != "none":
-        keep_rows(kcore_mask(users, items, user_core, item_core, iterative=kcore == "iterative"), "kcore")
+    if opts.kcore != "none":
+        keep_rows(kcore_mask(users, items, opts.user_core, opts.item_core, iterative=opts.kcore == "iterative"), "kcore")
     bar.update()
     if len(users) == 0:
         raise InputError(f"no events left after filtering (dropped: {describe_dropped(dropped)}); relax the filters")
@@ -98,15 +120,11 @@ def prepare(
     bar.update()
 
     bar.set_postfix_str("split")
-    split_info = split_description(split, cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile,
-                                   valid_time=valid_time, valid_quantile=valid_quantile)
-    if split == "leave-one-out":
+    split_info = opts.split_description()
+    if opts.split == "leave-one-out":
         train_end, valid_end = leave_one_out_split(np.diff(offsets))
     else:
-        valid_cut, test_cut = temporal_cutoffs(
-            SortedTimes(times), cutoff_time=cutoff_time, cutoff_quantile=cutoff_quantile, valid_time=valid_time,
-            valid_quantile=valid_quantile,
-        )
+        valid_cut, test_cut = temporal_cutoffs(SortedTimes(times), **opts.cuts)
         train_end, valid_end = temporal_split(times, offsets, valid_cut, test_cut)
         split_info.update(valid_cut=valid_cut, test_cut=test_cut)
     position = np.arange(len(items)) - np.repeat(offsets[:-1], np.diff(offsets))
@@ -117,7 +135,7 @@ def prepare(
     bar.close()
 
     manifest = dataset_manifest(
-        attrs, filter_description(min_rating, dedupe_consecutive, kcore, user_core, item_core), split_info, np.diff(offsets),
+        attrs, opts.filters(), split_info, np.diff(offsets),
         train_end, valid_end, num_items=len(item_ids) - 2, time_range=(int(times.min()), int(times.max())), dropped=dropped,
     )
     return SequenceDataset(
@@ -132,27 +150,6 @@ def prepare(
         train_counts=train_counts,
         manifest=manifest,
     )
-
-
-def filter_description(min_rating, dedupe_consecutive, kcore, user_core, item_core) -> dict:
-    """The cleaning options as the manifest records them."""
-    return {
-        "min_rating": min_rating,
-        "dedupe_consecutive": dedupe_consecutive,
-        "kcore": kcore,
-        "user_core": user_core if kcore != "none" else None,
-        "item_core": item_core if kcore != "none" else None,
-    }
-
-
-def split_description(split: str, **cuts) -> dict:
-    """The split protocol as the manifest records it (the resolved cuts are added once known)."""
-    if split == "leave-one-out":
-        return {"protocol": split, "min_length_for_evaluation": 3}
-    info = {"protocol": split, **cuts}
-    if cuts["valid_time"] is None and cuts["valid_quantile"] is None:
-        info["valid_window"] = DEFAULT_VALIDATION
-    return info
 
 
 def dataset_manifest(attrs: dict, filters: dict, split: dict, lengths: np.ndarray, train_end: np.ndarray,
@@ -195,7 +192,8 @@ def prepare_file(
     write the dataset folder (sequences in parts of ``users_per_part`` users when there are more).
 
     The folder appears only complete (written beside it, then renamed); on any error nothing is left."""
-    sequence_parts(0, users_per_part)  # checks the option before the (slow) read
+    sequence_parts(0, users_per_part)  # checks the options before the (slow) read
+    PrepareOptions(**options)
     reader_options = {k: v for k, v in (reader_options or {}).items() if v is not None}
     frame = read_interactions(format, path, **reader_options)
     frame.attrs["options"] = {k: v for k, v in reader_options.items()}

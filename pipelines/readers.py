@@ -167,62 +167,52 @@ def _url_files(url: str) -> list[InputFile]:
     return _named([fs.unstrip_protocol(p) for p in found], "/")
 
 
-def read_interactions(
-    format: str,
-    path: str | Path,
-    *,
-    user_col: str | None = None,
-    item_col: str | None = None,
-    time_col: str | None = None,
-    rating_col: str | None = None,
-    delimiter: str | None = None,
-    encoding: str = "utf-8",
-    on_bad_lines: str = "error",
-) -> pd.DataFrame:
-    """Read ``path`` in ``format`` (one of :data:`FORMATS`) into the interactions frame.
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How to read the files of an input (the reader flags of ``sasrec prepare``)."""
+
+    user_col: str | None = None  # csv, parquet: the user id column (required)
+    item_col: str | None = None  # csv, parquet: the item id column (required)
+    time_col: str | None = None  # csv, parquet: timestamps (epoch numbers or ISO-8601); default: file order
+    rating_col: str | None = None  # csv, parquet: ratings (needed by a minimum rating)
+    delimiter: str | None = None  # csv: default tab for .tsv/.tab files, else comma
+    encoding: str = "utf-8"  # text formats
+    on_bad_lines: str = "error"  # or skip (counted in the manifest)
+
+    def check(self, format: str) -> None:
+        """The errors in the options alone, raised before any file is read."""
+        if format not in FORMATS:
+            raise InputError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+        if self.on_bad_lines not in BAD_LINE_POLICIES:
+            raise InputError(f"--on-bad-lines must be one of {', '.join(BAD_LINE_POLICIES)}, not {self.on_bad_lines!r}")
+        if format in ("csv", "parquet") and (not self.user_col or not self.item_col):
+            raise InputError(f"--format {format} needs --user-col and --item-col")
+
+
+def read_interactions(format: str, path: str | Path, **options) -> pd.DataFrame:
+    """Read ``path`` in ``format`` (one of :data:`FORMATS`) into the interactions frame, with the
+    :class:`ReaderOptions` given as keywords.
 
     ``path`` is a file, a folder, a glob or a URL (:func:`input_files`); many files are read in order
-    and concatenated. The column options apply to ``csv`` and ``parquet`` (``user_col``, ``item_col``
-    required, ``time_col`` optional: without it file order is the time order). ``delimiter`` defaults
-    to tab for ``.tsv``/``.tab`` files and comma otherwise. Text may be gzipped (``.gz``) or a zip archive.
+    and concatenated. Text may be gzipped (``.gz``) or a zip archive.
     """
-    options = dict(user_col=user_col, item_col=item_col, time_col=time_col, rating_col=rating_col,
-                   delimiter=delimiter, encoding=encoding, on_bad_lines=on_bad_lines)
-    check_reader_options(format, options)
-    return concat_interactions([read_input_file(format, source, **options) for source in input_files(format, path)])
+    opts = ReaderOptions(**options)
+    opts.check(format)
+    return concat_interactions([read_input_file(format, source, opts) for source in input_files(format, path)])
 
 
-def check_reader_options(format: str, options: dict) -> None:
-    """The errors in the options alone, raised before any file is read."""
-    if format not in FORMATS:
-        raise InputError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    if options.get("on_bad_lines", "error") not in BAD_LINE_POLICIES:
-        raise InputError(f"--on-bad-lines must be one of {', '.join(BAD_LINE_POLICIES)}, not {options['on_bad_lines']!r}")
-    if format in ("csv", "parquet") and (not options.get("user_col") or not options.get("item_col")):
-        raise InputError(f"--format {format} needs --user-col and --item-col")
-
-
-def read_input_file(
-    format: str,
-    source: InputFile,
-    *,
-    user_col: str | None = None,
-    item_col: str | None = None,
-    time_col: str | None = None,
-    rating_col: str | None = None,
-    delimiter: str | None = None,
-    encoding: str = "utf-8",
-    on_bad_lines: str = "error",
-) -> pd.DataFrame:
-    """One file of an input as the interactions frame (options as :func:`read_interactions`)."""
-    check_reader_options(format, dict(user_col=user_col, item_col=item_col, on_bad_lines=on_bad_lines))
+def read_input_file(format: str, source: InputFile, options: ReaderOptions) -> pd.DataFrame:
+    """One file of an input as the interactions frame."""
+    options.check(format)
+    user_col, item_col, time_col, rating_col = options.user_col, options.item_col, options.time_col, options.rating_col
+    encoding = options.encoding
     path = source.location if _is_url(source.location) else Path(source.location)
-    ctx = ReadContext(on_bad_lines=on_bad_lines)
+    ctx = ReadContext(on_bad_lines=options.on_bad_lines)
     if format == "movielens":
         frame = _read_movielens(path, ctx, source.entry)
     elif format == "csv":
         src = _load(path, ctx, encoding=encoding, entry=source.entry)
-        sep = delimiter or ("\t" if re.search(r"\.(tsv|tab)(\.gz|\.zip)?$", _base_name(str(path))) else ",")
+        sep = options.delimiter or ("\t" if re.search(r"\.(tsv|tab)(\.gz|\.zip)?$", _base_name(str(path))) else ",")
         frame = _read_delimited(src, ctx, sep, header=True, cols=(user_col, item_col, time_col, rating_col))
     elif format == "parquet":
         frame = _read_parquet(_load(path, ctx, entry=source.entry), ctx, (user_col, item_col, time_col, rating_col))

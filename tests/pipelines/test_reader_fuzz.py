@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.readers import FORMATS
 from sasrec.cli import main
 
 COLUMNS = {
