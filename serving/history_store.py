@@ -1,0 +1,413 @@
+"""Where the service keeps each user's events, so callers send new events instead of whole histories.
+
+One interface, :class:`HistoryStore`, opened from the ``--history-store`` URL by
+:func:`open_history_store`, with two backends:
+
+- ``sqlite:///histories.db`` (relative to the working folder; ``sqlite:////var/lib/sasrec/h.db`` is
+  absolute, as in SQLAlchemy): one local file, nothing else to run. WAL journal with
+  ``synchronous=FULL``: :meth:`HistoryStore.append` returns after the commit is fsynced, so an
+  append that returned survives a process crash and a power loss. Safe from many threads and from
+  several processes on one host (writers queue on SQLite's lock for up to ``timeout_s``).
+- ``redis://HOST:PORT/DB`` (``rediss://`` for TLS): several replicas or ``--processes N``. Each
+  append is one Lua script, so events, trim and idempotency record change together. Durability is
+  the server's: with ``appendonly yes`` and ``appendfsync everysec`` (Redis's default AOF policy) a
+  power loss can lose up to about one second of appends that were already acknowledged;
+  ``appendfsync always`` fsyncs before every reply and closes that gap at a throughput cost. Without
+  AOF, a restart loses everything since the last snapshot.
+
+Events are external item ids (strings) with optional integer timestamps; :meth:`HistoryStore.history`
+returns them oldest first, with ``None`` as the timestamp of an event appended without one. Each user
+keeps the newest ``max_events_per_user`` events; older ones are dropped at append time and counted.
+An append with an ``idempotency_key`` already seen for that user within ``idempotency_window_s``
+appends nothing and reports a duplicate (the same key with different events is an input error).
+:meth:`HistoryStore.delete` erases a user's events and idempotency records, so a retry that arrives
+after the erasure appends again.
+
+Bad input raises :class:`pipelines.errors.InputError` naming the field; a store that cannot be
+reached or written raises :class:`HistoryStoreUnavailable` (gRPC ``UNAVAILABLE``). Neither backend
+retries on its own: a call that timed out may have been applied, and only the caller's idempotency
+key makes its retry safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+from urllib.parse import urlsplit
+
+from pipelines.errors import InputError
+
+INT64 = (-(2**63), 2**63 - 1)  # timestamps are stored as SQLite INTEGER: signed 64-bit
+REDIS_PREFIX = "sasrec:history:"  # every key this service writes in a Redis database starts with it
+
+
+class HistoryStoreUnavailable(Exception):
+    """The store cannot be reached or written (the server answers ``UNAVAILABLE``); one-line message."""
+
+
+@dataclass(frozen=True)
+class HistoryOptions:
+    """Limits and timeouts of a history store (keywords of :func:`open_history_store`)."""
+
+    # A few times the largest shipped maxlen (200), so a model exported with a longer maxlen still
+    # finds full histories, while one user's storage stays bounded.
+    max_events_per_user: int = 1000
+    max_id_length: int = 256  # characters in a user id, an item id or an idempotency key
+    idempotency_window_s: float = 86400.0  # how long a retry with the same key is recognised
+    timeout_s: float = 5.0  # SQLite: waiting for another writer's lock; Redis: connecting and each reply
+
+    def __post_init__(self):
+        for name in ("max_events_per_user", "max_id_length"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("idempotency_window_s", "timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be positive, not {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    appended: int  # events this call added (0 for a duplicate retry)
+    duplicate: bool  # the idempotency key was seen: the first call's events are stored, nothing added
+    dropped: int  # the user's oldest events removed by the per-user cap in this call
+
+
+class History(NamedTuple):
+    item_ids: list[str]  # oldest first
+    timestamps: list[int | None]  # one per event; None where the event was appended without one
+
+
+class HistoryStore(ABC):
+    """Validation and counting shared by the backends; a backend implements the three storage steps."""
+
+    name: str  # the store as logs and errors show it, without credentials
+
+    def __init__(self, options: HistoryOptions):
+        self.options = options
+        self._dropped_total = 0
+        self._count_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def dropped_total(self) -> int:
+        """Events dropped by the per-user cap in this store object's appends (a metric to export)."""
+        return self._dropped_total
+
+    def append(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        timestamps: Sequence[int] | None = None,
+        idempotency_key: str | None = None,
+    ) -> AppendResult:
+        """Append events to the end of ``user_id``'s history; returns once they are stored durably."""
+        self._check_id("user_id", user_id)
+        if isinstance(item_ids, str) or not item_ids:
+            raise InputError("item_ids: give at least one item id")
+        item_ids = list(item_ids)
+        for i, item in enumerate(item_ids):
+            self._check_id(f"item_ids[{i}]", item)
+        if timestamps is None:
+            times = [None] * len(item_ids)
+        else:
+            times = list(timestamps)
+            if len(times) != len(item_ids):
+                raise InputError(f"timestamps: {len(times)} given for {len(item_ids)} item ids")
+            for i, t in enumerate(times):
+                if isinstance(t, bool) or not isinstance(t, int) or not INT64[0] <= t <= INT64[1]:
+                    raise InputError(f"timestamps[{i}]: {t!r} is not a 64-bit integer")
+        if idempotency_key is not None:
+            self._check_id("idempotency_key", idempotency_key)
+        digest = hashlib.sha256(json.dumps([item_ids, times]).encode()).hexdigest()
+        result = self._call(self._append, user_id, item_ids, times, idempotency_key, digest)
+        if result is None:
+            raise InputError("idempotency_key: already used for different events of this user")
+        if result.dropped:
+            with self._count_lock:
+                self._dropped_total += result.dropped
+        return result
+
+    def history(self, user_id: str) -> History:
+        """The user's stored events, oldest first (empty for an unknown or erased user)."""
+        self._check_id("user_id", user_id)
+        return self._call(self._history, user_id)
+
+    def delete(self, user_id: str) -> bool:
+        """Erase the user's events and idempotency records; False when there was nothing stored."""
+        self._check_id("user_id", user_id)
+        return self._call(self._delete, user_id)
+
+    def close(self) -> None:
+        self._closed = True
+        self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_id(self, field: str, value) -> None:
+        if not isinstance(value, str) or not value:
+            raise InputError(f"{field}: must be a non-empty string")
+        if len(value) > self.options.max_id_length:
+            raise InputError(f"{field}: longer than {self.options.max_id_length} characters")
+
+    def _call(self, step, *args):
+        if self._closed:
+            raise HistoryStoreUnavailable(f"history store {self.name} is closed")
+        return step(*args)
+
+    @abstractmethod
+    def _append(self, user_id, item_ids, times, key, digest) -> AppendResult | None:
+        """Append atomically; None when ``key`` is recorded for this user with another digest."""
+
+    @abstractmethod
+    def _history(self, user_id) -> History: ...
+
+    @abstractmethod
+    def _delete(self, user_id) -> bool: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    user_id TEXT NOT NULL, seq INTEGER NOT NULL, item_id TEXT NOT NULL, timestamp INTEGER,
+    PRIMARY KEY (user_id, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    user_id TEXT NOT NULL, key TEXT NOT NULL, digest TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (user_id, key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
+"""
+
+
+class SQLiteHistoryStore(HistoryStore):
+    """One SQLite file; a connection per thread, so reads go on while another thread commits."""
+
+    def __init__(self, path: str | Path, options: HistoryOptions = HistoryOptions()):
+        super().__init__(options)
+        self.path = Path(path)
+        self.name = str(self.path)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        with self._errors():
+            conn = self._connection()
+            # Stored in the file: every later connection uses it. A file system without shared
+            # memory (some network mounts) silently keeps the old mode, and the guarantees above go.
+            (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            if mode.lower() != "wal":
+                raise HistoryStoreUnavailable(f"history store {self.name}: WAL journal unavailable (got {mode})")
+            conn.executescript(SQLITE_SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: transactions are the explicit BEGIN IMMEDIATE below.
+            conn = sqlite3.connect(self.path, timeout=self.options.timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: survives power loss
+            with self._connections_lock:
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def _errors(self):
+        return _unavailable(sqlite3.DatabaseError, f"history store {self.name}")
+
+    @contextmanager
+    def _write(self):
+        """One transaction, committed (and fsynced) when the block ends, rolled back on an error."""
+        with self._errors():
+            conn = self._connection()
+            # IMMEDIATE takes the write lock first: a deferred transaction upgrading later can fail
+            # at once with "database is locked" instead of waiting out the busy timeout.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _append(self, user_id, item_ids, times, key, digest):
+        with self._write() as conn:
+            if key is not None:
+                now = time.time()
+                conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+                row = conn.execute("SELECT digest FROM idempotency WHERE user_id = ? AND key = ?",
+                                   (user_id, key)).fetchone()
+                if row is not None:
+                    return AppendResult(0, True, 0) if row[0] == digest else None
+                conn.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
+                             (user_id, key, digest, now + self.options.idempotency_window_s))
+            (last,) = conn.execute("SELECT MAX(seq) FROM events WHERE user_id = ?", (user_id,)).fetchone()
+            start = 0 if last is None else last + 1
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
+                             [(user_id, start + i, item, t) for i, (item, t) in enumerate(zip(item_ids, times))])
+            keep_from = start + len(item_ids) - self.options.max_events_per_user
+            dropped = conn.execute("DELETE FROM events WHERE user_id = ? AND seq < ?", (user_id, keep_from)).rowcount
+        return AppendResult(len(item_ids), False, dropped)
+
+    def _history(self, user_id):
+        with self._errors():
+            rows = self._connection().execute(
+                "SELECT item_id, timestamp FROM events WHERE user_id = ? ORDER BY seq", (user_id,)).fetchall()
+        return History([r[0] for r in rows], [r[1] for r in rows])
+
+    def _delete(self, user_id):
+        with self._write() as conn:
+            found = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+            found += conn.execute("DELETE FROM idempotency WHERE user_id = ?", (user_id,)).rowcount
+        return found > 0
+
+    def _close(self):
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+
+# KEYS: events list, idempotency hash (key -> digest), idempotency expiry zset (key -> expiry time).
+# ARGV: cap, window seconds, key ("" for none), digest, then the encoded events.
+# Returns {appended, status (0 appended, 1 duplicate, -1 key reused), dropped}.
+REDIS_APPEND = """
+local function in_chunks(cmd, key, list, first)
+  for i = first, #list, 1000 do  -- unpack's stack limit is about 8000 values
+    redis.call(cmd, key, unpack(list, i, math.min(i + 999, #list)))
+  end
+end
+local cap, window, key, digest = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+if key ~= '' then
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+  if #expired > 0 then
+    in_chunks('HDEL', KEYS[2], expired, 1)
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  end
+  local seen = redis.call('HGET', KEYS[2], key)
+  if seen then
+    if seen == digest then return {0, 1, 0} end
+    return {0, -1, 0}
+  end
+  redis.call('HSET', KEYS[2], key, digest)
+  redis.call('ZADD', KEYS[3], now + window, key)
+  redis.call('EXPIRE', KEYS[2], window)  -- an idle user's records vanish whole after the window
+  redis.call('EXPIRE', KEYS[3], window)
+end
+in_chunks('RPUSH', KEYS[1], ARGV, 5)
+local length = redis.call('LLEN', KEYS[1])
+local dropped = 0
+if length > cap then
+  dropped = length - cap
+  redis.call('LTRIM', KEYS[1], -cap, -1)
+end
+return {#ARGV - 4, 0, dropped}
+"""
+
+
+class RedisHistoryStore(HistoryStore):
+    """A Redis database via the ``redis`` package; connects lazily, so the server starts without it."""
+
+    def __init__(self, url: str, options: HistoryOptions = HistoryOptions()):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        super().__init__(options)
+        self.name = _redacted(url)
+        self._redis_error = redis.RedisError
+        self._client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=options.timeout_s,
+            socket_connect_timeout=options.timeout_s,
+            # No silent retries: a script whose reply timed out may have run (see the module docstring).
+            retry=Retry(NoBackoff(), 0))
+        self._append_script = self._client.register_script(REDIS_APPEND)
+
+    def _keys(self, user_id):
+        return [f"{REDIS_PREFIX}events:{user_id}", f"{REDIS_PREFIX}idempotency:{user_id}",
+                f"{REDIS_PREFIX}idempotency-expiry:{user_id}"]
+
+    def _append(self, user_id, item_ids, times, key, digest):
+        # "TIME:ITEM": a timestamp never holds ':', so the first ':' splits even ids that contain one.
+        events = [f"{'' if t is None else t}:{item}" for item, t in zip(item_ids, times)]
+        window = math.ceil(self.options.idempotency_window_s)  # EXPIRE takes whole seconds; 0 would delete
+        args = [self.options.max_events_per_user, window, key or "", digest, *events]
+        with _unavailable(self._redis_error, f"history store {self.name}"):
+            appended, status, dropped = self._append_script(keys=self._keys(user_id), args=args)
+        if status < 0:
+            return None
+        return AppendResult(appended, status == 1, dropped)
+
+    def _history(self, user_id):
+        with _unavailable(self._redis_error, f"history store {self.name}"):
+            events = self._client.lrange(self._keys(user_id)[0], 0, -1)
+        pairs = [event.split(":", 1) for event in events]
+        return History([item for _, item in pairs], [int(t) if t else None for t, _ in pairs])
+
+    def _delete(self, user_id):
+        with _unavailable(self._redis_error, f"history store {self.name}"):
+            return self._client.delete(*self._keys(user_id)) > 0
+
+    def _close(self):
+        self._client.close()
+
+
+@contextmanager
+def _unavailable(errors, where: str):
+    """Turn a backend's errors into one-line :class:`HistoryStoreUnavailable`."""
+    try:
+        yield
+    except errors as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise HistoryStoreUnavailable(f"{where}: {reason}") from exc
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def open_history_store(url: str, **options) -> HistoryStore:
+    """The store ``url`` names (the ``--history-store`` flag), with the :class:`HistoryOptions` given as keywords."""
+    opts = HistoryOptions(**options)
+    usage = f"--history-store must be sqlite:///PATH or redis://HOST:PORT/DB, not {_redacted(url)!r}"
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme == "sqlite":
+        if not url.startswith("sqlite:///") or not url[len("sqlite:///"):]:
+            raise InputError(usage)
+        path = Path(url[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise InputError(f"--history-store: folder {path.parent.absolute()} does not exist")
+        if path.is_dir():
+            raise InputError(f"--history-store: {path.absolute()} is a folder, give a file")
+        return SQLiteHistoryStore(path, opts)
+    if scheme in ("redis", "rediss"):
+        try:
+            parts = urlsplit(url)
+            host, _ = parts.hostname, parts.port  # .port raises ValueError unless a number in range
+        except ValueError as exc:
+            raise InputError(f"{usage} ({exc})") from None
+        if not host or not (parts.path in ("", "/") or parts.path[1:].isdigit()):
+            raise InputError(usage)
+        return RedisHistoryStore(url, opts)
+    raise InputError(usage)
