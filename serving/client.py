@@ -5,6 +5,9 @@
         response = client.recommend(["1193", "661", "914"], k=10)
         for item in response.items:
             print(item.item_id, item.score)
+        # A server started with --history-store keeps the histories: send only what is new.
+        answer = client.recommend_for_user("u42", k=10, item_ids=["2355"], idempotency_key="event-7781")
+        print(answer.recommendation.items[0].item_id)
 
 Health probe for containers: ``python -m serving.client health localhost:8500`` exits 0 when the
 server reports SERVING through the standard gRPC health service, 1 otherwise.
@@ -66,16 +69,55 @@ class RecommenderClient:
         request = recommender_pb2.RecommendRequest(
             history=list(history), exclude_item_ids=list(exclude_item_ids), user_id=user_id
         )
-        if k is not None:
-            request.k = k
-        if exclude_seen is not None:
-            request.exclude_seen = exclude_seen
-        return self.stub.Recommend(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        return self._call(self.stub.Recommend, _with_options(request, k, exclude_seen), timeout)
+
+    def append_events(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        *,
+        timestamps: Sequence[int] = (),
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> recommender_pb2.AppendEventsResponse:
+        """Append events (oldest first) to the history the server stores for ``user_id``. Give an
+        ``idempotency_key`` to make a retry after an error or timeout safe."""
+        request = recommender_pb2.AppendEventsRequest(
+            user_id=user_id, item_ids=list(item_ids), timestamps=list(timestamps), idempotency_key=idempotency_key
+        )
+        return self._call(self.stub.AppendEvents, request, timeout)
+
+    def recommend_for_user(
+        self,
+        user_id: str,
+        k: int | None = 10,
+        *,
+        exclude_seen: bool | None = True,
+        exclude_item_ids: Sequence[str] = (),
+        item_ids: Sequence[str] = (),
+        timestamps: Sequence[int] = (),
+        idempotency_key: str = "",
+        timeout: float | None = None,
+    ) -> recommender_pb2.RecommendForUserResponse:
+        """Recommend from the stored history, after appending ``item_ids`` (if any) as :meth:`append_events`."""
+        request = recommender_pb2.RecommendForUserRequest(
+            user_id=user_id, exclude_item_ids=list(exclude_item_ids), item_ids=list(item_ids),
+            timestamps=list(timestamps), idempotency_key=idempotency_key,
+        )
+        return self._call(self.stub.RecommendForUser, _with_options(request, k, exclude_seen), timeout)
+
+    def get_history(self, user_id: str, timeout: float | None = None) -> recommender_pb2.GetHistoryResponse:
+        return self._call(self.stub.GetHistory, recommender_pb2.GetHistoryRequest(user_id=user_id), timeout)
+
+    def delete_user(self, user_id: str, timeout: float | None = None) -> recommender_pb2.DeleteUserResponse:
+        """Erase the user's stored events; the next :meth:`recommend_for_user` is a cold start."""
+        return self._call(self.stub.DeleteUser, recommender_pb2.DeleteUserRequest(user_id=user_id), timeout)
+
+    def _call(self, method, request, timeout: float | None):
+        return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
     def model_info(self, timeout: float | None = None) -> recommender_pb2.ModelInfo:
-        return self.stub.GetModelInfo(
-            recommender_pb2.GetModelInfoRequest(), timeout=timeout or self.timeout, metadata=self._metadata
-        )
+        return self._call(self.stub.GetModelInfo, recommender_pb2.GetModelInfoRequest(), timeout)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """``SERVING``, ``NOT_SERVING``, ... or ``UNREACHABLE`` when the call itself fails."""
@@ -96,6 +138,15 @@ class RecommenderClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _with_options(request, k: int | None, exclude_seen: bool | None):
+    """``request`` with its optional ``k`` and ``exclude_seen`` set unless None (the server's default)."""
+    if k is not None:
+        request.k = k
+    if exclude_seen is not None:
+        request.exclude_seen = exclude_seen
+    return request
 
 
 def format_table(response: recommender_pb2.RecommendResponse) -> str:

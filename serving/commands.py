@@ -23,10 +23,15 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "recommend",
         help="ask a running server for recommendations and print a table",
-        description="Call Recommend on a running server (sasrec serve) and print the items.",
+        description="Call Recommend on a running server (sasrec serve) and print the items; with --user, "
+        "RecommendForUser on the history the server keeps (appending --append first).",
     )
     p.add_argument("--target", default="localhost:8500", help="HOST:PORT of the server (default localhost:8500)")
     p.add_argument("--history", default="", help="comma-separated item ids, oldest first")
+    p.add_argument("--user", help="recommend from the history the server keeps for this user (RecommendForUser; "
+                   "the server needs --history-store) instead of --history")
+    p.add_argument("--append", default="", help="with --user: comma-separated item ids to append first, oldest first")
+    p.add_argument("--idempotency-key", default="", help="with --append: a retry with the same key appends nothing twice")
     p.add_argument("-k", type=int, default=10, help="number of items (default 10)")
     p.add_argument("--include-seen", action="store_true", help="allow items already in the history")
     p.add_argument("--exclude", default="", help="comma-separated item ids to leave out")
@@ -56,6 +61,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from serving.client import RecommenderClient, format_table
     from serving.security import read_token
 
+    if args.user is not None and args.history:
+        raise InputError("--history and --user: give one (--user recommends from the stored history)")
+    if (args.append or args.idempotency_key) and args.user is None:
+        raise InputError("--append and --idempotency-key need --user")
     token = read_token(args.auth_token, args.auth_token_file)
     with RecommenderClient(args.target, token=token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
         try:
@@ -64,11 +73,23 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                 print(f"model {info.model_name} v{info.model_version}: {info.num_items} items, "
                       f"maxlen {info.maxlen}, max_k {info.max_k}, exported {info.exported_at} from {info.source_run}")
                 return 0
-            response = client.recommend(
-                split_ids(args.history), k=args.k, exclude_seen=not args.include_seen,
-                exclude_item_ids=split_ids(args.exclude), user_id=args.user_id,
-            )
+            if args.user is None:
+                response = client.recommend(
+                    split_ids(args.history), k=args.k, exclude_seen=not args.include_seen,
+                    exclude_item_ids=split_ids(args.exclude), user_id=args.user_id,
+                )
+            else:
+                answer = client.recommend_for_user(
+                    args.user, k=args.k, exclude_seen=not args.include_seen, exclude_item_ids=split_ids(args.exclude),
+                    item_ids=split_ids(args.append), idempotency_key=args.idempotency_key,
+                )
+                response = answer.recommendation
         except grpc.RpcError as exc:
             raise InputError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
     print(format_table(response))
+    if args.user is not None:
+        appended = answer.append
+        print(f"user {args.user}: {answer.history_length} stored events, {appended.appended} appended"
+              + (" (a retry: nothing appended twice)" if appended.duplicate else "")
+              + (f", {appended.dropped} oldest dropped" if appended.dropped else ""))
     return 0

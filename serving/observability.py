@@ -50,6 +50,14 @@ class Metrics:
         self.cold_starts = Counter("sasrec_cold_start", "Requests answered with the popularity fallback", registry=r)
         for result in ("ok", "failed"):
             self.model_loads.labels(result)
+        # Live histories (--history-store).
+        self.history_appended = Counter("sasrec_history_events_appended", "Events appended to stored histories",
+                                        registry=r)
+        self.history_dropped = Counter(
+            "sasrec_history_events_dropped", "Oldest stored events dropped by --max-events-per-user", registry=r)
+        self.history_store_errors = Counter(
+            "sasrec_history_store_errors", "Calls answered UNAVAILABLE because the history store failed",
+            ["method"], registry=r)
 
     def serve_http(self, port: int, addr: str = "0.0.0.0"):
         """Expose /metrics on ``port`` (0: pick a free one); returns the HTTP server."""

@@ -31,10 +31,13 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.history_store import HistoryOptions, HistoryStoreUnavailable, open_history_store
+
 log = logging.getLogger("serving")
+HISTORY_DEFAULTS = HistoryOptions()  # the history-store flags' defaults are the store's own
 
 
-def option(default=dataclasses.MISSING, *, help: str, minimum: int | None = None, choices=None,
+def option(default=dataclasses.MISSING, *, help: str, minimum: float | None = None, choices=None,
            default_text: str | None = None, value=None, also: dict[str, str] | None = None):
     """A :class:`ServerConfig` field and its ``sasrec serve`` flag (``--`` + the name with ``-``).
 
@@ -106,6 +109,30 @@ class ServerConfig:
         1, minimum=1,
         help="server processes sharing the port, one GIL each; each loads the model, and clients reach them all "
         "only over several connections, see README")
+    # Off by default: keeping users' events is a decision with obligations (where the file lives, backups,
+    # erasure), and a server that silently wrote a database into its working folder (often a container's
+    # throw-away layer) would lose it on redeploy. Without it the live-history calls answer
+    # FAILED_PRECONDITION saying which flag to set.
+    history_store: str | None = option(
+        None, default_text="off: AppendEvents, RecommendForUser, GetHistory and DeleteUser answer FAILED_PRECONDITION",
+        help="where users' live histories are kept: sqlite:///PATH (one file; shared by --processes N on this "
+        "host; sqlite:////abs/path.db for an absolute path) or redis://HOST:PORT/DB (several replicas); see "
+        "DESIGN.md for durability")
+    max_events_per_user: int = option(
+        HISTORY_DEFAULTS.max_events_per_user, minimum=1,
+        help="stored events kept per user; an append beyond it drops the oldest (counted in "
+        "sasrec_history_events_dropped). A few times the largest maxlen, so a model with a longer maxlen still "
+        "finds full histories")
+    max_events_per_append: int = option(
+        1000, minimum=1, help="most item ids in one AppendEvents or RecommendForUser call; more get RESOURCE_EXHAUSTED")
+    max_id_length: int = option(
+        HISTORY_DEFAULTS.max_id_length, minimum=1, help="longest stored user id, item id or idempotency key (characters); longer get "
+        "INVALID_ARGUMENT")
+    idempotency_window_s: float = option(
+        HISTORY_DEFAULTS.idempotency_window_s, minimum=1, help="how long a retried append with the same idempotency key is recognised")
+    history_store_timeout_s: float = option(
+        HISTORY_DEFAULTS.timeout_s, minimum=0.01, help="longest a history-store call may take (Redis: connect and each reply; SQLite: waiting for "
+        "another writer's lock); beyond it the call answers UNAVAILABLE")
 
 
 def _flag(name: str) -> str:
@@ -195,6 +222,23 @@ def set_tensorflow_threads(intra_op: int, inter_op: int) -> None:
                         name, get(), value)
 
 
+def _open_histories(config: ServerConfig):
+    """The ``--history-store`` named, or None. A Redis store connects on its first call, so the server
+    starts while Redis is down (calls answer UNAVAILABLE until it is back); an SQLite file that cannot
+    be opened is a startup error naming the flag."""
+    from pipelines.errors import InputError
+
+    if not config.history_store:
+        return None
+    try:
+        return open_history_store(
+            config.history_store, max_events_per_user=config.max_events_per_user,
+            max_id_length=config.max_id_length, idempotency_window_s=config.idempotency_window_s,
+            timeout_s=config.history_store_timeout_s)
+    except HistoryStoreUnavailable as exc:
+        raise InputError(f"--history-store: {exc}") from None
+
+
 class RecommenderServer:
     """The wired server. ``start()`` binds and starts watching; ``stop()`` drains and shuts down."""
 
@@ -240,6 +284,7 @@ class RecommenderServer:
             from pipelines.errors import InputError
 
             raise InputError(f"--port: cannot bind {address} (in use, or not an address of this machine)")
+        self.histories = _open_histories(config)
         self.metrics_port = None
         self._metrics_http = None
         if config.metrics_port is not None:
@@ -264,7 +309,8 @@ class RecommenderServer:
         )
         recommender_pb2_grpc.add_RecommenderServicer_to_server(
             RecommenderServicer(
-                self.store, self.batcher, model_name=self.model_name, metrics=self.metrics, max_k=config.max_k
+                self.store, self.batcher, model_name=self.model_name, metrics=self.metrics, max_k=config.max_k,
+                histories=self.histories, max_events_per_append=config.max_events_per_append,
             ),
             self.server,
         )
@@ -294,8 +340,9 @@ class RecommenderServer:
         secure = "TLS" if self.config.tls_cert else "plaintext"
         auth = "bearer token" if self.config.auth_token else "no auth"
         log.info(
-            "listening on %s:%d (%s, %s), metrics on %s, watching %s",
+            "listening on %s:%d (%s, %s), metrics on %s, watching %s, histories in %s",
             self.config.host, self.port, secure, auth, self.metrics_port, self.config.model_base,
+            self.histories.name if self.histories is not None else "no store",
         )
         if self.config.host not in ("127.0.0.1", "localhost", "::1") and not (
             self.config.tls_cert or self.config.auth_token
@@ -316,6 +363,8 @@ class RecommenderServer:
         done = self.server.stop(grace)
         done.wait(grace + 1)
         self.batcher.close(timeout=grace + 1)
+        if self.histories is not None:
+            self.histories.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -1,9 +1,12 @@
 """The ``sasrec.v1.Recommender`` servicer: request validation and response building only.
 
-History rules (vocabulary, unknown ids, truncation, seen items, cold start) live in the SavedModel
+Live histories (AppendEvents, RecommendForUser, GetHistory, DeleteUser) go to the
+:class:`~serving.history_store.HistoryStore` the server opened (FAILED_PRECONDITION without one);
+RecommendForUser scores the stored history through the same path as Recommend. History rules (vocabulary, unknown ids, truncation, seen items, cold start) live in the SavedModel
 signature and are reached through the micro-batcher and :class:`sasrec.recommender.Recommender`.
 Every outcome is a deliberate status code: INVALID_ARGUMENT names the field, UNAVAILABLE means no
-model yet or shutting down, DEADLINE_EXCEEDED when the caller's deadline passed before the answer.
+model yet, shutting down or the history store failing, DEADLINE_EXCEEDED when the caller's deadline
+passed before the answer.
 An unexpected failure is logged and answered UNAVAILABLE (retryable), never INTERNAL.
 """
 
@@ -17,12 +20,16 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
 
+from pipelines.errors import InputError
 from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
 from serving.batcher import DeadlineExceeded, KOutOfRange, ShuttingDown
+from serving.history_store import HistoryStoreUnavailable
 
 log = logging.getLogger("serving.servicer")
 DEFAULT_K = 10
 MAX_ID_BYTES = 1024  # a longer "item id" is a client bug, not an item
+NO_HISTORY_STORE = ("this server keeps no histories: start it with --history-store sqlite:///PATH "
+                    "or --history-store redis://HOST:PORT/DB")
 
 
 class RequestError(Exception):
@@ -32,35 +39,46 @@ class RequestError(Exception):
         self.message = message
 
 
-def validate(request, model, max_k_flag: int | None) -> tuple[list, int, bool, list]:
-    """``(history, k, exclude_seen, exclude_item_ids)`` or RequestError."""
+def check_ids(name: str, values) -> list:
+    """``values`` as a list, or RequestError naming the first id longer than :data:`MAX_ID_BYTES`."""
+    values = list(values)
+    for i, value in enumerate(values):
+        if len(value) > MAX_ID_BYTES:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}[{i}] is longer than {MAX_ID_BYTES} characters")
+    return values
+
+
+def validate(request, model, max_k_flag: int | None) -> tuple[int, bool, list]:
+    """``(k, exclude_seen, exclude_item_ids)`` of a Recommend or RecommendForUser request, or RequestError."""
     if model is None:
         raise RequestError(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
     max_k = model.max_k if not max_k_flag else min(model.max_k, max_k_flag)
     k = request.k if request.HasField("k") else DEFAULT_K
     if not 1 <= k <= max_k:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"k must be in 1..{max_k}, got {k}")
-    history = list(request.history)
-    exclude = list(request.exclude_item_ids)
-    for name, values in (("history", history), ("exclude_item_ids", exclude)):
-        for i, value in enumerate(values):
-            if len(value) > MAX_ID_BYTES:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"{name}[{i}] is longer than {MAX_ID_BYTES} characters"
-                )
+    exclude = check_ids("exclude_item_ids", request.exclude_item_ids)
     exclude_seen = request.exclude_seen if request.HasField("exclude_seen") else True
-    return history, k, exclude_seen, exclude
+    return k, exclude_seen, exclude
+
+
+METHODS = ("Recommend", "GetModelInfo", "AppendEvents", "RecommendForUser", "GetHistory", "DeleteUser")
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
-    def __init__(self, store, batcher, *, model_name: str, metrics, max_k: int | None = None):
+    def __init__(self, store, batcher, *, model_name: str, metrics, max_k: int | None = None,
+                 histories=None, max_events_per_append: int = 1000):
+        """``histories``: the :class:`~serving.history_store.HistoryStore` of the live-history calls (None:
+        they answer FAILED_PRECONDITION); ``max_events_per_append``: more item ids in one call are
+        RESOURCE_EXHAUSTED."""
         self._store = store
         self._batcher = batcher
         self._name = model_name
         self._metrics = metrics
         self._max_k = max_k
+        self._histories = histories
+        self._max_events_per_append = max_events_per_append
         self._requests = metrics.requests
-        self._latency = {m: metrics.latency.labels(m) for m in ("Recommend", "GetModelInfo")}
+        self._latency = {m: metrics.latency.labels(m) for m in METHODS}
 
     def _finish(self, method, context, start, code=grpc.StatusCode.OK, message=""):
         if code is not grpc.StatusCode.OK:
@@ -69,50 +87,65 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._requests.labels(method, code.name).inc()
         self._latency[method].observe(time.perf_counter() - start)
 
-    def Recommend(self, request, context):
+    def _answer(self, method, request, context, work, empty):
+        """``work()``'s response, or ``empty()`` with the status of the RequestError it raised; anything
+        unexpected is logged and answered UNAVAILABLE (retryable), never INTERNAL."""
         start = time.perf_counter()
         try:
-            history, k, exclude_seen, exclude = validate(request, self._store.get(), self._max_k)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None or remaining > 1e6 else time.monotonic() + remaining
-            future = self._batcher.submit(history, k, exclude_seen, exclude, deadline)
-            # The caller went away (cancelled, disconnected, deadline passed): drop the queued work.
-            context.add_callback(future.cancel)
-            try:
-                result = future.result(timeout=None if deadline is None else max(0.0, remaining))
-            except (FutureTimeout, DeadlineExceeded):
-                future.cancel()
-                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the model answered")
-            except CancelledError:
-                raise RequestError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
-            except ShuttingDown:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-            except KOutOfRange as exc:  # a model with fewer items was swapped in since validate()
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            response = recommender_pb2.RecommendResponse(
-                items=[recommender_pb2.ScoredItem(item_id=i, score=s) for i, s in zip(result.item_ids, result.scores)],
-                model_name=self._name,
-                model_version=result.version or 0,
-                unknown_history_ids=result.unknown_count,
-                cold_start=result.cold_start,
-            )
-            if result.unknown_count:
-                self._metrics.unknown_ids.inc(result.unknown_count)
-            if result.cold_start:
-                self._metrics.cold_starts.inc()
+            response = work()
+        except RequestError as exc:
+            self._finish(method, context, start, exc.code, exc.message)
+        except Exception:
+            log.exception("%s failed unexpectedly (user_id=%r)", method, request.user_id)
+            self._finish(method, context, start, grpc.StatusCode.UNAVAILABLE, "temporary failure, retry")
+        else:
+            self._finish(method, context, start)
+            return response
+        return empty()
+
+    def _score(self, history, k, exclude_seen, exclude, context) -> recommender_pb2.RecommendResponse:
+        """Recommend's answer for ``history``: the batcher and the SavedModel signature."""
+        remaining = context.time_remaining()
+        deadline = None if remaining is None or remaining > 1e6 else time.monotonic() + remaining
+        future = self._batcher.submit(history, k, exclude_seen, exclude, deadline)
+        # The caller went away (cancelled, disconnected, deadline passed): drop the queued work.
+        context.add_callback(future.cancel)
+        try:
+            result = future.result(timeout=None if deadline is None else max(0.0, remaining))
+        except (FutureTimeout, DeadlineExceeded):
+            future.cancel()
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the model answered")
+        except CancelledError:
+            raise RequestError(grpc.StatusCode.CANCELLED, "cancelled by the caller")
+        except ShuttingDown:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        except KOutOfRange as exc:  # a model with fewer items was swapped in since validate()
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if result.unknown_count:
+            self._metrics.unknown_ids.inc(result.unknown_count)
+        if result.cold_start:
+            self._metrics.cold_starts.inc()
+        return recommender_pb2.RecommendResponse(
+            items=[recommender_pb2.ScoredItem(item_id=i, score=s) for i, s in zip(result.item_ids, result.scores)],
+            model_name=self._name,
+            model_version=result.version or 0,
+            unknown_history_ids=result.unknown_count,
+            cold_start=result.cold_start,
+        )
+
+    def Recommend(self, request, context):
+        def work():
+            k, exclude_seen, exclude = validate(request, self._store.get(), self._max_k)
+            history = check_ids("history", request.history)
+            response = self._score(history, k, exclude_seen, exclude, context)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "Recommend user_id=%r history=%d k=%d unknown=%d cold_start=%s",
-                    request.user_id, len(history), k, result.unknown_count, result.cold_start,
+                    request.user_id, len(history), k, response.unknown_history_ids, response.cold_start,
                 )
-            self._finish("Recommend", context, start)
             return response
-        except RequestError as exc:
-            self._finish("Recommend", context, start, exc.code, exc.message)
-        except Exception:
-            log.exception("Recommend failed unexpectedly (user_id=%r)", request.user_id)
-            self._finish("Recommend", context, start, grpc.StatusCode.UNAVAILABLE, "temporary failure, retry")
-        return recommender_pb2.RecommendResponse()
+
+        return self._answer("Recommend", request, context, work, recommender_pb2.RecommendResponse)
 
     def GetModelInfo(self, request, context):
         start = time.perf_counter()
@@ -134,3 +167,64 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         )
         self._finish("GetModelInfo", context, start)
         return info
+
+    # -- live histories -------------------------------------------------------------------------
+
+    def _stored(self, method: str, operation: str, *args):
+        """``HistoryStore.<operation>(*args)``, its errors as RequestError: bad input INVALID_ARGUMENT
+        (the store's message names the field), an unreachable or timed-out store UNAVAILABLE."""
+        if self._histories is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, NO_HISTORY_STORE)
+        try:
+            return getattr(self._histories, operation)(*args)
+        except InputError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except HistoryStoreUnavailable as exc:
+            self._metrics.history_store_errors.labels(method).inc()
+            log.warning("%s: %s", method, exc)
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    def _append(self, method: str, request) -> recommender_pb2.AppendEventsResponse:
+        """The request's ``item_ids``/``timestamps``/``idempotency_key`` appended to ``user_id``'s history."""
+        if len(request.item_ids) > self._max_events_per_append:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"item_ids: {len(request.item_ids)} events in one call, "
+                               f"the limit is {self._max_events_per_append}")
+        result = self._stored(method, "append", request.user_id, list(request.item_ids),
+                              list(request.timestamps) or None, request.idempotency_key or None)
+        self._metrics.history_appended.inc(result.appended)
+        self._metrics.history_dropped.inc(result.dropped)
+        return recommender_pb2.AppendEventsResponse(
+            appended=result.appended, duplicate=result.duplicate, dropped=result.dropped)
+
+    def AppendEvents(self, request, context):
+        return self._answer("AppendEvents", request, context, lambda: self._append("AppendEvents", request),
+                            recommender_pb2.AppendEventsResponse)
+
+    def RecommendForUser(self, request, context):
+        def work():
+            # Everything that can be refused is checked before the append, so a refused call stored nothing.
+            k, exclude_seen, exclude = validate(request, self._store.get(), self._max_k)
+            response = recommender_pb2.RecommendForUserResponse()
+            if request.item_ids or request.timestamps or request.idempotency_key:
+                response.append.CopyFrom(self._append("RecommendForUser", request))
+            history = self._stored("RecommendForUser", "history", request.user_id).item_ids
+            response.recommendation.CopyFrom(self._score(history, k, exclude_seen, exclude, context))
+            response.history_length = len(history)
+            return response
+
+        return self._answer("RecommendForUser", request, context, work, recommender_pb2.RecommendForUserResponse)
+
+    def GetHistory(self, request, context):
+        def work():
+            items, times = self._stored("GetHistory", "history", request.user_id)
+            return recommender_pb2.GetHistoryResponse(
+                events=[recommender_pb2.Event(item_id=i, timestamp=t) for i, t in zip(items, times)])
+
+        return self._answer("GetHistory", request, context, work, recommender_pb2.GetHistoryResponse)
+
+    def DeleteUser(self, request, context):
+        return self._answer(
+            "DeleteUser", request, context,
+            lambda: recommender_pb2.DeleteUserResponse(deleted=self._stored("DeleteUser", "delete", request.user_id)),
+            recommender_pb2.DeleteUserResponse)

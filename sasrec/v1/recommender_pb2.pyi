@@ -65,3 +65,85 @@ class ModelInfo(_message.Message):
     source_run: str
     model_card_json: str
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., maxlen: _Optional[int] = ..., max_k: _Optional[int] = ..., num_items: _Optional[int] = ..., exported_at: _Optional[str] = ..., source_run: _Optional[str] = ..., model_card_json: _Optional[str] = ...) -> None: ...
+
+class AppendEventsRequest(_message.Message):
+    __slots__ = ("user_id", "item_ids", "timestamps", "idempotency_key")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    timestamps: _containers.RepeatedScalarFieldContainer[int]
+    idempotency_key: str
+    def __init__(self, user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[str]] = ..., timestamps: _Optional[_Iterable[int]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class AppendEventsResponse(_message.Message):
+    __slots__ = ("appended", "duplicate", "dropped")
+    APPENDED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    appended: int
+    duplicate: bool
+    dropped: int
+    def __init__(self, appended: _Optional[int] = ..., duplicate: _Optional[bool] = ..., dropped: _Optional[int] = ...) -> None: ...
+
+class RecommendForUserRequest(_message.Message):
+    __slots__ = ("user_id", "k", "exclude_seen", "exclude_item_ids", "item_ids", "timestamps", "idempotency_key")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    k: int
+    exclude_seen: bool
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    timestamps: _containers.RepeatedScalarFieldContainer[int]
+    idempotency_key: str
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., item_ids: _Optional[_Iterable[str]] = ..., timestamps: _Optional[_Iterable[int]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class RecommendForUserResponse(_message.Message):
+    __slots__ = ("recommendation", "append", "history_length")
+    RECOMMENDATION_FIELD_NUMBER: _ClassVar[int]
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    recommendation: RecommendResponse
+    append: AppendEventsResponse
+    history_length: int
+    def __init__(self, recommendation: _Optional[_Union[RecommendResponse, _Mapping]] = ..., append: _Optional[_Union[AppendEventsResponse, _Mapping]] = ..., history_length: _Optional[int] = ...) -> None: ...
+
+class GetHistoryRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("item_id", "timestamp")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    timestamp: int
+    def __init__(self, item_id: _Optional[str] = ..., timestamp: _Optional[int] = ...) -> None: ...
+
+class GetHistoryResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class DeleteUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class DeleteUserResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...

@@ -45,6 +45,26 @@ class RecommenderStub:
                 request_serializer=sasrec_dot_v1_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=sasrec_dot_v1_dot_recommender__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.AppendEvents = channel.unary_unary(
+                '/sasrec.v1.Recommender/AppendEvents',
+                request_serializer=sasrec_dot_v1_dot_recommender__pb2.AppendEventsRequest.SerializeToString,
+                response_deserializer=sasrec_dot_v1_dot_recommender__pb2.AppendEventsResponse.FromString,
+                _registered_method=True)
+        self.RecommendForUser = channel.unary_unary(
+                '/sasrec.v1.Recommender/RecommendForUser',
+                request_serializer=sasrec_dot_v1_dot_recommender__pb2.RecommendForUserRequest.SerializeToString,
+                response_deserializer=sasrec_dot_v1_dot_recommender__pb2.RecommendForUserResponse.FromString,
+                _registered_method=True)
+        self.GetHistory = channel.unary_unary(
+                '/sasrec.v1.Recommender/GetHistory',
+                request_serializer=sasrec_dot_v1_dot_recommender__pb2.GetHistoryRequest.SerializeToString,
+                response_deserializer=sasrec_dot_v1_dot_recommender__pb2.GetHistoryResponse.FromString,
+                _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/sasrec.v1.Recommender/DeleteUser',
+                request_serializer=sasrec_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
+                response_deserializer=sasrec_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -67,6 +87,44 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendEvents(self, request, context):
+        """Live histories: the server keeps each user's events (sasrec serve --history-store URL), so a
+        caller sends new events instead of whole histories. Without a store the four calls answer
+        FAILED_PRECONDITION. Besides Recommend's errors: INVALID_ARGUMENT (an id is empty or longer than
+        the server's limit, timestamps do not match item_ids, an idempotency key reused for other events;
+        the message names the field), RESOURCE_EXHAUSTED (more item_ids in one call than the server's
+        limit), UNAVAILABLE (the store cannot be reached or timed out; retry with the same idempotency key).
+
+        Appends events to the end of the user's stored history, in order; OK only once they are stored
+        durably. Each user keeps the newest events up to the server's limit; older ones are dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecommendForUser(self, request, context):
+        """Appends the request's new events (if any, as AppendEvents does), then answers exactly what
+        Recommend answers for the user's stored history: item for item, score for score. A user with no
+        stored events gets the cold-start answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHistory(self, request, context):
+        """The user's stored events, oldest first (none for an unknown or deleted user).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteUser(self, request, context):
+        """Erases the user's stored events and idempotency keys; a following RecommendForUser is a cold start.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +137,26 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=sasrec_dot_v1_dot_recommender__pb2.GetModelInfoRequest.FromString,
                     response_serializer=sasrec_dot_v1_dot_recommender__pb2.ModelInfo.SerializeToString,
+            ),
+            'AppendEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendEvents,
+                    request_deserializer=sasrec_dot_v1_dot_recommender__pb2.AppendEventsRequest.FromString,
+                    response_serializer=sasrec_dot_v1_dot_recommender__pb2.AppendEventsResponse.SerializeToString,
+            ),
+            'RecommendForUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecommendForUser,
+                    request_deserializer=sasrec_dot_v1_dot_recommender__pb2.RecommendForUserRequest.FromString,
+                    response_serializer=sasrec_dot_v1_dot_recommender__pb2.RecommendForUserResponse.SerializeToString,
+            ),
+            'GetHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHistory,
+                    request_deserializer=sasrec_dot_v1_dot_recommender__pb2.GetHistoryRequest.FromString,
+                    response_serializer=sasrec_dot_v1_dot_recommender__pb2.GetHistoryResponse.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=sasrec_dot_v1_dot_recommender__pb2.DeleteUserRequest.FromString,
+                    response_serializer=sasrec_dot_v1_dot_recommender__pb2.DeleteUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +214,114 @@ class Recommender:
             '/sasrec.v1.Recommender/GetModelInfo',
             sasrec_dot_v1_dot_recommender__pb2.GetModelInfoRequest.SerializeToString,
             sasrec_dot_v1_dot_recommender__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sasrec.v1.Recommender/AppendEvents',
+            sasrec_dot_v1_dot_recommender__pb2.AppendEventsRequest.SerializeToString,
+            sasrec_dot_v1_dot_recommender__pb2.AppendEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendForUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sasrec.v1.Recommender/RecommendForUser',
+            sasrec_dot_v1_dot_recommender__pb2.RecommendForUserRequest.SerializeToString,
+            sasrec_dot_v1_dot_recommender__pb2.RecommendForUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sasrec.v1.Recommender/GetHistory',
+            sasrec_dot_v1_dot_recommender__pb2.GetHistoryRequest.SerializeToString,
+            sasrec_dot_v1_dot_recommender__pb2.GetHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sasrec.v1.Recommender/DeleteUser',
+            sasrec_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
+            sasrec_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

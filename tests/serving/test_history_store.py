@@ -1,13 +1,13 @@
 """serving.history_store on both backends: order, cap, idempotency, erasure, concurrency, durability, faults.
 
-The Redis backend runs against a real ``redis-server`` started on a free port (skipped, with the
-reason, only when the binary is absent: ``apt-get install redis-server``).
+The Redis backend runs against a real ``redis-server`` started on a free port (``redis_url`` and
+``start_redis`` in conftest.py; skipped, with the reason, only when the binary is absent:
+``apt-get install redis-server``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,52 +20,9 @@ import pytest
 
 from pipelines.errors import InputError
 from serving.history_store import HistoryStoreUnavailable, open_history_store
+from tests.serving.conftest import free_port, needs_redis, start_redis, stop
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not installed (apt-get install redis-server)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
-    """A redis-server with the AOF settings the module docstring describes, and its URL once it answers."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-         "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)
-
-
-def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
-    proc.send_signal(sig)
-    proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server not installed (apt-get install redis-server)")
-    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
-    yield url
-    stop(proc)
-
-
 @pytest.fixture(params=["sqlite", "redis"])
 def store_url(request, tmp_path):
     """A store URL per backend; tests use their own user ids, so the shared Redis needs no cleaning."""
