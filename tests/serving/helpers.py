@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.atomic import atomic_directory
 from pipelines.dataset import FIRST_ITEM_ID, SequenceDataset, write_dataset
 from sasrec.feed import pad_histories
 

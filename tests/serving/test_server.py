@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
+from sasrec.v1 import recommender_pb2
 from tests.serving.conftest import start_server
 from tests.serving.helpers import item_names
 
