@@ -49,6 +49,8 @@ def test_services_ports_volumes(compose):
     devices = services["train-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     for name, service in services.items():
+        if name == "redis":  # the official image, not ours
+            continue
         assert service["build"]["dockerfile"] == "Dockerfile", name
         assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
 
@@ -133,3 +135,40 @@ def test_dask_profile_prepares_on_a_scheduler_and_two_workers(compose):
     # A new named volume takes the owner of the image's folder: the image's user must own it to write there.
     chown = re.search(r"chown app:app ([^\n\\]+)", (ROOT / "Dockerfile").read_text()).group(1).split()
     assert out_mount in chown
+
+
+def test_live_histories_profile_serves_with_a_durable_redis(compose):
+    from serving.history_store import RedisHistoryStore, open_history_store
+
+    services = compose["services"]
+    assert {name for name, s in services.items() if s.get("profiles") == ["live-histories"]} == {
+        "redis", "recommender-live"}
+    # The default flow (no profile) is unchanged: no Redis, the recommender keeps no histories.
+    default = {name for name, s in services.items() if not s.get("profiles")}
+    assert default == {"train", "recommender"}
+    assert "--history-store" not in services["recommender"]["command"]
+
+    redis = services["redis"]
+    assert redis["image"] == "redis:7" and "build" not in redis
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    flags = dict(zip(command[1::2], command[2::2]))
+    assert flags == {"--appendonly": "yes", "--appendfsync": "everysec"}
+    volume, mount = redis["volumes"][0].split(":")[:2]
+    assert mount == "/data" and volume in compose["volumes"]  # the official image's data folder, a named volume
+    assert "redis-cli" in redis["healthcheck"]["test"]
+
+    live = services["recommender-live"]
+    args = build_parser().parse_args(sasrec_commands(live["command"])[0])
+    assert args.history_store == "redis://redis:6379/0"
+    with open_history_store(args.history_store) as store:  # a valid URL (connects lazily: no Redis needed)
+        assert isinstance(store, RedisHistoryStore)
+    assert (args.host, args.port, args.model_base) == ("0.0.0.0", 8500, "/models/sasrec")
+    assert live["depends_on"]["redis"]["condition"] == "service_healthy"
+    # Everything else is the recommender's (image, model volume, health check, stop grace) on other host ports.
+    rec = services["recommender"]
+    for key in ("image", "volumes", "healthcheck", "stop_grace_period", "environment"):
+        assert live[key] == rec[key], key
+    host_ports = lambda s: {p.split(":")[0] for p in s["ports"]}  # noqa: E731
+    assert not host_ports(live) & host_ports(rec)
+    assert {p.split(":")[1] for p in live["ports"]} == {str(args.port), str(args.metrics_port)}
