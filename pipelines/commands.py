@@ -49,6 +49,8 @@ def _register_synth(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=DEFAULTS["max_length"], help="longest user sequence")
     p.add_argument("--chains", type=int, default=DEFAULTS["chains"], help="number of latent item cycles")
     p.add_argument("--noise", type=float, default=DEFAULTS["noise"], help="probability of a random next item")
+    p.add_argument("--popularity", type=float, default=DEFAULTS["popularity"],
+                   help="power-law exponent of item popularity (start and random items): 0 flat, ~1 a long tail as in shops")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="random seed")
     p.set_defaults(func=synth_command)
 
@@ -57,7 +59,7 @@ def synth_command(args: argparse.Namespace) -> int:
     from pipelines.synthetic import generate, write_log, write_log_parts
 
     options = dict(items=args.items, min_length=args.min_length, max_length=args.max_length, chains=args.chains,
-                   noise=args.noise, seed=args.seed)
+                   noise=args.noise, seed=args.seed, popularity=args.popularity)
     if args.parts > 1 or args.file_format != "csv":
         folder, events = write_log_parts(args.out, parts=args.parts, file_format=args.file_format, users=args.users, **options)
         print(f"wrote {folder}: {args.parts:,} {args.file_format} files, {args.users:,} users, {events:,} events")

@@ -2,9 +2,14 @@
 
 Items are split into ``chains`` latent cycles (a random permutation of the items cut into equal
 parts, each closed into a cycle). A user starts on a random item; each next event is the cycle
-successor of the previous item with probability ``1 - noise``, else a uniformly random item. Every
-item is visited about equally often, so popularity is flat (popularity HR@10 ~ 10 / items) while a
-model that learns "successor of the last item" reaches HR@10 of about ``1 - noise``.
+successor of the previous item with probability ``1 - noise``, else a random item. A model that
+learns "successor of the last item" reaches HR@10 of about ``1 - noise``.
+
+Popularity: with ``popularity`` 0 (the default) start and random items are uniform, every item is
+visited about equally often and popularity HR@10 is ~ 10 / items. With ``popularity`` s > 0 they are
+drawn by a power law, the item of rank r (in the permutation's order) with probability ~ r^-s, as in
+real shops' long tails; a chain holds items of neighbouring ranks, so it inherits their share, and
+the sequential structure stays the same.
 
 Item ids are ``1..items``, user ids ``1..users``; timestamps are seconds, increasing per user.
 """
@@ -22,17 +27,22 @@ import pyarrow.parquet as pq
 from pipelines.atomic import atomic_file
 from pipelines.errors import InputError
 
-DEFAULTS = dict(users=2000, items=500, min_length=20, max_length=60, chains=10, noise=0.1, seed=0)
+DEFAULTS = dict(users=2000, items=500, min_length=20, max_length=60, chains=10, noise=0.1, seed=0, popularity=0.0)
 START_TIME = 1_600_000_000  # 2020-09-13: an arbitrary, fixed epoch for the first events
+
+
+def item_ranks(items: int, seed: int = 0) -> np.ndarray:
+    """Item ids by latent rank: chains are cut from this order, and with a power law rank 1 is the most
+    popular item."""
+    return np.random.default_rng([seed, 0]).permutation(items) + 1
 
 
 def chain_successors(items: int = 500, chains: int = 10, seed: int = 0) -> np.ndarray:
     """``successor[k]`` is the chain successor of item ``k`` (1-based; entry 0 unused)."""
     if items < 2 or not 1 <= chains <= items // 2:
         raise InputError(f"need at least 2 items per chain (items={items}, chains={chains})")
-    perm = np.random.default_rng([seed, 0]).permutation(items) + 1
     successor = np.zeros(items + 1, dtype=np.int64)
-    for cycle in np.array_split(perm, chains):
+    for cycle in np.array_split(item_ranks(items, seed), chains):
         successor[cycle] = np.roll(cycle, -1)
     return successor
 
@@ -45,6 +55,7 @@ def generate(
     chains: int = 10,
     noise: float = 0.1,
     seed: int = 0,
+    popularity: float = 0.0,
     first_user: int = 1,
     stream: int = 0,
 ) -> pd.DataFrame:
@@ -57,14 +68,24 @@ def generate(
         raise InputError(f"need users >= 1 and 1 <= min_length <= max_length (got {users}, {min_length}, {max_length})")
     if not 0.0 <= noise <= 1.0:
         raise InputError(f"noise must be between 0 and 1, got {noise}")
+    if not 0.0 <= popularity <= 5.0:
+        raise InputError(f"popularity (the power law's exponent) must be between 0 and 5, got {popularity}")
     successor = chain_successors(items, chains, seed)
     rng = np.random.default_rng([seed, 1, stream] if stream else [seed, 1])
+    if popularity:
+        ranks, cumulative = item_ranks(items, seed), np.cumsum(np.arange(1, items + 1, dtype=np.float64) ** -popularity)
+
+        def random_items(n):
+            return ranks[np.minimum(np.searchsorted(cumulative, rng.random(n) * cumulative[-1], side="right"), items - 1)]
+    else:
+        def random_items(n):
+            return rng.integers(1, items + 1, size=n)
     lengths = rng.integers(min_length, max_length + 1, size=users)
     walk = np.empty((max_length, users), dtype=np.int32)  # step-major: one vector op per step
-    walk[0] = rng.integers(1, items + 1, size=users)
+    walk[0] = random_items(users)
     for step in range(1, max_length):
         jump = rng.random(users) < noise
-        walk[step] = np.where(jump, rng.integers(1, items + 1, size=users), successor[walk[step - 1]])
+        walk[step] = np.where(jump, random_items(users), successor[walk[step - 1]])
     gaps = rng.integers(60, 86_400, size=(max_length, users), dtype=np.int64)
     gaps[0] = rng.integers(0, 365 * 86_400, size=users)
     times = START_TIME + np.cumsum(gaps, axis=0)

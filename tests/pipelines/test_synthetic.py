@@ -52,3 +52,19 @@ def test_a_log_in_parts_is_deterministic_with_consecutive_users_and_the_same_cha
     assert follows > 0.8  # every part walks the seed's chains (noise 0.1)
     code, _, err = cli("synth", "--out", tmp_path / "c", "--users", 3, "--parts", 5)
     assert code == 2 and "--parts must be between 1 and --users (3), got 5" in err
+
+
+def test_a_power_law_catalog_has_a_long_tail_and_keeps_the_chains():
+    flat = generate(users=3000, items=5000, chains=250, seed=2)
+    tail = generate(users=3000, items=5000, chains=250, seed=2, popularity=1.0, noise=0.3)
+    assert flat.equals(generate(users=3000, items=5000, chains=250, seed=2, popularity=0.0))  # the default is unchanged
+
+    def top_share(frame):  # share of events on the 1% most frequent items
+        counts = np.sort(frame["item_id"].value_counts().to_numpy())[::-1]
+        return counts[: 50].sum() / counts.sum()
+
+    assert top_share(flat) < 0.03 and top_share(tail) > 0.15
+    successor = chain_successors(items=5000, chains=250, seed=2)
+    users, items = tail["user_id"].to_numpy(), tail["item_id"].to_numpy()
+    same_user = users[1:] == users[:-1]
+    assert (successor[items[:-1]] == items[1:])[same_user].mean() > 0.65  # 1 - noise, plus lucky jumps
