@@ -102,20 +102,20 @@ def prepare_on_dask(
     partitions = max(1, math.ceil(events / events_per_partition))
     parts = _by_user(client, parts, partitions, opts.dedupe_consecutive)
     if opts.dedupe_consecutive:
-        dropped["dedupe"] = events - _count(client, parts)
+        kept = _count(client, parts)
+        dropped["dedupe"], events = events - kept, kept
 
     # 4. k-core
     if opts.kcore != "none":
-        events = _count(client, parts)
         while True:
             counts = _tree(client, _sum_counts, client.map(_bincount, parts, column="item", size=len(item_names)))
             parts = client.map(_kcore_round, parts, item_counts=counts, user_core=opts.user_core, item_core=opts.item_core)
             left = _count(client, parts)
             dropped["kcore"] += events - left
-            if left == events or opts.kcore == "single-pass" or left == 0:
-                break
+            fixed_point = left == events
             events = left
-    events = _count(client, parts)
+            if fixed_point or opts.kcore == "single-pass" or left == 0:
+                break
     if events == 0:
         raise InputError(f"no events left after filtering (dropped: {describe_dropped(dropped)}); relax the filters")
 
