@@ -108,22 +108,27 @@ class TrainingFeed(keras.utils.PyDataset):
         self.window_lengths = np.count_nonzero(self.windows, axis=1)
         self._order_epoch = None
         self._batches: list[np.ndarray] = []
-        if loss == "bce":
-            # Sorted (user, item) keys of training histories: negatives are drawn from items the user
-            # has not interacted with, as in the paper.
+        if loss == "bce" or (self.exclude_seen_negatives and loss == "sampled-softmax"):
+            # Sorted (user, item) keys of training histories: bce draws negatives among items the user
+            # has not interacted with (the paper); sampled-softmax looks its shared negatives up here,
+            # which costs B x N look-ups instead of a (B, vocab_size) matrix per batch.
             lengths = ds.lengths
             owner = np.repeat(np.arange(ds.num_users, dtype=np.int64), lengths)
             in_train = np.arange(len(ds.items)) - ds.offsets[owner] < ds.train_end[owner]
             self._seen_keys = np.unique(owner[in_train] * ds.vocab_size + ds.items[in_train].astype(np.int64))
-        self._sampling_p = None
+        self._sampling_cdf = None
         self._logq = None
         if loss in ("sampled-softmax", "gbce") and negative_sampling == "popularity":
             counts = ds.train_counts.astype(np.float64).copy()
             counts[:FIRST_ITEM_ID] = 0
-            self._sampling_p = counts / counts.sum()
+            sampling_p = counts / counts.sum()
+            # Generator.choice(p=...) rebuilds this cumulative sum (O(vocab_size)) on every call; drawing
+            # from it directly gives the same items.
+            self._sampling_cdf = sampling_p.cumsum()
+            self._sampling_cdf /= self._sampling_cdf[-1]
             if logq_correction and loss == "sampled-softmax":
                 with np.errstate(divide="ignore"):
-                    self._logq = np.log(self._sampling_p * num_negatives).astype(np.float32)
+                    self._logq = np.log(sampling_p * num_negatives).astype(np.float32)
 
     def __len__(self) -> int:
         return math.ceil(len(self.windows) / self.batch_size)
@@ -181,20 +186,23 @@ class TrainingFeed(keras.utils.PyDataset):
         if self.loss == "bce":
             y["neg"] = self._unseen_negatives(rng, self.window_users[batch], pos.shape)
         elif self.loss in ("sampled-softmax", "gbce"):
-            if self._sampling_p is not None:
-                neg = rng.choice(self.vocab_size, size=self.num_negatives, p=self._sampling_p)
+            if self._sampling_cdf is not None:
+                neg = self._sampling_cdf.searchsorted(rng.random(self.num_negatives), side="right")
             else:
                 neg = rng.integers(FIRST_ITEM_ID, self.vocab_size, size=self.num_negatives)
             y["neg"] = neg.astype(np.int32)
             if self._logq is not None:
                 y["neg_logq"] = self._logq[neg]
                 y["pos_logq"] = np.where(pos != 0, self._logq[pos], 0).astype(np.float32)
-        if self.exclude_seen_negatives:
+        if self.exclude_seen_negatives and self.loss == "ce":
             y["seen"] = self._seen_matrix(self.window_users[batch])
+        elif self.exclude_seen_negatives:
+            users = self.window_users[batch]
+            y["neg_seen"] = self._seen(users, np.broadcast_to(y["neg"], (len(users), len(y["neg"]))))
         return ids, y
 
     def _seen_matrix(self, users: np.ndarray) -> np.ndarray:
-        """``(B, vocab_size)`` bool: the items of each row's user's training history."""
+        """``(B, vocab_size)`` bool: the items of each row's user's training history (``ce`` only)."""
         starts = self._train_starts[users]
         histories = left_pad(self._items, starts, starts + self._train_end[users], int(self._train_end[users].max()))
         seen = np.zeros((len(users), self.vocab_size), dtype=bool)
@@ -202,14 +210,17 @@ class TrainingFeed(keras.utils.PyDataset):
         seen[:, 0] = False  # padding
         return seen
 
+    def _seen(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """``items`` (B, M) bool: which are in the training history of the row's user ``users`` (B,)."""
+        keys = users.astype(np.int64)[:, None] * self.vocab_size + items
+        idx = np.searchsorted(self._seen_keys, keys).clip(max=len(self._seen_keys) - 1)
+        return self._seen_keys[idx] == keys
+
     def _unseen_negatives(self, rng, users: np.ndarray, shape) -> np.ndarray:
         """One uniform negative per position, redrawn while it is in the user's training history."""
         neg = rng.integers(FIRST_ITEM_ID, self.vocab_size, size=shape)
-        keys_base = users.astype(np.int64)[:, None] * self.vocab_size
         for _ in range(10):
-            keys = keys_base + neg
-            idx = np.searchsorted(self._seen_keys, keys).clip(max=len(self._seen_keys) - 1)
-            seen = self._seen_keys[idx] == keys
+            seen = self._seen(users, neg)
             if not seen.any():
                 break
             neg[seen] = rng.integers(FIRST_ITEM_ID, self.vocab_size, size=int(seen.sum()))

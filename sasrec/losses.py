@@ -3,7 +3,9 @@
 Each loss takes hidden states ``h`` (B, W, d), the item table ``E`` (V, d) and the targets from the
 training feed: ``pos`` (B, W) next item per position (0 where there is no target) and ``neg``
 (negatives: (B, W) one per position for ``bce``, (N,) shared by the batch for ``sampled-softmax`` and
-``gbce``). Positions without a target do not count. The loss is the mean over counted positions, or,
+``gbce``). With ``exclude_seen_negatives`` the feed also gives ``seen`` (B, V) bool for ``ce``, whose
+logits are (B, W, V) anyway, and ``neg_seen`` (B, N) bool for ``sampled-softmax``, which never builds
+anything the size of the catalog per row. Positions without a target do not count. The loss is the mean over counted positions, or,
 with ``normaliser``, their sum divided by it: training passes the epoch's mean number of targets per
 batch, so that every position weighs the same whether its batch holds long or short (length-bucketed)
 histories, as in the paper's randomly mixed batches. All functions use ``keras.ops`` only.
@@ -72,16 +74,16 @@ def _shared_negative_logits(h, E, pos, neg):
     return pos_logit, neg_logits, hit
 
 
-def sampled_softmax_loss(h, E, pos, neg, pos_logq=None, neg_logq=None, normaliser=None, seen=None):
+def sampled_softmax_loss(h, E, pos, neg, pos_logq=None, neg_logq=None, normaliser=None, neg_seen=None):
     """Softmax over the positive and N negatives shared by the batch.
 
     With ``pos_logq``/``neg_logq`` (log sampling probabilities) logits are corrected by -log q, which
-    makes popularity-sampled softmax an unbiased estimate of the full softmax. ``seen`` (B, V) bool:
-    negatives that are among the row's user's items are dropped.
+    makes popularity-sampled softmax an unbiased estimate of the full softmax. ``neg_seen`` (B, N) bool:
+    negative j is among row b's user's items, so it is dropped from that row's softmax.
     """
     pos_logit, neg_logits, hit = _shared_negative_logits(h, E, pos, neg)
-    if seen is not None:
-        hit = ops.logical_or(hit, ops.expand_dims(ops.take(seen, neg, axis=1), 1))
+    if neg_seen is not None:
+        hit = ops.logical_or(hit, ops.expand_dims(ops.cast(neg_seen, "bool"), 1))
     if neg_logq is not None:
         pos_logit = pos_logit - pos_logq
         neg_logits = neg_logits - ops.reshape(neg_logq, (1, 1, -1))
@@ -119,15 +121,14 @@ class SequenceLoss:
         E = ops.cast(model.item_embedding.embeddings, "float32")
         pos = ops.cast(y["pos"], "int32")
         norm = self.targets_per_batch or None
-        seen = y.get("seen")
         if self.name == "bce":
             return bce_loss(h, E, pos, ops.cast(y["neg"], "int32"), normaliser=norm)
         if self.name == "ce":
-            return ce_loss(h, E, pos, normaliser=norm, seen=seen)
+            return ce_loss(h, E, pos, normaliser=norm, seen=y.get("seen"))
         neg = ops.cast(y["neg"], "int32")
         if self.name == "sampled-softmax":
             return sampled_softmax_loss(h, E, pos, neg, y.get("pos_logq"), y.get("neg_logq"), normaliser=norm,
-                                        seen=seen)
+                                        neg_seen=y.get("neg_seen"))
         if self.name == "gbce":
             beta = gbce_beta(self.num_negatives, self.num_items, self.gbce_t)
             return gbce_loss(h, E, pos, neg, beta, normaliser=norm)

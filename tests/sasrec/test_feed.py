@@ -90,3 +90,28 @@ def test_seen_matrix_holds_each_users_training_items(tiny_dataset):
         assert set(np.flatnonzero(y["seen"][row]).tolist()) == train_items  # whole history, not just the window
         assert set(y["pos"][row][y["pos"][row] != 0].tolist()) <= train_items
     assert "seen" not in TrainingFeed(ds, maxlen=5, batch_size=16, loss="ce", seed=1)[0][1]
+
+
+def test_sampled_softmax_marks_seen_negatives_per_row_without_a_catalog_matrix(tiny_dataset):
+    ds = read_dataset(tiny_dataset)
+    feed = TrainingFeed(ds, maxlen=5, batch_size=16, loss="sampled-softmax", num_negatives=300,
+                        exclude_seen_negatives=True, seed=1)
+    ids, y = feed[1]
+    assert "seen" not in y and y["neg_seen"].shape == (len(ids), 300) and y["neg_seen"].dtype == bool
+    for row, user in enumerate(feed.window_users[feed._epoch_batches()[1]]):
+        train_items = set(ds.user_items(user)[: ds.train_end[user]].tolist())
+        assert y["neg_seen"][row].tolist() == [int(n) in train_items for n in y["neg"]]
+    assert y["neg_seen"].any() and not y["neg_seen"].all()
+    gbce = TrainingFeed(ds, maxlen=5, batch_size=16, loss="gbce", num_negatives=30, exclude_seen_negatives=True)
+    assert "neg_seen" not in gbce[0][1]  # gbce ignores the setting, as documented in the config
+
+
+def test_popularity_negatives_are_the_draws_of_generator_choice(tiny_dataset):
+    # The feed keeps the cumulative distribution instead of rebuilding it per batch: same items.
+    ds = read_dataset(tiny_dataset)
+    feed = TrainingFeed(ds, maxlen=40, batch_size=64, loss="sampled-softmax", num_negatives=50,
+                        negative_sampling="popularity", seed=4)
+    counts = ds.train_counts.astype(np.float64)
+    counts[:2] = 0
+    rng = np.random.default_rng([4, 0, 3])
+    assert np.array_equal(feed[2][1]["neg"], rng.choice(ds.vocab_size, size=50, p=counts / counts.sum()))

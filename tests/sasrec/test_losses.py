@@ -110,4 +110,6 @@ def test_sampled_softmax_drops_negatives_the_user_has_seen():
         negs = [logit(b, w, n) for n in SHARED if n != p and not SEEN[b, n]]
         return np.log(np.exp(logit(b, w, p)) + np.exp(negs).sum()) - logit(b, w, p)
 
-    assert value(sampled_softmax_loss(H, E, POS, SHARED, seen=SEEN)) == pytest.approx(reference(per_position), rel=1e-5)
+    neg_seen = SEEN[:, SHARED]  # (B, N): what the feed computes from sorted keys, never a (B, V) matrix
+    assert value(sampled_softmax_loss(H, E, POS, SHARED, neg_seen=neg_seen)) == pytest.approx(
+        reference(per_position), rel=1e-5)
