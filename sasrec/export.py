@@ -26,6 +26,24 @@ model cost grows faster than linearly with the width, and cutting left padding o
 score), only the last position scored (``model.score_last``), padding/OOV never returned, seen
 items masked when ``exclude_seen``, ``exclude_item_ids`` masked, top-k with a run-time ``k``.
 
+Two more signatures serve live histories (the server keeps each user's state, see
+:class:`sasrec.recommender.AttentionState`), with the same ``k``/``exclude_seen``/``exclude_item_ids``
+inputs and the same four outputs, computed by the same ranking code:
+
+``encode_state`` (``history`` as above)
+    also returns ``state_keys``/``state_values`` float32 ``[B, blocks, W, heads, d/heads]`` (each
+    block's attention keys and values of the window), ``state_valid`` bool ``[B, W]``,
+    ``state_hidden`` float32 ``[B, d]`` and ``history_ids`` int32 ``[B, L]`` (internal ids).
+``advance_state``
+    continues states by new events without re-encoding the window (SASRec is causal): ``items``
+    string ``[B, N]`` (new events, right-padded with ``""``), ``offset`` int32 ``[B]`` (known items in
+    the state), the state's ``state_keys``/``state_values``/``state_valid``/``state_hidden`` (states
+    right-padded to one length, ``state_valid`` false there) and ``seen_ids`` int32 ``[B, S]`` (the
+    history's internal ids). Returns the new items' keys, values and validity, the new hidden state,
+    their ``history_ids``, and ``overflow`` bool ``[B]``: the continuation would not be exact (the window
+    would slide past ``maxlen``, or positions count from the end and a known item arrived); such rows
+    must be re-encoded. The card's ``incremental_state`` says whether positions allow continuing.
+
 The SavedModel needs neither this project's code nor Keras to load: ``tf.saved_model.load`` is enough.
 The model card ``assets/model_card.json`` holds the config, the data manifest, the metrics with their
 protocol, the popularity ranking, ``max_k``, ``maxlen``, the export time and the source run.
@@ -45,7 +63,16 @@ import numpy as np
 from pipelines.atomic import atomic_directory
 from pipelines.dataset import FIRST_ITEM_ID, OOV_ID, PADDING_ID
 from pipelines.errors import InputError
-from sasrec.model_base import CARD_FORMAT, MODEL_CARD, SIGNATURE, card_path, new_version_folder, sequence_widths
+from sasrec.model_base import (
+    ADVANCE_SIGNATURE,
+    CARD_FORMAT,
+    ENCODE_SIGNATURE,
+    MODEL_CARD,
+    SIGNATURE,
+    card_path,
+    new_version_folder,
+    sequence_widths,
+)
 
 POPULARITY_IN_CARD = 1000  # the card lists at most this many items of the popularity ranking
 
@@ -106,44 +133,45 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
     score_fn = tf.function(score, jit_compile=True) if jit_compile else score
     widths = tf.constant(sequence_widths(maxlen), tf.int32)
     neg_inf = tf.constant(-np.inf, tf.float32)
+    string_matrix = lambda name: tf.TensorSpec([None, None], tf.string, name=name)  # noqa: E731
+    ranking_inputs = [
+        tf.TensorSpec([], tf.int32, name="k"),
+        tf.TensorSpec([], tf.bool, name="exclude_seen"),
+        string_matrix("exclude_item_ids"),
+    ]
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, None], tf.string, name="history"),
-            tf.TensorSpec([], tf.int32, name="k"),
-            tf.TensorSpec([], tf.bool, name="exclude_seen"),
-            tf.TensorSpec([None, None], tf.string, name="exclude_item_ids"),
-        ]
-    )
-    def recommend(history, k, exclude_seen, exclude_item_ids):
-        batch = tf.shape(history)[0]
+    def lookup(history):
+        """Internal ids of external ids ``[B, L]`` (``""`` -> padding, unknown -> OOV), which are known,
+        and how many per row were unknown."""
         present = tf.not_equal(history, "")
         ids = tf.where(present, module.table.lookup(history), PADDING_ID)
         known = ids >= FIRST_ITEM_ID
-        unknown_count = tf.reduce_sum(tf.cast(present & ~known, tf.int32), axis=1)
-        cold_start = tf.logical_not(tf.reduce_any(known, axis=1))
+        return ids, known, tf.reduce_sum(tf.cast(present & ~known, tf.int32), axis=1)
 
-        # The width: the smallest of `widths` that holds the batch's longest known history.
-        longest = tf.minimum(tf.reduce_max(tf.reduce_sum(tf.cast(known, tf.int32), axis=1)), maxlen)
-        width = widths[tf.reduce_sum(tf.cast(widths < longest, tf.int32))]
-        # The most recent `width` known items, left-padded: rank positions with a known item by
-        # recency (top_k over position indices, -1 elsewhere), then put them back in time order.
-        short = tf.maximum(maxlen - tf.shape(ids)[1], 0)
+    def recent_known(ids, width):
+        """The most recent ``width`` known items of ``ids`` ``[B, L]``, left-padded: rank positions with a
+        known item by recency (top_k over position indices, -1 elsewhere), then put them back in time order."""
+        short = tf.maximum(width - tf.shape(ids)[1], 0)
         padded = tf.pad(ids, [[0, 0], [short, 0]])
         positions = tf.range(tf.shape(padded)[1], dtype=tf.int32)[None, :]
         rank_key = tf.where(padded >= FIRST_ITEM_ID, positions, -1)
         top_pos, top_idx = tf.math.top_k(rank_key, k=width, sorted=True)
         top_pos = tf.reverse(top_pos, axis=[1])
         top_idx = tf.reverse(top_idx, axis=[1])
-        seq = tf.where(top_pos >= 0, tf.gather(padded, top_idx, batch_dims=1), PADDING_ID)
-        seq = tf.ensure_shape(seq, [None, None])
+        return tf.ensure_shape(tf.where(top_pos >= 0, tf.gather(padded, top_idx, batch_dims=1), PADDING_ID), [None, None])
 
-        logits = score_fn(seq)
+    def window(ids, known):
+        """The model input for a batch of histories: the most recent known items, as wide as the
+        smallest of ``widths`` that holds the batch's longest known history (at most ``maxlen``)."""
+        longest = tf.minimum(tf.reduce_max(tf.reduce_sum(tf.cast(known, tf.int32), axis=1)), maxlen)
+        return recent_known(ids, widths[tf.reduce_sum(tf.cast(widths < longest, tf.int32))])
+
+    def rank(logits, cold_start, seen_ids, k, exclude_seen, exclude_item_ids):
+        """Top-k of the model's scores (popularity for cold starts), never returning padding, OOV, the
+        excluded ids or, with ``exclude_seen``, ``seen_ids`` (the whole history, not only the window)."""
+        batch = tf.shape(logits)[0]
         scores = tf.where(cold_start[:, None], module.popularity[None, :], logits)
-
-        # Mask seen items (the whole history given, not only the scored window), exclusions, and the
-        # padding and OOV ids, which are never returned whatever the model gave them.
-        seen = ids * tf.cast(exclude_seen, tf.int32)
+        seen = seen_ids * tf.cast(exclude_seen, tf.int32)
         excluded = tf.where(
             tf.not_equal(exclude_item_ids, ""), module.table.lookup(exclude_item_ids), PADDING_ID
         )
@@ -153,19 +181,70 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
         scores = tf.tensor_scatter_nd_update(
             scores, tf.stack([rows, masked_ids], axis=-1), tf.fill(tf.shape(masked_ids), neg_inf)
         )
-
         top_k = tf.clip_by_value(k, 0, vocab_size)
         top_scores, top_ids = tf.math.top_k(scores, k=top_k, sorted=True)
         valid = top_scores > neg_inf
-        out_ids = tf.where(valid, tf.gather(module.vocab, top_ids), "")
         return {
-            "item_ids": out_ids,
+            "item_ids": tf.where(valid, tf.gather(module.vocab, top_ids), ""),
             "scores": top_scores,
-            "unknown_count": unknown_count,
             "cold_start": cold_start,
         }
 
+    @tf.function(input_signature=[string_matrix("history")] + ranking_inputs)
+    def recommend(history, k, exclude_seen, exclude_item_ids):
+        ids, known, unknown_count = lookup(history)
+        cold_start = tf.logical_not(tf.reduce_any(known, axis=1))
+        out = rank(score_fn(window(ids, known)), cold_start, ids, k, exclude_seen, exclude_item_ids)
+        return {**out, "unknown_count": unknown_count}
+
+    def logits_of(hidden):
+        return tf.cast(model.item_logits(hidden), tf.float32)
+
+    @tf.function(input_signature=[string_matrix("history")] + ranking_inputs)
+    def encode_state(history, k, exclude_seen, exclude_item_ids):
+        ids, known, unknown_count = lookup(history)
+        cold_start = tf.logical_not(tf.reduce_any(known, axis=1))
+        hidden, keys, values, valid = model.encode_state(window(ids, known))
+        out = rank(logits_of(hidden), cold_start, ids, k, exclude_seen, exclude_item_ids)
+        return {
+            **out, "unknown_count": unknown_count, "history_ids": ids, "state_hidden": tf.cast(hidden, tf.float32),
+            "state_keys": tf.cast(keys, tf.float32), "state_values": tf.cast(values, tf.float32), "state_valid": valid,
+        }
+
+    @tf.function(
+        input_signature=[
+            string_matrix("items"),
+            tf.TensorSpec([None], tf.int32, name="offset"),
+            tf.TensorSpec([None, None, None, None, None], tf.float32, name="state_keys"),
+            tf.TensorSpec([None, None, None, None, None], tf.float32, name="state_values"),
+            tf.TensorSpec([None, None], tf.bool, name="state_valid"),
+            tf.TensorSpec([None, None], tf.float32, name="state_hidden"),
+            tf.TensorSpec([None, None], tf.int32, name="seen_ids"),
+        ] + ranking_inputs
+    )
+    def advance_state(items, offset, state_keys, state_values, state_valid, state_hidden, seen_ids,
+                      k, exclude_seen, exclude_item_ids):
+        ids, known, unknown_count = lookup(items)
+        count = tf.reduce_sum(tf.cast(known, tf.int32), axis=1)
+        new = recent_known(ids, tf.maximum(tf.reduce_max(count), 1))  # one column even when nothing is new
+        hidden, new_keys, new_values = model.advance_state(new, offset, state_keys, state_values, state_valid)
+        hidden = tf.where((count > 0)[:, None], tf.cast(hidden, tf.float32), state_hidden)
+        # The state cannot be continued exactly when the window would slide or positions count from the end.
+        overflow = offset + count > maxlen
+        if model.positions != "from_start":
+            overflow = overflow | (count > 0)
+        cold_start = (offset + count) == 0
+        seen = tf.concat([seen_ids, ids], axis=1)
+        out = rank(logits_of(hidden), cold_start, seen, k, exclude_seen, exclude_item_ids)
+        return {
+            **out, "unknown_count": unknown_count, "history_ids": ids, "state_hidden": hidden, "overflow": overflow,
+            "state_keys": tf.cast(new_keys, tf.float32), "state_values": tf.cast(new_values, tf.float32),
+            "state_valid": tf.not_equal(new, PADDING_ID),
+        }
+
     module.recommend = recommend
+    module.encode_state = encode_state
+    module.advance_state = advance_state
     return module
 
 
@@ -189,6 +268,8 @@ def model_card(
         "num_items": int(model.vocab_size) - FIRST_ITEM_ID,
         "max_k": int(model.vocab_size) - FIRST_ITEM_ID,
         "xla": bool(xla),
+        # advance_state continues a state exactly only when positions count from the start.
+        "incremental_state": model.positions == "from_start",
         "sequence_widths": sequence_widths(model.maxlen),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source_run": source_run,
@@ -239,7 +320,11 @@ def export_model(
             tf.saved_model.save(
                 module,
                 str(tmp),
-                signatures={SIGNATURE: module.recommend.get_concrete_function()},
+                signatures={
+                    SIGNATURE: module.recommend.get_concrete_function(),
+                    ENCODE_SIGNATURE: module.encode_state.get_concrete_function(),
+                    ADVANCE_SIGNATURE: module.advance_state.get_concrete_function(),
+                },
                 options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
             )
         finally:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
+
+# Score of a masked key before the softmax: its weight underflows to exactly 0.
+MASKED_SCORE = -1e9
 
 
 def weight_initializer(std: float):
@@ -72,16 +77,54 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         keep = ops.cast(valid, x.dtype)[:, :, None]
         if last_only:
             attention_mask, keep = attention_mask[:, -1:, :], keep[:, -1:, :]
+        query = self._query_input(x[:, -1:, :] if last_only else x)
+        attended = self.attention(query, x, x, attention_mask=attention_mask, training=training)
+        return self._after_attention(query, attended, training) * keep
+
+    def _query_input(self, x):
+        return self.attention_norm(x) if self.norm == "pre" else x
+
+    def _after_attention(self, query, attended, training=False):
+        """The residual around attention and the feed-forward net, in the order ``norm`` names."""
         if self.norm == "pre":
-            query = self.attention_norm(x[:, -1:, :] if last_only else x)
-            h = query + self.attention(query, x, x, attention_mask=attention_mask, training=training)
-            h = self.ffn_norm(h)
-            h = h + self._feed_forward(h, training)
-        else:
-            query = x[:, -1:, :] if last_only else x
-            h = self.attention_norm(query + self.attention(query, x, x, attention_mask=attention_mask, training=training))
-            h = self.ffn_norm(h + self._feed_forward(h, training))
-        return h * keep
+            h = self.ffn_norm(query + attended)
+            return h + self._feed_forward(h, training)
+        h = self.attention_norm(query + attended)
+        return self.ffn_norm(h + self._feed_forward(h, training))
+
+    def key_values(self, x):
+        """The attention's projected keys and values of block inputs ``x`` (B, L, d): two (B, L, H, d/H)."""
+        return self.attention.key_dense(x), self.attention.value_dense(x)
+
+    def step(self, x, valid, cached_keys, cached_values, cached_valid):
+        """The block's output for new positions ``x`` (B, N, d) that follow cached ones, without
+        re-encoding them: the new positions attend to the cached keys/values (B, M, H, d/H) where
+        ``cached_valid`` (B, M), and causally to each other where ``valid`` (B, N).
+
+        Returns the outputs (B, N, d) and the new positions' keys and values, to append to the cache.
+        Inference only (no dropout); equals :meth:`call` on the whole sequence at those positions.
+        """
+        new_keys, new_values = self.key_values(x)
+        keys = ops.concatenate([cached_keys, new_keys], axis=1)
+        values = ops.concatenate([cached_values, new_values], axis=1)
+        count = ops.shape(x)[1]
+        causal = ops.tril(ops.ones((count, count), dtype="bool"))
+        mask = ops.concatenate(
+            [
+                ops.broadcast_to(cached_valid[:, None, :], (ops.shape(x)[0], count, ops.shape(cached_valid)[1])),
+                ops.logical_and(causal[None, :, :], valid[:, None, :]),
+            ],
+            axis=2,
+        )
+        query = self._query_input(x)
+        projected = self.attention.query_dense(query)
+        scale = 1.0 / math.sqrt(self.hidden_units // self.num_heads)
+        scores = ops.einsum("bnhd,bmhd->bhnm", projected * scale, keys)
+        scores = ops.where(mask[:, None, :, :], scores, MASKED_SCORE)
+        weights = ops.softmax(scores, axis=-1)
+        attended = self.attention.output_dense(ops.einsum("bhnm,bmhd->bnhd", weights, values))
+        out = self._after_attention(query, attended) * ops.cast(valid, x.dtype)[:, :, None]
+        return out, new_keys, new_values
 
     def compute_output_shape(self, input_shape, valid_shape=None):
         return input_shape

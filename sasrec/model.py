@@ -72,24 +72,64 @@ class SASRec(keras.Model):
         self.final_norm.build(shape)
         self.built = True
 
+    def _embed(self, ids, positions, training=False):
+        """Item plus position embeddings of ``ids`` (B, W), zero at padding, and the validity mask."""
+        valid = ops.not_equal(ids, 0)
+        x = self.item_embedding(ids) * math.sqrt(self.hidden_units) + self.position_embedding(positions)
+        x = self.embedding_dropout(x, training=training)
+        return x * ops.cast(ops.expand_dims(valid, -1), x.dtype), valid
+
+    def _positions(self, ids, offset=0):
+        """Position of each column of left-padded ``ids`` (B, W); ``offset`` (B,): real items before them."""
+        width = ops.shape(ids)[1]
+        if self.positions == "from_start":
+            # Histories are left-padded: the running count of real items is the position from the start.
+            count = ops.cumsum(ops.cast(ops.not_equal(ids, 0), "int32"), axis=1) - 1
+            # Clipped: a continuation past maxlen is refused by the caller, but must not fail the batch.
+            return ops.clip(count + ops.reshape(ops.cast(offset, "int32"), (-1, 1)), 0, self.maxlen - 1)
+        return ops.expand_dims(ops.arange(self.maxlen - width, self.maxlen, dtype="int32"), 0)
+
     def call(self, ids, training=False, last_only=False):
         """Hidden states ``(B, W, d)``; with ``last_only`` just the last position's, ``(B, 1, d)``."""
         ids = ops.cast(ids, "int32")
-        width = ops.shape(ids)[1]
-        valid = ops.not_equal(ids, 0)
-        x = self.item_embedding(ids) * math.sqrt(self.hidden_units)
-        if self.positions == "from_start":
-            # Histories are left-padded: the running count of real items is the position from the start.
-            positions = ops.maximum(ops.cumsum(ops.cast(valid, "int32"), axis=1) - 1, 0)
-            x = x + self.position_embedding(positions)
-        else:
-            positions = ops.arange(self.maxlen - width, self.maxlen, dtype="int32")
-            x = x + ops.expand_dims(self.position_embedding(positions), 0)
-        x = self.embedding_dropout(x, training=training)
-        x = x * ops.cast(ops.expand_dims(valid, -1), x.dtype)
+        x, valid = self._embed(ids, self._positions(ids), training)
         for i, block in enumerate(self.blocks):
             x = block(x, valid, training=training, last_only=last_only and i == len(self.blocks) - 1)
         return self.final_norm(x)
+
+    def encode_state(self, ids):
+        """What :meth:`advance_state` continues from, for left-padded ``ids`` (B, W): the last position's
+        hidden state (B, d), every block's attention keys and values (B, blocks, W, H, d/H) and the
+        window's validity mask (B, W). Inference only."""
+        ids = ops.cast(ids, "int32")
+        x, valid = self._embed(ids, self._positions(ids))
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            block_keys, block_values = block.key_values(x)
+            keys.append(block_keys)
+            values.append(block_values)
+            x = block(x, valid, last_only=i == len(self.blocks) - 1)
+        return self.final_norm(x)[:, -1, :], ops.stack(keys, axis=1), ops.stack(values, axis=1), valid
+
+    def advance_state(self, ids, offset, keys, values, cached_valid):
+        """Continue a history by new items without re-encoding it (causal attention: new items do not
+        change what earlier positions computed).
+
+        ``ids`` (B, N): the new items, left-padded; ``offset`` (B,): real items already encoded;
+        ``keys``/``values`` (B, blocks, M, H, d/H) and ``cached_valid`` (B, M): the encoded state. Returns
+        the hidden state after the last new item (B, d) and the new items' keys and values
+        (B, blocks, N, H, d/H). Equals :meth:`encode_state` on the whole history only while positions
+        count from the start and the history fits the window (``offset + new items <= maxlen``);
+        callers check that (positions counted from the end shift with every new item).
+        """
+        ids = ops.cast(ids, "int32")
+        x, valid = self._embed(ids, self._positions(ids, offset))
+        new_keys, new_values = [], []
+        for i, block in enumerate(self.blocks):
+            x, block_keys, block_values = block.step(x, valid, keys[:, i], values[:, i], cached_valid)
+            new_keys.append(block_keys)
+            new_values.append(block_values)
+        return self.final_norm(x)[:, -1, :], ops.stack(new_keys, axis=1), ops.stack(new_values, axis=1)
 
     def item_logits(self, hidden):
         """Scores of every item for hidden states ``(..., d)``: ``(..., vocab_size)``, computed in float32

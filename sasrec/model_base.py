@@ -27,6 +27,9 @@ from pathlib import Path
 from pipelines.errors import InputError
 
 SIGNATURE = "serving_default"
+# Live-history signatures (sasrec.export): a user's attention state, encoded once and then advanced.
+ENCODE_SIGNATURE = "encode_state"
+ADVANCE_SIGNATURE = "advance_state"
 MODEL_CARD = "model_card.json"
 CARD_FORMAT = "sasrec-model-card/1"
 _VERSION_RE = re.compile(r"^[0-9]+$")

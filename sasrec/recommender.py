@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.dataset import FIRST_ITEM_ID
 from pipelines.errors import InputError
-from sasrec.model_base import SIGNATURE, read_card, resolve_version
+from sasrec.model_base import ADVANCE_SIGNATURE, ENCODE_SIGNATURE, SIGNATURE, read_card, resolve_version
 
 DEFAULT_CHUNK_SIZE = 1024  # users per signature call in score_frame
 
@@ -73,6 +74,59 @@ class BatchResult:
 
     def __len__(self) -> int:
         return len(self.unknown_count)
+
+    @classmethod
+    def of(cls, out: dict, rows=slice(None)) -> BatchResult:
+        """The result in a signature's raw numpy outputs (``rows`` of them)."""
+        ids = out["item_ids"][rows]
+        return cls(
+            item_ids=np.array([[x.decode("utf-8") for x in row] for row in ids], dtype=object).reshape(ids.shape),
+            scores=out["scores"][rows],
+            unknown_count=out["unknown_count"][rows],
+            cold_start=out["cold_start"][rows],
+        )
+
+
+@dataclass
+class AttentionState:
+    """What a model version computed for one user's history, so that new events continue it instead of
+    re-encoding the window (the ``encode_state``/``advance_state`` signatures of :mod:`sasrec.export`).
+
+    ``keys``/``values``: every block's attention keys and values of the window's known items
+    (blocks, M, heads, d/heads); ``hidden``: the state after the last one (d,); ``seen_ids``: internal
+    ids of every known item of the history (``exclude_seen`` covers the whole history, not the window);
+    ``unknown_count``: history ids not in the vocabulary; ``version``: the model version that made it
+    (a state never answers for another version).
+    """
+
+    version: int | None
+    keys: np.ndarray
+    values: np.ndarray
+    hidden: np.ndarray
+    seen_ids: np.ndarray
+    unknown_count: int
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.hidden.nbytes + self.seen_ids.nbytes
+
+
+def _known(ids: np.ndarray) -> np.ndarray:
+    return ids[ids >= FIRST_ITEM_ID].astype(np.int32)
+
+
+def _stack_padded(arrays: list[np.ndarray], axis: int, dtype=None) -> np.ndarray:
+    """``arrays`` stacked on a new first axis, zero-padded at the end of ``axis`` to the longest."""
+    longest = max(a.shape[axis] for a in arrays)
+    shape = (len(arrays),) + arrays[0].shape[:axis] + (longest,) + arrays[0].shape[axis + 1:]
+    out = np.zeros(shape, dtype=dtype or arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[(i,) + (slice(None),) * axis + (slice(0, a.shape[axis]),)] = a
+    return out
 
 
 def _pad(rows: Sequence[Sequence[str]], min_width: int = 0, num_rows: int = 0) -> np.ndarray:
@@ -164,14 +218,87 @@ class Recommender:
             excl = _pad(exclude_item_ids, num_rows=rows)
         else:
             excl = np.tile(_pad([list(exclude_item_ids)]), (rows, 1))
-        out = self._call_rows(_pad(histories, num_rows=rows), excl, k, exclude_seen, n=n)
-        ids = out["item_ids"]
-        return BatchResult(
-            item_ids=np.array([[x.decode("utf-8") for x in row] for row in ids], dtype=object).reshape(ids.shape),
-            scores=out["scores"],
-            unknown_count=out["unknown_count"],
-            cold_start=out["cold_start"],
+        return BatchResult.of(self._call_rows(_pad(histories, num_rows=rows), excl, k, exclude_seen, n=n))
+
+    @property
+    def keeps_state(self) -> bool:
+        """The export has the live-history signatures (:meth:`encode_states`, :meth:`advance_states`)."""
+        return ENCODE_SIGNATURE in self._loaded.signatures and ADVANCE_SIGNATURE in self._loaded.signatures
+
+    @property
+    def advances_state(self) -> bool:
+        """New events continue a state exactly (positions from the start); else any new event re-encodes."""
+        return self.keeps_state and bool(self.card.get("incremental_state", False))
+
+    def _ranking_inputs(self, n: int, k: int, exclude_seen: bool, exclude_item_ids) -> dict:
+        import tensorflow as tf
+
+        self._check_k(k)
+        return dict(k=tf.constant(k, tf.int32), exclude_seen=tf.constant(bool(exclude_seen)),
+                    exclude_item_ids=tf.convert_to_tensor(_pad(exclude_item_ids, num_rows=n), tf.string))
+
+    def encode_states(self, histories: Sequence[Sequence[str]], k: int, exclude_seen: bool,
+                      exclude_item_ids: Sequence[Sequence[str]]) -> tuple[BatchResult, list[AttentionState]]:
+        """:meth:`recommend_batch` (one exclusion list per row) and each history's attention state."""
+        import tensorflow as tf
+
+        fn = self._loaded.signatures[ENCODE_SIGNATURE]
+        out = fn(history=tf.convert_to_tensor(_pad(histories), tf.string),
+                 **self._ranking_inputs(len(histories), k, exclude_seen, exclude_item_ids))
+        out = {name: value.numpy() for name, value in out.items()}
+        states = [
+            AttentionState(
+                version=self.version,
+                keys=out["state_keys"][i][:, out["state_valid"][i]],
+                values=out["state_values"][i][:, out["state_valid"][i]],
+                hidden=out["state_hidden"][i],
+                seen_ids=_known(out["history_ids"][i]),
+                unknown_count=int(out["unknown_count"][i]),
+            )
+            for i in range(len(histories))
+        ]
+        return BatchResult.of(out), states
+
+    def advance_states(self, states: Sequence[AttentionState], new_items: Sequence[Sequence[str]], k: int,
+                       exclude_seen: bool, exclude_item_ids: Sequence[Sequence[str]]):
+        """Continue each state by its new items (oldest first) and recommend for the longer history.
+
+        Returns ``(BatchResult, new states)``; a row whose state cannot be continued exactly (the
+        window would slide past ``maxlen``, or positions count from the end) has ``None`` as its state
+        and its result row is meaningless: re-encode that history with :meth:`encode_states`.
+        """
+        import tensorflow as tf
+
+        if any(state.version != self.version for state in states):
+            raise ValueError("an attention state of another model version")
+        fn = self._loaded.signatures[ADVANCE_SIGNATURE]
+        out = fn(
+            items=tf.convert_to_tensor(_pad(new_items), tf.string),
+            offset=tf.constant([state.length for state in states], tf.int32),
+            state_keys=tf.constant(_stack_padded([s.keys for s in states], axis=1)),
+            state_values=tf.constant(_stack_padded([s.values for s in states], axis=1)),
+            state_valid=tf.constant(_stack_padded([np.ones(s.length, bool) for s in states], axis=0)),
+            state_hidden=tf.constant(np.stack([s.hidden for s in states])),
+            seen_ids=tf.constant(_stack_padded([s.seen_ids for s in states], axis=0, dtype=np.int32)),
+            **self._ranking_inputs(len(states), k, exclude_seen, exclude_item_ids),
         )
+        out = {name: value.numpy() for name, value in out.items()}
+        out["unknown_count"] = out["unknown_count"] + np.array([s.unknown_count for s in states], np.int32)
+        advanced = []
+        for i, state in enumerate(states):
+            if out["overflow"][i]:
+                advanced.append(None)
+                continue
+            new = out["state_valid"][i]
+            advanced.append(AttentionState(
+                version=self.version,
+                keys=np.concatenate([state.keys, out["state_keys"][i][:, new]], axis=1),
+                values=np.concatenate([state.values, out["state_values"][i][:, new]], axis=1),
+                hidden=out["state_hidden"][i],
+                seen_ids=np.concatenate([state.seen_ids, _known(out["history_ids"][i])]),
+                unknown_count=int(out["unknown_count"][i]),
+            ))
+        return BatchResult.of(out), advanced
 
     def recommend(
         self,
