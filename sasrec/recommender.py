@@ -420,6 +420,9 @@ class Recommender:
         for b in sizes:
             for width in widths:
                 self.recommend_batch([popular * width + ["<warm-up-unknown>"]] * b, k=k, exclude_seen=True)
+        if self.keeps_state:
+            _, states = self.encode_states([popular], k, True, [[]])
+            self.advance_states(states, [popular + ["<warm-up-unknown>"]], k, True, [[]])
 
 
 def bucket_size(n: int) -> int:

@@ -49,6 +49,10 @@ class Pending:
     exclude_item_ids: list
     deadline: float | None  # time.monotonic() seconds, None: no deadline
     future: Future = field(default_factory=Future)
+    # A stored user's history (RecommendForUser): its cached state and the events that state has not seen.
+    live: bool = False
+    state: object = None
+    new_events: list = field(default_factory=list)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Result:
     unknown_count: int
     cold_start: bool
     version: int | None
+    state: object = None  # live requests: the user's attention state after this history (None: not kept)
 
 
 class MicroBatcher:
@@ -88,8 +93,14 @@ class MicroBatcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, history, k, exclude_seen, exclude_item_ids, deadline=None) -> Future:
-        item = Pending(list(history), int(k), bool(exclude_seen), list(exclude_item_ids), deadline)
+    def submit(self, history, k, exclude_seen, exclude_item_ids, deadline=None, *, live=False, state=None,
+               new_events=()) -> Future:
+        """Queue a request; its future's result is a :class:`Result`. ``live``: ``history`` is a stored
+        user's whole history and the result carries its attention state when the model keeps states;
+        ``state`` (an :class:`~sasrec.recommender.AttentionState`) is continued by ``new_events`` (the end of
+        ``history`` it has not seen) instead of re-encoding, when the serving model allows it."""
+        item = Pending(list(history), int(k), bool(exclude_seen), list(exclude_item_ids), deadline,
+                       live=live, state=state, new_events=list(new_events))
         if self._closed:
             item.future.set_exception(ShuttingDown("server is shutting down"))
         else:
@@ -181,22 +192,57 @@ class MicroBatcher:
 
     def _call(self, model, group: list[Pending], exclude_seen: bool) -> None:
         k = max(item.k for item in group)
+        keeps_state = getattr(model, "keeps_state", False)
+        stateless, continued, encoded = [], [], []
+        for item in group:
+            if not (item.live and keeps_state):
+                stateless.append(item)
+            elif item.state is None:
+                encoded.append((item, "miss"))
+            elif item.state.version != model.version:  # a state never answers for another version
+                encoded.append((item, "new_version"))
+            elif item.new_events and not model.advances_state:
+                encoded.append((item, "positions_from_end"))
+            else:
+                continued.append(item)
+        if stateless:
+            self._run_model(model, stateless, lambda: (model.recommend_batch(
+                [item.history for item in stateless], k=k, exclude_seen=exclude_seen,
+                exclude_item_ids=[item.exclude_item_ids for item in stateless]), [None] * len(stateless)))
+        if continued:
+            answered = self._run_model(model, continued, lambda: model.advance_states(
+                [item.state for item in continued], [item.new_events for item in continued], k, exclude_seen,
+                [item.exclude_item_ids for item in continued]), outcome="continued")
+            # Rows the model could not continue exactly (the window would slide): re-encoded below.
+            encoded += [(item, "window_full") for item, done in zip(continued, answered) if not done]
+        if encoded:
+            items = [item for item, _ in encoded]
+            self._run_model(model, items, lambda: model.encode_states(
+                [item.history for item in items], k, exclude_seen, [item.exclude_item_ids for item in items]),
+                outcome=[reason for _, reason in encoded])
+
+    def _run_model(self, model, group: list[Pending], call, outcome: str | list | None = None) -> list[bool]:
+        """Answer ``group`` with ``call()`` -> (BatchResult, states). With ``outcome`` (the call keeps states;
+        one label, or one per row, for ``sasrec_state_requests``) a row whose state is None is left
+        unanswered. Returns which rows were answered."""
         start = time.perf_counter()
         try:
-            out = model.recommend_batch(
-                [item.history for item in group],
-                k=k,
-                exclude_seen=exclude_seen,
-                exclude_item_ids=[item.exclude_item_ids for item in group],
-            )
+            out, states = call()
         except BaseException as exc:
             log.exception("model call failed for a batch of %d", len(group))
             for item in group:
                 item.future.set_exception(exc)
-            return
+            return [True] * len(group)
         if self._metrics is not None:
             self._metrics.batch_latency.observe(time.perf_counter() - start)
+        answered = []
         for i, item in enumerate(group):
+            if outcome is not None and states[i] is None:
+                answered.append(False)
+                continue
+            answered.append(True)
+            if outcome is not None and self._metrics is not None:
+                self._metrics.state_requests.labels(outcome if isinstance(outcome, str) else outcome[i]).inc()
             ids = out.item_ids[i, : item.k]
             scores = out.scores[i, : item.k]
             n = sum(1 for x in ids if x)
@@ -207,5 +253,7 @@ class MicroBatcher:
                     unknown_count=int(out.unknown_count[i]),
                     cold_start=bool(out.cold_start[i]),
                     version=model.version,
+                    state=states[i],
                 )
             )
+        return answered

@@ -59,6 +59,19 @@ class Metrics:
             "sasrec_history_store_errors", "Calls answered UNAVAILABLE because the history store failed",
             ["method"], registry=r)
 
+        # Attention states (RecommendForUser with a model that keeps them; --state-cache-bytes).
+        self.state_requests = Counter(
+            "sasrec_state_requests", "RecommendForUser answers by how the user's attention state was obtained: "
+            "continued (cached state, advanced by the new events), or re-encoded from the stored history because "
+            "of a miss, a new model version, positions counted from the end, or a full window", ["outcome"],
+            registry=r)
+        for outcome in ("continued", "miss", "new_version", "positions_from_end", "window_full"):
+            self.state_requests.labels(outcome)
+        self.state_cache_bytes = Gauge("sasrec_state_cache_bytes", "Bytes of cached attention states", registry=r,
+                                       multiprocess_mode="livesum")
+        self.state_cache_states = Gauge("sasrec_state_cache_states", "Users with a cached attention state",
+                                        registry=r, multiprocess_mode="livesum")
+
     def serve_http(self, port: int, addr: str = "0.0.0.0"):
         """Expose /metrics on ``port`` (0: pick a free one); returns the HTTP server."""
         return serve_metrics_http(self.registry, port, addr)

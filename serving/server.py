@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.history_store import HistoryOptions, HistoryStoreUnavailable, open_history_store
+from serving.state_cache import StateCache
 
 log = logging.getLogger("serving")
 HISTORY_DEFAULTS = HistoryOptions()  # the history-store flags' defaults are the store's own
@@ -133,6 +134,11 @@ class ServerConfig:
     history_store_timeout_s: float = option(
         HISTORY_DEFAULTS.timeout_s, minimum=0.01, help="longest a history-store call may take (Redis: connect and each reply; SQLite: waiting for "
         "another writer's lock); beyond it the call answers UNAVAILABLE")
+    # A full ML-1M-sized state (maxlen 200, d 50, 2 blocks) is ~160 KB (BENCHMARKS.md, section live-histories).
+    state_cache_mb: float = option(
+        256, minimum=0,
+        help="memory for users' cached attention states (MiB, least recently used dropped first): RecommendForUser "
+        "continues a user's state by the new events instead of re-encoding the stored history; 0 turns it off")
 
 
 def _flag(name: str) -> str:
@@ -285,6 +291,9 @@ class RecommenderServer:
 
             raise InputError(f"--port: cannot bind {address} (in use, or not an address of this machine)")
         self.histories = _open_histories(config)
+        self.states = None
+        if self.histories is not None and config.state_cache_mb > 0:
+            self.states = StateCache(int(config.state_cache_mb * 2**20), metrics=self.metrics)
         self.metrics_port = None
         self._metrics_http = None
         if config.metrics_port is not None:
@@ -310,7 +319,7 @@ class RecommenderServer:
         recommender_pb2_grpc.add_RecommenderServicer_to_server(
             RecommenderServicer(
                 self.store, self.batcher, model_name=self.model_name, metrics=self.metrics, max_k=config.max_k,
-                histories=self.histories, max_events_per_append=config.max_events_per_append,
+                histories=self.histories, max_events_per_append=config.max_events_per_append, states=self.states,
             ),
             self.server,
         )
@@ -324,6 +333,8 @@ class RecommenderServer:
             log.warning("model version %s is XLA-compiled and TensorFlow runs ops on one thread: warming the "
                         "next version will stall requests while it compiles; serve it with --inter-op-threads 2",
                         model.version)
+        if self.states is not None:
+            self.states.clear()  # the old version's states can no longer answer (see serving.batcher)
         if not self._stopped.is_set():
             set_serving(self.health, True)
         self.ready.set()

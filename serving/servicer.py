@@ -2,7 +2,8 @@
 
 Live histories (AppendEvents, RecommendForUser, GetHistory, DeleteUser) go to the
 :class:`~serving.history_store.HistoryStore` the server opened (FAILED_PRECONDITION without one);
-RecommendForUser scores the stored history through the same path as Recommend. History rules (vocabulary, unknown ids, truncation, seen items, cold start) live in the SavedModel
+RecommendForUser scores the stored history through the same path as Recommend, continuing the
+user's cached attention state (:mod:`serving.state_cache`) when the model exports one. History rules (vocabulary, unknown ids, truncation, seen items, cold start) live in the SavedModel
 signature and are reached through the micro-batcher and :class:`sasrec.recommender.Recommender`.
 Every outcome is a deliberate status code: INVALID_ARGUMENT names the field, UNAVAILABLE means no
 model yet, shutting down or the history store failing, DEADLINE_EXCEEDED when the caller's deadline
@@ -66,10 +67,11 @@ METHODS = ("Recommend", "GetModelInfo", "AppendEvents", "RecommendForUser", "Get
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, store, batcher, *, model_name: str, metrics, max_k: int | None = None,
-                 histories=None, max_events_per_append: int = 1000):
+                 histories=None, max_events_per_append: int = 1000, states=None):
         """``histories``: the :class:`~serving.history_store.HistoryStore` of the live-history calls (None:
         they answer FAILED_PRECONDITION); ``max_events_per_append``: more item ids in one call are
-        RESOURCE_EXHAUSTED."""
+        RESOURCE_EXHAUSTED; ``states``: the :class:`~serving.state_cache.StateCache` of users' attention
+        states (None: RecommendForUser re-encodes every stored history)."""
         self._store = store
         self._batcher = batcher
         self._name = model_name
@@ -77,6 +79,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._max_k = max_k
         self._histories = histories
         self._max_events_per_append = max_events_per_append
+        self._states = states
         self._requests = metrics.requests
         self._latency = {m: metrics.latency.labels(m) for m in METHODS}
 
@@ -103,11 +106,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             return response
         return empty()
 
-    def _score(self, history, k, exclude_seen, exclude, context) -> recommender_pb2.RecommendResponse:
-        """Recommend's answer for ``history``: the batcher and the SavedModel signature."""
+    def _score(self, history, k, exclude_seen, exclude, context, **live) -> tuple:
+        """Recommend's answer for ``history`` (the batcher and the SavedModel signature) and the batcher's
+        :class:`~serving.batcher.Result`; ``live``: the batcher's keywords for a stored user's history."""
         remaining = context.time_remaining()
         deadline = None if remaining is None or remaining > 1e6 else time.monotonic() + remaining
-        future = self._batcher.submit(history, k, exclude_seen, exclude, deadline)
+        future = self._batcher.submit(history, k, exclude_seen, exclude, deadline, **live)
         # The caller went away (cancelled, disconnected, deadline passed): drop the queued work.
         context.add_callback(future.cancel)
         try:
@@ -131,13 +135,13 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             model_version=result.version or 0,
             unknown_history_ids=result.unknown_count,
             cold_start=result.cold_start,
-        )
+        ), result
 
     def Recommend(self, request, context):
         def work():
             k, exclude_seen, exclude = validate(request, self._store.get(), self._max_k)
             history = check_ids("history", request.history)
-            response = self._score(history, k, exclude_seen, exclude, context)
+            response, _ = self._score(history, k, exclude_seen, exclude, context)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "Recommend user_id=%r history=%d k=%d unknown=%d cold_start=%s",
@@ -206,10 +210,20 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             # Everything that can be refused is checked before the append, so a refused call stored nothing.
             k, exclude_seen, exclude = validate(request, self._store.get(), self._max_k)
             response = recommender_pb2.RecommendForUserResponse()
+            states = self._states
+            token = states.begin() if states is not None else None  # before the store is read: see StateCache.put
             if request.item_ids or request.timestamps or request.idempotency_key:
                 response.append.CopyFrom(self._append("RecommendForUser", request))
             history = self._stored("RecommendForUser", "history", request.user_id).item_ids
-            response.recommendation.CopyFrom(self._score(history, k, exclude_seen, exclude, context))
+            if states is None:
+                answer, _ = self._score(history, k, exclude_seen, exclude, context)
+            else:
+                state, new_events = states.continuation(request.user_id, history)
+                answer, result = self._score(history, k, exclude_seen, exclude, context, live=True, state=state,
+                                             new_events=new_events)
+                if result.state is not None:
+                    states.put(request.user_id, result.state, history, token)
+            response.recommendation.CopyFrom(answer)
             response.history_length = len(history)
             return response
 
@@ -224,7 +238,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         return self._answer("GetHistory", request, context, work, recommender_pb2.GetHistoryResponse)
 
     def DeleteUser(self, request, context):
-        return self._answer(
-            "DeleteUser", request, context,
-            lambda: recommender_pb2.DeleteUserResponse(deleted=self._stored("DeleteUser", "delete", request.user_id)),
-            recommender_pb2.DeleteUserResponse)
+        def work():
+            deleted = self._stored("DeleteUser", "delete", request.user_id)
+            if self._states is not None:  # after the store: a call reading the store from now on sees no events
+                self._states.evict(request.user_id)
+            return recommender_pb2.DeleteUserResponse(deleted=deleted)
+
+        return self._answer("DeleteUser", request, context, work, recommender_pb2.DeleteUserResponse)

@@ -18,7 +18,8 @@ def item_names(num_items: int) -> list[str]:
     return [f"item-{i:04d}" for i in range(num_items)]
 
 
-def make_run(run: Path, *, num_items: int = 40, maxlen: int = 12, hidden_units: int = 16, seed: int = 0) -> Path:
+def make_run(run: Path, *, num_items: int = 40, maxlen: int = 12, hidden_units: int = 16, seed: int = 0,
+             positions: str = "from_end") -> Path:
     """Write RUN/{config.toml, best.keras, dataset/, metrics.json} like `sasrec train` does."""
     import keras
 
@@ -52,11 +53,12 @@ def make_run(run: Path, *, num_items: int = 40, maxlen: int = 12, hidden_units: 
         (run / "dataset" / name).unlink()
     keras.utils.set_random_seed(seed)
     model = SASRec(vocab_size=len(vocab), maxlen=maxlen, hidden_units=hidden_units, num_blocks=2, num_heads=1,
-                   dropout=0.2, name="sasrec")
+                   dropout=0.2, positions=positions, name="sasrec")
     model.build((None, maxlen))
     model.save(run / "best.keras")
     (run / "config.toml").write_text(
         f"maxlen = {maxlen}\nhidden_units = {hidden_units}\nnum_blocks = 2\nnum_heads = 1\ndropout = 0.2\n"
+        f"positions = \"{positions}\"\n"
     )
     (run / "metrics.json").write_text(json.dumps({
         "test": {"full": {"NDCG@10": 0.1, "HR@10": 0.2}},

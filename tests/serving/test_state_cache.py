@@ -1,0 +1,179 @@
+"""Cached attention states behind RecommendForUser: exact answers, bounded memory, erasure, new versions."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from sasrec.recommender import AttentionState
+from serving.state_cache import ENTRY_OVERHEAD_BYTES, StateCache
+from tests.serving.conftest import start_server
+from tests.serving.helpers import item_names, make_run
+
+NAMES = item_names(40)
+MAXLEN = 12
+
+
+def fake_state(length: int, version: int = 1) -> AttentionState:
+    keys = np.zeros((2, length, 1, 16), np.float32)
+    return AttentionState(version, keys, keys.copy(), np.zeros(16, np.float32), np.zeros(length, np.int32), 0)
+
+
+def test_the_cache_stays_within_its_byte_budget_dropping_the_least_recently_used():
+    one = fake_state(10).nbytes + ENTRY_OVERHEAD_BYTES
+    cache = StateCache(max_bytes=3 * one + 10)
+    for user in "abc":
+        assert cache.put(user, fake_state(10), ["x"], cache.begin())
+    cache.continuation("a", ["x"])  # a is now the most recently used
+    cache.put("d", fake_state(10), ["x"], cache.begin())
+    assert len(cache) == 3 and cache.nbytes == 3 * one <= cache.max_bytes
+    assert cache.continuation("b", ["x"])[0] is None and cache.continuation("a", ["x"])[0] is not None
+    assert not cache.put("huge", fake_state(200), ["x"], cache.begin())  # alone larger than the budget
+    cache.put("a", fake_state(20), ["x"], cache.begin())  # a larger state for a: the oldest other one goes
+    assert cache.nbytes == one + fake_state(20).nbytes + ENTRY_OVERHEAD_BYTES <= cache.max_bytes
+    assert cache.continuation("c", ["x"])[0] is None and cache.continuation("d", ["x"])[0] is not None
+
+
+def test_a_state_continues_only_a_history_that_starts_with_the_events_it_saw():
+    cache = StateCache(max_bytes=10**6)
+    state = fake_state(3)
+    cache.put("u", state, ["a", "b", "c"], cache.begin())
+    assert cache.continuation("u", ["a", "b", "c"]) == (state, [])
+    assert cache.continuation("u", ["a", "b", "c", "d", "e"]) == (state, ["d", "e"])
+    for changed in (["a", "b"], ["b", "c", "d"], ["a", "x", "c", "d"], []):  # trimmed, erased, rewritten
+        assert cache.continuation("u", changed) == (None, changed)
+
+
+def test_a_state_computed_before_an_erasure_is_not_kept():
+    cache = StateCache(max_bytes=10**6)
+    before = cache.begin()
+    cache.put("u", fake_state(3), ["a"], before)
+    cache.evict("u")
+    assert len(cache) == 0 and cache.nbytes == 0
+    assert not cache.put("u", fake_state(3), ["a"], before)  # a call that read the store before the erasure
+    assert cache.put("u", fake_state(3), ["a"], cache.begin())
+
+
+@pytest.fixture(scope="module")
+def from_start_base(tmp_path_factory):
+    from sasrec.export import export_run
+
+    run = make_run(tmp_path_factory.mktemp("run") / "run", maxlen=MAXLEN, positions="from_start", seed=3)
+    base = tmp_path_factory.mktemp("models") / "from-start"
+    export_run(run, base)
+    return base
+
+
+def outcomes(srv) -> dict:
+    get = srv.metrics.registry.get_sample_value
+    return {o: get("sasrec_state_requests_total", {"outcome": o}) or 0
+            for o in ("continued", "miss", "new_version", "positions_from_end", "window_full")}
+
+
+def same_answer(answer, direct):
+    assert [i.item_id for i in answer.items] == [i.item_id for i in direct.items]
+    np.testing.assert_allclose([i.score for i in answer.items], [i.score for i in direct.items], atol=1e-4)
+    assert (answer.unknown_history_ids, answer.cold_start, answer.model_version) == (
+        direct.unknown_history_ids, direct.cold_start, direct.model_version)
+
+
+@pytest.fixture
+def live_server(from_start_base, tmp_path):
+    from serving.client import RecommenderClient
+
+    def start(base=from_start_base, **overrides):
+        srv = start_server(base, history_store=f"sqlite:///{tmp_path / 'h.db'}", **overrides)
+        assert srv.wait_ready(60)
+        servers.append(srv)
+        client = RecommenderClient(f"127.0.0.1:{srv.port}", timeout=10)
+        clients.append(client)
+        return srv, client
+
+    servers, clients = [], []
+    yield start
+    for client in clients:
+        client.close()
+    for srv in servers:
+        srv.stop(1)
+
+
+def test_states_are_continued_event_by_event_and_answer_as_recommend(live_server):
+    srv, client = live_server()
+    rng = np.random.default_rng(5)
+    histories = {f"user-{u}": [] for u in range(5)}
+    for _ in range(10):
+        for user, history in histories.items():
+            new = [NAMES[i] for i in rng.integers(0, 40, int(rng.integers(0, 4)))]
+            new += ["unknown-id"] if rng.random() < 0.2 else []
+            k, exclude = int(rng.integers(1, 20)), [NAMES[int(rng.integers(0, 40))]]
+            answer = client.recommend_for_user(user, k=k, item_ids=new, exclude_item_ids=exclude)
+            history += new
+            assert answer.history_length == len(history)
+            same_answer(answer.recommendation, client.recommend(history, k=k, exclude_item_ids=exclude))
+            repeat = client.recommend_for_user(user, k=7)  # nothing new: answered from the state
+            same_answer(repeat.recommendation, client.recommend(history, k=7))
+    counts = outcomes(srv)
+    # Each user: one miss, then continued until the known items pass maxlen (12), then re-encoded.
+    assert counts["miss"] == len(histories) and counts["continued"] > 30 and counts["window_full"] >= 1
+    assert counts["new_version"] == counts["positions_from_end"] == 0
+    assert len(srv.states) == len(histories) and srv.states.nbytes > 0
+
+
+def test_answers_with_exclusions_and_k_equal_recommend(live_server):
+    _, client = live_server()
+    rng = np.random.default_rng(6)
+    history = []
+    for step in range(8):
+        new = [NAMES[i] for i in rng.integers(0, 40, 2)]
+        history += new
+        k = int(rng.integers(1, 30))
+        exclude = [NAMES[i] for i in rng.integers(0, 40, 3)]
+        for exclude_seen in (True, False):
+            answer = client.recommend_for_user("u", k=k, item_ids=new if exclude_seen else [],
+                                               exclude_seen=exclude_seen, exclude_item_ids=exclude)
+            same_answer(answer.recommendation,
+                        client.recommend(history, k=k, exclude_seen=exclude_seen, exclude_item_ids=exclude))
+
+
+def test_delete_user_drops_the_cached_state(live_server):
+    srv, client = live_server()
+    client.recommend_for_user("gone", k=3, item_ids=NAMES[5:9])
+    assert len(srv.states) == 1
+    assert client.delete_user("gone").deleted
+    assert len(srv.states) == 0 and srv.states.nbytes == 0
+    answer = client.recommend_for_user("gone", k=3)
+    assert answer.recommendation.cold_start and answer.history_length == 0
+
+
+def test_a_new_model_version_never_answers_from_the_old_versions_states(live_server, from_start_base, tmp_path):
+    from sasrec.export import export_run
+
+    base = tmp_path / "models"
+    shutil.copytree(from_start_base, base)
+    srv, client = live_server(base)
+    for user in ("a", "b"):
+        client.recommend_for_user(user, k=5, item_ids=NAMES[3:7])
+    export_run(make_run(tmp_path / "run2", maxlen=MAXLEN, positions="from_start", seed=9), base)
+    deadline = time.monotonic() + 30
+    while srv.store.version != 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert srv.store.version == 2
+    for user in ("a", "b"):
+        answer = client.recommend_for_user(user, k=5, item_ids=[NAMES[8]])
+        assert answer.recommendation.model_version == 2
+        same_answer(answer.recommendation, client.recommend(NAMES[3:7] + [NAMES[8]], k=5))
+    assert all(entry.state.version == 2 for entry in srv.states._entries.values())
+
+
+def test_the_state_cache_is_bounded_by_its_flag_and_can_be_off(live_server):
+    srv, client = live_server(state_cache_mb=0.01)  # 10 KiB: two or three states of this model
+    for u in range(8):
+        client.recommend_for_user(f"user-{u}", k=3, item_ids=NAMES[u : u + 10])
+    assert 0 < len(srv.states) < 8 and srv.states.nbytes <= 0.01 * 2**20
+    off, off_client = live_server(state_cache_mb=0)
+    assert off.states is None
+    answer = off_client.recommend_for_user("user-0", k=3)
+    same_answer(answer.recommendation, off_client.recommend(NAMES[0:10], k=3))
