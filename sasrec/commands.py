@@ -56,6 +56,8 @@ def register(subparsers) -> None:
                    "folder must hold the same manifest and vocabulary)")
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--protocol", choices=("full", "sampled-100", "both"), default="full")
+    p.add_argument("--max-users", type=int, default=None,
+                   help="evaluate a seeded sample of this many users (0: all; default: the run's eval_max_users)")
     p.add_argument("--backend", choices=BACKENDS)
     p.set_defaults(func=cmd_evaluate)
 
@@ -193,7 +195,10 @@ def cmd_evaluate(args) -> int:
     from sasrec.evaluate import evaluate_run
 
     protocols = ("full", "sampled-100") if args.protocol == "both" else (args.protocol,)
-    result = evaluate_run(args.run, splits=(args.split,), protocols=protocols, data_dir=args.data)
+    if args.max_users is not None and args.max_users < 0:
+        raise InputError(f"--max-users must be >= 0 (0: every user), got {args.max_users}")
+    result = evaluate_run(args.run, splits=(args.split,), protocols=protocols, data_dir=args.data,
+                          max_users=args.max_users)
     print_results(result)
     return 0
 

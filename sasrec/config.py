@@ -111,6 +111,12 @@ class SASRecConfig:
     stop_at_ndcg: float = 0.0
     """Stop as soon as validation NDCG@10 reaches this (0: off): time-to-quality runs."""
     eval_batch_size: int = 256
+    """Users scored per batch in evaluation; fewer on large catalogs, so that one batch's scores over
+    every item stay bounded (``sasrec.evaluate.EVAL_SCORES_BYTES``)."""
+    eval_max_users: int = 0
+    """Validation and the final test evaluation use a seeded sample (``eval_seed``) of this many users;
+    0: every user with a held-out item. The full protocol scores every item for every user, which on a
+    catalog of a million items takes milliseconds per user (BENCHMARKS.md, section catalog)."""
     eval_seed: int = 0
     """Seed of the evaluation's own random choices (the sampled-100 negatives), never the training
     ``seed``: runs trained with different seeds are compared on the same candidates."""
@@ -157,6 +163,10 @@ class SASRecConfig:
             raise bad("num_negatives", "must be >= 1")
         if self.learning_rate <= 0:
             raise bad("learning_rate", "must be > 0")
+        if self.eval_batch_size < 1:
+            raise bad("eval_batch_size", "must be >= 1")
+        if self.eval_max_users < 0:
+            raise bad("eval_max_users", "must be >= 0 (0: every user)")
         if self.sliding_window_step < 0 or self.patience < 0 or self.warmup_steps < 0:
             raise InputError("config fields 'sliding_window_step', 'patience', 'warmup_steps' must be >= 0")
 

@@ -28,6 +28,15 @@ from sasrec.feed import left_pad
 from sasrec.metrics import DEFAULT_KS, metrics_from_ranks, rank_of_target
 
 SPLITS = ("valid", "test")
+# One evaluation batch's (rows, vocab_size) float32 scores stay under this (ranking them takes about
+# 4x as much again): 256 rows up to 262k items, 73 rows at 914k.
+EVAL_SCORES_BYTES = 256 * 2**20
+
+
+def eval_rows(batch_size: int, vocab_size: int) -> int:
+    """Users per evaluation batch: ``batch_size``, or fewer where their scores would exceed
+    ``EVAL_SCORES_BYTES``."""
+    return max(1, min(batch_size, EVAL_SCORES_BYTES // (4 * vocab_size)))
 
 
 @dataclass(frozen=True)
@@ -97,8 +106,10 @@ def rank_targets(
     maxlen: int,
     batch_size: int = 256,
 ) -> tuple[np.ndarray, int]:
-    """Rank of every target under ``score_fn`` (ids (B, maxlen) -> scores (B, V)), batch by batch,
-    and how many targets scored NaN or infinite (those rank last)."""
+    """Rank of every target under ``score_fn`` (ids (B, maxlen) -> scores (B, V)), batch by batch
+    (``batch_size`` users, fewer on large catalogs: :func:`eval_rows`), and how many targets scored NaN
+    or infinite (those rank last)."""
+    batch_size = eval_rows(batch_size, ds.vocab_size)
     rng = np.random.default_rng(protocol.seed)
     ranks = np.empty(len(evalset.users), dtype=np.float64)
     non_finite = 0
@@ -219,13 +230,15 @@ def evaluate_run(
     protocols=("full", "sampled-100"),
     ds: SequenceDataset | None = None,
     write: bool = True,
+    max_users: int | None = None,
 ) -> dict:
     """``sasrec evaluate``: the run's best model on the given splits and protocols.
 
     The dataset is ``data_dir`` or the run's own, and must be the one the run was trained on (its
     manifest and vocabulary equal the run's copy); ``ds`` skips that when training passes its data.
     With ``write``, the results replace those of the same split and protocol in ``RUN/metrics.json``
-    (others are kept), next to the training summary of the newest checkpoint."""
+    (others are kept), next to the training summary of the newest checkpoint. ``max_users``: a seeded
+    sample of this many users (0: all; default: the config's ``eval_max_users``)."""
     from sasrec.run import BEST_MODEL, RunFolder
 
     run = RunFolder(run_dir)
@@ -238,7 +251,8 @@ def evaluate_run(
     results = []
     for split in splits:
         for name in protocols:
-            protocol = Protocol(split=split, protocol=name, seed=config.eval_seed)
+            protocol = Protocol(split=split, protocol=name, seed=config.eval_seed,
+                                max_users=config.eval_max_users if max_users is None else max_users)
             results.append(evaluate_scores(score, ds, protocol, config.maxlen, config.eval_batch_size))
     out = {"results": results, "evaluation_seconds": time.perf_counter() - started}
     training = run.training_summary()

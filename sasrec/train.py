@@ -120,7 +120,8 @@ class RunState(keras.callbacks.Callback):
         self.cluster = cluster
         self.local_copy = local_copy
         self.writes = cluster is None or cluster.is_chief
-        self.protocol = Protocol(split="valid", protocol=config.val_protocol, seed=config.eval_seed)
+        self.protocol = Protocol(split="valid", protocol=config.val_protocol, seed=config.eval_seed,
+                                 max_users=config.eval_max_users)
         self._epoch_start = 0.0
         self._scorer = None  # compiled once, shares the weights of the model it scores
 
