@@ -177,3 +177,57 @@ def test_the_state_cache_is_bounded_by_its_flag_and_can_be_off(live_server):
     assert off.states is None
     answer = off_client.recommend_for_user("user-0", k=3)
     same_answer(answer.recommendation, off_client.recommend(NAMES[0:10], k=3))
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_a_redis_store_continue_each_others_histories_exactly(from_start_base, redis_url):
+    """`--processes 2` and Redis: appends made through either process reach the other, whose cached state
+    of the user is continued by the events it did not see (or rebuilt): every answer still equals the
+    stateless one for the whole stored history."""
+    import os
+    import subprocess
+    import sys
+
+    from sasrec.recommender import Recommender
+    from serving.client import RecommenderClient
+    from tests.serving.test_processes import established_on, scrape, version_by_pid, wait_for
+    from tests.serving.test_sigterm import ROOT, free_port
+
+    port, metrics_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "sasrec", "serve", "--model-base", str(from_start_base), "--port", str(port),
+           "--metrics-port", str(metrics_port), "--processes", "2", "--history-store", redis_url]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reference = Recommender.load(from_start_base)
+    clients = []
+    try:
+        def both_serving():
+            try:
+                return list(version_by_pid(scrape(metrics_port)).values()) == [1.0, 1.0]
+            except OSError:
+                return False
+
+        wait_for(both_serving, 120, "two processes serving", proc)
+        clients = [RecommenderClient(f"127.0.0.1:{port}", timeout=10, own_connection=True) for _ in range(8)]
+        for client in clients:
+            client.get_history("shared-user")  # connect
+        pids = version_by_pid(scrape(metrics_port))
+        assert all(established_on(port, pid) >= 1 for pid in pids)  # both processes take calls (p ~ 1 - 2/2**8)
+        rng = np.random.default_rng(8)
+        history = []
+        for step in range(24):
+            new = [NAMES[i] for i in rng.integers(0, 40, int(rng.integers(1, 3)))]
+            answer = clients[int(rng.integers(0, 8))].recommend_for_user("shared-user", k=6, item_ids=new)
+            history += new
+            expected = reference.recommend(history, k=6)
+            assert [i.item_id for i in answer.recommendation.items] == expected.item_ids, step
+            np.testing.assert_allclose([i.score for i in answer.recommendation.items],
+                                       [s for _, s in expected.items], atol=1e-4)
+        text = scrape(metrics_port)
+        continued = float(text.split('sasrec_state_requests_total{outcome="continued"} ')[1].split()[0])
+        assert continued > 5  # the states were used, not only rebuilt
+    finally:
+        for client in clients:
+            client.close()
+        proc.terminate()
+        proc.wait(30)
