@@ -41,7 +41,7 @@ NUM_ITEMS, MAXLEN, D = 3416, 200, 50
 P99_BUDGET_MS = 25.0  # the throughput target is stated at this tail latency
 
 
-def export_ml1m_sized(base: Path, xla: bool = False) -> None:
+def export_ml1m_sized(base: Path, xla: bool = False, positions: str = "from_end") -> None:
     from pipelines.dataset import FIRST_ITEM_ID
     from sasrec.export import export_model
     from sasrec.model import SASRec
@@ -50,7 +50,8 @@ def export_ml1m_sized(base: Path, xla: bool = False) -> None:
     rng = np.random.default_rng(0)
     counts = np.zeros(len(vocab), np.int64)
     counts[FIRST_ITEM_ID:] = rng.zipf(1.3, NUM_ITEMS).clip(1, 10_000)
-    model = SASRec(vocab_size=len(vocab), maxlen=MAXLEN, hidden_units=D, num_blocks=2, num_heads=1, dropout=0.2)
+    model = SASRec(vocab_size=len(vocab), maxlen=MAXLEN, hidden_units=D, num_blocks=2, num_heads=1, dropout=0.2,
+                   positions=positions)
     model.build((None, MAXLEN))
     export_model(model, base, item_ids=vocab, train_counts=counts, source_run="benchmarks/serving.py",
                  jit_compile=xla)
@@ -156,21 +157,30 @@ def aio_channels(target: str, n: int, options: list | None = None) -> list:
     return [grpc.aio.insecure_channel(target, options=[*(options or []), OWN_CONNECTION]) for _ in range(n)]
 
 
-async def closed_loop(target: str, users: list[list[str]], concurrency: int, seconds: float,
-                      server_pid: int | None = None, channels: int = 1) -> dict:
-    import grpc
-
-    from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
+def recommend_calls(users: list[list[str]]):
+    """``call(stub, i)`` for :func:`closed_loop`: Recommend with the i-th history (round robin)."""
+    from sasrec.v1 import recommender_pb2
 
     requests = [recommender_pb2.RecommendRequest(history=h, k=10) for h in users]
+    return lambda stub, i: stub.Recommend(requests[i % len(requests)], timeout=10)
+
+
+async def closed_loop(target: str, call, concurrency: int, seconds: float,
+                      server_pid: int | None = None, channels: int = 1) -> dict:
+    """``concurrency`` clients each awaiting ``call(stub, i)`` (i: the client's next request number) back to
+    back for ``seconds``; throughput, latency percentiles and CPU per request."""
+    import grpc
+
+    from sasrec.v1 import recommender_pb2_grpc
+
     latencies: list[float] = []
     errors = [0]
     opened = aio_channels(target, channels)
     try:
         stubs = [recommender_pb2_grpc.RecommenderStub(channel) for channel in opened]
         for stub in stubs:
-            for r in requests[:20]:  # connect and warm
-                await stub.Recommend(r, timeout=10)
+            for i in range(2):  # connect and warm
+                await call(stub, i)
         stop_at = time.perf_counter() + seconds
 
         async def client(offset: int) -> None:
@@ -179,7 +189,7 @@ async def closed_loop(target: str, users: list[list[str]], concurrency: int, sec
             while time.perf_counter() < stop_at:
                 t = time.perf_counter()
                 try:
-                    await stub.Recommend(requests[i % len(requests)], timeout=10)
+                    await call(stub, i)
                     latencies.append(time.perf_counter() - t)
                 except grpc.aio.AioRpcError:
                     errors[0] += 1
@@ -207,13 +217,18 @@ async def closed_loop(target: str, users: list[list[str]], concurrency: int, sec
 
 
 def measure(cmd: list[str], port: int, users, levels: list[int], seconds: float, ceiling_rate: float,
-            setting: str, channels: int, health: bool = True) -> list[dict]:
-    """Closed-loop load at each level against the server ``cmd`` starts; one row per level."""
+            setting: str, channels: int, health: bool = True, call=None, prepare=None, finish=None) -> list[dict]:
+    """Closed-loop load at each level against the server ``cmd`` starts; one row per level. ``call``:
+    the request (default: Recommend with ``users``' histories); ``prepare(target)``/``finish(target)``:
+    run once before the first level / after the last, while the server runs."""
     proc = start_server(cmd, port, health)
+    call = call or recommend_calls(users)
     rows = []
     try:
+        if prepare is not None:
+            prepare(f"127.0.0.1:{port}")
         for c in levels:
-            r = asyncio.run(closed_loop(f"127.0.0.1:{port}", users, c, seconds, proc.pid, channels))
+            r = asyncio.run(closed_loop(f"127.0.0.1:{port}", call, c, seconds, proc.pid, channels))
             share = 100 * r["rps"] / ceiling_rate
             print(f"{setting} clients={c}: {r['rps']:.0f} req/s ({share:.0f}% of ceiling), p50 {r['p50']:.2f} ms, "
                   f"p95 {r['p95']:.2f} ms, p99 {r['p99']:.2f} ms, errors {r['errors']}, "
@@ -221,6 +236,8 @@ def measure(cmd: list[str], port: int, users, levels: list[int], seconds: float,
             rows.append({"setting": setting, "clients": c, "throughput (req/s)": r["rps"], "p50 ms": r["p50"],
                          "p95 ms": r["p95"], "p99 ms": r["p99"], "% of ceiling": share, "errors": r["errors"],
                          "server CPU ms/req": r["server_cpu_ms"], "client CPU ms/req": r["client_cpu_ms"]})
+        if finish is not None:
+            finish(f"127.0.0.1:{port}")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -190,14 +190,14 @@ async def hot_reload(stubs, requests, rate: float, base: Path, seconds: float = 
 
 
 async def measure(target: str, users, args, proc, base: Path) -> dict:
-    from benchmarks.serving import aio_channels, closed_loop
+    from benchmarks.serving import aio_channels, closed_loop, recommend_calls
     from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
 
     quick = args.quick
     results: dict = {"quick": quick}
     probe = []
     for concurrency in (32, 64):
-        r = await closed_loop(target, users, concurrency, 3.0 if quick else 10.0, channels=args.channels)
+        r = await closed_loop(target, recommend_calls(users), concurrency, 3.0 if quick else 10.0, channels=args.channels)
         probe.append({"clients": concurrency, **r})
         print(f"max throughput probe, {concurrency} clients: {r['rps']:.0f} req/s, p99 {r['p99']:.1f} ms, "
               f"errors {r['errors']}", flush=True)
