@@ -37,8 +37,8 @@ inputs and the same four outputs, computed by the same ranking code:
 ``advance_state``
     continues states by new events without re-encoding the window (SASRec is causal): ``items``
     string ``[B, N]`` (new events, right-padded with ``""``), ``offset`` int32 ``[B]`` (known items in
-    the state), the state's ``state_keys``/``state_values``/``state_valid``/``state_hidden`` (states
-    right-padded to one length, ``state_valid`` false there) and ``seen_ids`` int32 ``[B, S]`` (the
+    the state), the state's ``state_keys``/``state_values``/``state_hidden`` (states right-padded to
+    one length: a row's first ``offset`` slots are its items) and ``seen_ids`` int32 ``[B, S]`` (the
     history's internal ids). Returns the new items' keys, values and validity, the new hidden state,
     their ``history_ids``, and ``overflow`` bool ``[B]``: the continuation would not be exact (the window
     would slide past ``maxlen``, or positions count from the end and a known item arrived); such rows
@@ -217,14 +217,15 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
             tf.TensorSpec([None], tf.int32, name="offset"),
             tf.TensorSpec([None, None, None, None, None], tf.float32, name="state_keys"),
             tf.TensorSpec([None, None, None, None, None], tf.float32, name="state_values"),
-            tf.TensorSpec([None, None], tf.bool, name="state_valid"),
             tf.TensorSpec([None, None], tf.float32, name="state_hidden"),
             tf.TensorSpec([None, None], tf.int32, name="seen_ids"),
         ] + ranking_inputs
     )
-    def advance_state(items, offset, state_keys, state_values, state_valid, state_hidden, seen_ids,
-                      k, exclude_seen, exclude_item_ids):
+    def advance_state(items, offset, state_keys, state_values, state_hidden, seen_ids, k, exclude_seen,
+                      exclude_item_ids):
         ids, known, unknown_count = lookup(items)
+        # States are right-padded to one length: the first `offset` slots of each row are its cached items.
+        state_valid = tf.range(tf.shape(state_keys)[2])[None, :] < offset[:, None]
         count = tf.reduce_sum(tf.cast(known, tf.int32), axis=1)
         new = recent_known(ids, tf.maximum(tf.reduce_max(count), 1))  # one column even when nothing is new
         hidden, new_keys, new_values = model.advance_state(new, offset, state_keys, state_values, state_valid)

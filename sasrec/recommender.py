@@ -27,6 +27,7 @@ import pandas as pd
 
 from pipelines.dataset import FIRST_ITEM_ID
 from pipelines.errors import InputError
+from sasrec.catalog import bounded_rows
 from sasrec.model_base import ADVANCE_SIGNATURE, ENCODE_SIGNATURE, SIGNATURE, read_card, resolve_version
 
 DEFAULT_CHUNK_SIZE = 1024  # users per signature call in score_frame
@@ -277,7 +278,6 @@ class Recommender:
             offset=tf.constant([state.length for state in states], tf.int32),
             state_keys=tf.constant(_stack_padded([s.keys for s in states], axis=1)),
             state_values=tf.constant(_stack_padded([s.values for s in states], axis=1)),
-            state_valid=tf.constant(_stack_padded([np.ones(s.length, bool) for s in states], axis=0)),
             state_hidden=tf.constant(np.stack([s.hidden for s in states])),
             seen_ids=tf.constant(_stack_padded([s.seen_ids for s in states], axis=0, dtype=np.int32)),
             **self._ranking_inputs(len(states), k, exclude_seen, exclude_item_ids),
@@ -346,7 +346,8 @@ class Recommender:
         column (events frame: the value on the user's first row is used). ``exclude_seen`` masks every
         item of the history.
 
-        Users are scored ``chunk_size`` at a time (one signature call per chunk). With
+        Users are scored ``chunk_size`` at a time (one signature call per chunk; fewer on large
+        catalogs, so that a chunk's scores over every item stay bounded: ``sasrec.catalog.bounded_rows``). With
         ``sort_by_length`` chunks hold users of similar history length, so little padding is sent;
         the output order does not change. ``progress``: a tqdm bar on stderr (``None``: only for
         more than 8 chunks and a terminal).
@@ -372,6 +373,7 @@ class Recommender:
         import tensorflow as tf
 
         n = batch.num_users
+        chunk_size = bounded_rows(chunk_size, self.num_items + FIRST_ITEM_ID)
         item_table = tf.constant(batch.item_table)  # unique history ids (+ "" for padding), as bytes
         global_excl = [x for x in _id_strings(list(exclude_item_ids)) if x != ""]
         if batch.exclude_offsets is not None:

@@ -203,6 +203,8 @@ class MicroBatcher:
                 encoded.append((item, "new_version"))
             elif item.new_events and not model.advances_state:
                 encoded.append((item, "positions_from_end"))
+            elif item.new_events and item.state.length >= model.maxlen:  # any known event slides the window
+                encoded.append((item, "window_full"))
             else:
                 continued.append(item)
         if stateless:
