@@ -113,7 +113,7 @@ class SASRecConfig:
     """Stop as soon as validation NDCG@10 reaches this (0: off): time-to-quality runs."""
     eval_batch_size: int = 256
     """Users scored per batch in evaluation; fewer on large catalogs, so that one batch's scores over
-    every item stay bounded (``sasrec.evaluate.EVAL_SCORES_BYTES``)."""
+    every item stay bounded (``sasrec.catalog.SCORES_BYTES``)."""
     eval_max_users: int = 0
     """Validation and the final test evaluation use a seeded sample (``eval_seed``) of this many users;
     0: every user with a held-out item. The full protocol scores every item for every user, which on a

@@ -24,19 +24,11 @@ from typing import Callable
 import numpy as np
 
 from pipelines.dataset import FIRST_ITEM_ID, SequenceDataset, read_dataset
+from sasrec.catalog import bounded_rows
 from sasrec.feed import left_pad
 from sasrec.metrics import DEFAULT_KS, metrics_from_ranks, rank_of_target
 
 SPLITS = ("valid", "test")
-# One evaluation batch's (rows, vocab_size) float32 scores stay under this (ranking them takes about
-# 4x as much again): 256 rows up to 262k items, 73 rows at 914k.
-EVAL_SCORES_BYTES = 256 * 2**20
-
-
-def eval_rows(batch_size: int, vocab_size: int) -> int:
-    """Users per evaluation batch: ``batch_size``, or fewer where their scores would exceed
-    ``EVAL_SCORES_BYTES``."""
-    return max(1, min(batch_size, EVAL_SCORES_BYTES // (4 * vocab_size)))
 
 
 @dataclass(frozen=True)
@@ -107,9 +99,9 @@ def rank_targets(
     batch_size: int = 256,
 ) -> tuple[np.ndarray, int]:
     """Rank of every target under ``score_fn`` (ids (B, maxlen) -> scores (B, V)), batch by batch
-    (``batch_size`` users, fewer on large catalogs: :func:`eval_rows`), and how many targets scored NaN
+    (``batch_size`` users, fewer on large catalogs: :func:`bounded_rows`), and how many targets scored NaN
     or infinite (those rank last)."""
-    batch_size = eval_rows(batch_size, ds.vocab_size)
+    batch_size = bounded_rows(batch_size, ds.vocab_size)
     rng = np.random.default_rng(protocol.seed)
     ranks = np.empty(len(evalset.users), dtype=np.float64)
     non_finite = 0

@@ -1,4 +1,4 @@
-"""A catalog above full softmax's limit (about 60k items): every path that changes with catalog size.
+"""A catalog above full softmax's limit (59.5k items): every path that changes with catalog size.
 
 The `auto` loss (sampled softmax), its seen-negative mask without a (batch, items) matrix, evaluation
 batches bounded by the catalog, and export + score_frame agreeing with evaluation. The 10^6-item
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import sasrec.evaluate as evaluate
+import sasrec.catalog as catalog_sizes
 from pipelines.dataset import read_dataset
 from sasrec.cli import main
 from sasrec.config import FULL_SOFTMAX_MAX_ITEMS, SASRecConfig
@@ -22,8 +22,8 @@ from sasrec.feed import TrainingFeed
 from sasrec.metrics import evaluate_recommendations
 from tests.conftest import make_synthetic_dataset
 
-TRAIN = ["--set", "loss=auto", "--set", "maxlen=16", "--set", "hidden_units=32", "--set", "num_blocks=1", "--set", "dropout=0.1",
-         "--set", "batch_size=256", "--set", "learning_rate=0.005", "--set", "exclude_seen_negatives=true",
+TRAIN = ["--set", "loss=auto", "--set", "maxlen=16", "--set", "hidden_units=32", "--set", "num_blocks=1",
+         "--set", "dropout=0.1", "--set", "batch_size=256", "--set", "learning_rate=0.005", "--set", "exclude_seen_negatives=true",
          "--set", "negative_sampling=popularity", "--set", "tensorboard=false", "--set", "eval_every=3",
          "--set", "eval_max_users=5000"]
 
@@ -65,17 +65,17 @@ def test_evaluation_batches_shrink_with_the_catalog_and_ranks_do_not_change(cata
         unbounded, _ = rank_targets(score, ds, evalset, Protocol(protocol=protocol), maxlen=16, batch_size=256)
         assert set(shapes) == {256}
         shapes.clear()
-        monkeypatch.setattr(evaluate, "EVAL_SCORES_BYTES", 40 * 4 * ds.vocab_size)
+        monkeypatch.setattr(catalog_sizes, "SCORES_BYTES", 40 * 4 * ds.vocab_size)
         bounded, _ = rank_targets(score, ds, evalset, Protocol(protocol=protocol), maxlen=16, batch_size=256)
         monkeypatch.undo()
         assert set(shapes) == {40}
         shapes.clear()
         np.testing.assert_array_equal(bounded, unbounded)
-    assert evaluate.eval_rows(256, 1_000_002) == 67  # 256 MiB of float32 scores at a million items
+    assert catalog_sizes.bounded_rows(256, 1_000_002) == 67  # 256 MiB of float32 scores at a million items
 
 
 @pytest.mark.slow
-def test_learns_the_chains_then_export_and_score_frame_agree_with_evaluation(catalog, tmp_path):
+def test_learns_the_chains_then_export_and_score_frame_agree_with_evaluation(catalog, tmp_path, monkeypatch):
     run, base = tmp_path / "run", tmp_path / "models"
     assert main(["train", "--data", str(catalog), "--out", str(run), "--epochs", "3", "--quiet", *TRAIN]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
@@ -95,7 +95,12 @@ def test_learns_the_chains_then_export_and_score_frame_agree_with_evaluation(cat
     histories = pd.DataFrame({"user_id": ev.users,
                               "history": [ds.item_ids[ds.items[s:e]].tolist()
                                           for s, e in zip(ev.history_starts, ev.history_ends)]})
-    recs = rec.score_frame(histories, k=10, progress=False)
+    calls = []
+    call_rows = rec._call_rows
+    monkeypatch.setattr(rec, "_call_rows", lambda hist, *a, **kw: calls.append(len(hist)) or call_rows(hist, *a, **kw))
+    monkeypatch.setattr(catalog_sizes, "SCORES_BYTES", 1000 * 4 * rec.card["vocab_size"])
+    recs = rec.score_frame(histories, k=10, progress=False)  # chunk_size 1024, cut to 1,000 users by the catalog
+    assert calls == [1000] * 5
     assert (recs.groupby("user_id").size() == 10).all()
     heldout = pd.DataFrame({"user_id": ev.users, "item_id": ds.item_ids[ev.targets]})
     served = evaluate_recommendations(recs, heldout, k=(10,))
