@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,11 @@ class RunFolder:
         workers other than the chief) only an existing folder is checked."""
         data_dir = Path(data_dir)
         if (self.path / CONFIG_FILE).exists():
-            # Compared as values, so a run saved before a config field was added (at its default) resumes.
-            if self.config() != config or self.info() != info:
+            # Compared as values, so a run saved before a config field was added (at its default) resumes,
+            # and the loss as resolved (info "loss"): a run started with a preset's former `ce` resumes under
+            # its `auto`, which resolves to the same loss on the same catalog.
+            resolved = {"loss": info.get("loss", config.loss)}
+            if replace(self.config(), **resolved) != replace(config, **resolved) or self.info() != info:
                 raise InputError(f"{self.path} holds a run with a different config; use a new --out folder to start "
                                  "another run")
             if dataset_mismatch(self.path / DATASET_DIR, data_dir):

@@ -119,6 +119,8 @@ def test_a_run_saved_before_a_config_field_existed_still_resumes(tiny_dataset, t
         prepare_run_dir(tiny_dataset, SASRecConfig(maxlen=16, stop_at_ndcg=0.2), info)
     with pytest.raises(InputError, match="different config"):
         prepare_run_dir(tiny_dataset, config, {**info, "loss": "bce"})
+    # Started when the presets said loss "ce"; resumed now that they say "auto" (ce on this catalog).
+    prepare_run_dir(tiny_dataset, SASRecConfig(maxlen=16, loss="ce"), info)
 
 
 def test_val_protocol_sampled_100_validates_against_sampled_negatives(tiny_dataset, tmp_path):
