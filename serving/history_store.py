@@ -192,6 +192,16 @@ CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
 """
 
 
+class _QueuedWrite:
+    """A write step waiting for a group commit, then its result or error."""
+
+    def __init__(self, step):
+        self.step = step
+        self.result = None
+        self.error: Exception | None = None
+        self.done = False
+
+
 class SQLiteHistoryStore(HistoryStore):
     """One SQLite file; a connection per thread, so reads go on while another thread commits."""
 
@@ -202,9 +212,11 @@ class SQLiteHistoryStore(HistoryStore):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        # This process's writers queue here, in order; only other processes meet SQLite's busy handler,
-        # whose sleeps (up to 100 ms each) made p99 latency under concurrent appends hundreds of ms.
-        self._write_lock = threading.Lock()
+        # This process's writers queue here, in order, and share commits (see _write); only other processes
+        # meet SQLite's busy handler, whose sleeps (up to 100 ms each) gave p99s of hundreds of ms.
+        self._turn = threading.Condition()
+        self._committing = False
+        self._queue: list[_QueuedWrite] = []
         with self._errors():
             conn = self._connection()
             # Stored in the file: every later connection uses it. A file system without shared
@@ -229,41 +241,84 @@ class SQLiteHistoryStore(HistoryStore):
     def _errors(self):
         return _unavailable(sqlite3.DatabaseError, f"history store {self.name}")
 
-    @contextmanager
-    def _write(self):
-        """One transaction, committed (and fsynced) when the block ends, rolled back on an error."""
-        if not self._write_lock.acquire(timeout=self.options.timeout_s):
-            raise HistoryStoreUnavailable(f"history store {self.name}: no write turn within {self.options.timeout_s:g} s")
-        with _released(self._write_lock), self._errors():
-            conn = self._connection()
-            # IMMEDIATE takes the write lock first: a deferred transaction upgrading later can fail
-            # at once with "database is locked" instead of waiting out the busy timeout.
-            conn.execute("BEGIN IMMEDIATE")
+    def _write(self, step):
+        """``step(conn)``'s result, once committed (and fsynced) in a transaction shared with the writes
+        other threads queued meanwhile: one fsync acknowledges them all (group commit), each in queue
+        order. A step that fails is rolled back alone; a commit that fails fails the whole group."""
+        entry = _QueuedWrite(step)
+        deadline = time.monotonic() + self.options.timeout_s
+        with self._turn:
+            self._queue.append(entry)
+            while self._committing and not entry.done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 and entry in self._queue:
+                    self._queue.remove(entry)
+                    raise HistoryStoreUnavailable(
+                        f"history store {self.name}: no write turn within {self.options.timeout_s:g} s")
+                self._turn.wait(remaining if remaining > 0 else None)  # taken by a leader: it will finish
+            if not entry.done:
+                # Lead: commit everything queued, this write included.
+                self._committing = True
+                group, self._queue = self._queue, []
+        if not entry.done:
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                self._commit(group)
+            finally:
+                with self._turn:
+                    self._committing = False
+                    self._turn.notify_all()
+        if entry.error is not None:
+            raise entry.error
+        return entry.result
+
+    def _commit(self, group: list[_QueuedWrite]) -> None:
+        try:
+            with self._errors():
+                conn = self._connection()
+                # IMMEDIATE takes the write lock first: a deferred transaction upgrading later can fail
+                # at once with "database is locked" instead of waiting out the busy timeout.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for entry in group:
+                        conn.execute("SAVEPOINT write")
+                        try:
+                            with self._errors():
+                                entry.result = entry.step(conn)
+                        except Exception as exc:
+                            conn.execute("ROLLBACK TO write")
+                            entry.error = exc
+                        conn.execute("RELEASE write")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+        except Exception as exc:
+            for entry in group:
+                entry.result, entry.error = None, exc
+        finally:
+            for entry in group:
+                entry.done = True
 
     def _append(self, user_id, item_ids, times, key, digest):
-        with self._write() as conn:
-            if key is not None:
-                now = time.time()
-                conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
-                row = conn.execute("SELECT digest FROM idempotency WHERE user_id = ? AND key = ?",
-                                   (user_id, key)).fetchone()
-                if row is not None:
-                    return AppendResult(0, True, 0) if row[0] == digest else None
-                conn.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
-                             (user_id, key, digest, now + self.options.idempotency_window_s))
-            (last,) = conn.execute("SELECT MAX(seq) FROM events WHERE user_id = ?", (user_id,)).fetchone()
-            start = 0 if last is None else last + 1
-            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
-                             [(user_id, start + i, item, t) for i, (item, t) in enumerate(zip(item_ids, times))])
-            keep_from = start + len(item_ids) - self.options.max_events_per_user
-            dropped = conn.execute("DELETE FROM events WHERE user_id = ? AND seq < ?", (user_id, keep_from)).rowcount
+        return self._write(lambda conn: self._append_step(conn, user_id, item_ids, times, key, digest))
+
+    def _append_step(self, conn, user_id, item_ids, times, key, digest):
+        if key is not None:
+            now = time.time()
+            conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+            row = conn.execute("SELECT digest FROM idempotency WHERE user_id = ? AND key = ?",
+                               (user_id, key)).fetchone()
+            if row is not None:
+                return AppendResult(0, True, 0) if row[0] == digest else None
+            conn.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
+                         (user_id, key, digest, now + self.options.idempotency_window_s))
+        (last,) = conn.execute("SELECT MAX(seq) FROM events WHERE user_id = ?", (user_id,)).fetchone()
+        start = 0 if last is None else last + 1
+        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
+                         [(user_id, start + i, item, t) for i, (item, t) in enumerate(zip(item_ids, times))])
+        keep_from = start + len(item_ids) - self.options.max_events_per_user
+        dropped = conn.execute("DELETE FROM events WHERE user_id = ? AND seq < ?", (user_id, keep_from)).rowcount
         return AppendResult(len(item_ids), False, dropped)
 
     def _history(self, user_id):
@@ -273,10 +328,11 @@ class SQLiteHistoryStore(HistoryStore):
         return History([r[0] for r in rows], [r[1] for r in rows])
 
     def _delete(self, user_id):
-        with self._write() as conn:
+        def step(conn):
             found = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
-            found += conn.execute("DELETE FROM idempotency WHERE user_id = ?", (user_id,)).rowcount
-        return found > 0
+            return found + conn.execute("DELETE FROM idempotency WHERE user_id = ?", (user_id,)).rowcount > 0
+
+        return self._write(step)
 
     def _close(self):
         with self._connections_lock:
@@ -369,14 +425,6 @@ class RedisHistoryStore(HistoryStore):
 
     def _close(self):
         self._client.close()
-
-
-@contextmanager
-def _released(lock):
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 @contextmanager

@@ -273,3 +273,63 @@ def test_an_append_beyond_luas_unpack_limit_is_stored_whole(store_url, user):
     with open_history_store(store_url, max_events_per_user=10_000) as store:
         assert store.append(user, items).appended == 9000
         assert store.history(user).item_ids == items
+
+
+def test_sqlite_writers_share_commits_and_a_failing_write_fails_alone(tmp_path, monkeypatch):
+    """Group commit: appends queued while a commit (an fsync) runs are committed together by the next
+    leader, in queue order; a write that fails inside a group is rolled back alone."""
+    import sqlite3
+
+    store = open_history_store(f"sqlite:///{tmp_path / 'h.db'}")
+    groups = []
+    commit = store._commit
+
+    def slow_commit(group):  # a slow disk: every fsync takes 20 ms
+        groups.append(len(group))
+        time.sleep(0.02)
+        commit(group)
+
+    monkeypatch.setattr(store, "_commit", slow_commit)
+
+    def writer(t):
+        for i in range(10):
+            assert store.append(f"user-{t % 3}", [f"{t}-{i}"]).appended == 1
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(groups) == 120 and max(groups) > 4 and len(groups) < 60  # many appends per commit
+    for u in range(3):
+        events = store.history(f"user-{u}").item_ids
+        assert len(events) == 40
+        for t in range(u, 12, 3):  # each writer's events in its order
+            mine = [e for e in events if e.startswith(f"{t}-")]
+            assert mine == [f"{t}-{i}" for i in range(10)]
+
+    def broken(conn):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    failed, ok = [], []
+    gate = threading.Event()
+    monkeypatch.setattr(store, "_commit", lambda group: (gate.wait(5), commit(group)))
+    runners = [threading.Thread(target=lambda: failed.append(_error_of(store._write, broken)))]
+    runners += [threading.Thread(target=lambda i=i: ok.append(store.append("user-ok", [str(i)]))) for i in range(3)]
+    for r in runners:
+        r.start()
+    time.sleep(0.2)
+    gate.set()
+    for r in runners:
+        r.join()
+    assert isinstance(failed[0], HistoryStoreUnavailable) and "disk I/O error" in str(failed[0])
+    assert len(ok) == 3 and sorted(store.history("user-ok").item_ids) == ["0", "1", "2"]
+    store.close()
+
+
+def _error_of(call, *args):
+    try:
+        call(*args)
+    except Exception as exc:
+        return exc
+    return None
