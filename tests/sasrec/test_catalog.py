@@ -107,18 +107,3 @@ def test_learns_the_chains_then_export_and_score_frame_agree_with_evaluation(cat
     # The service never returns a history item: its HR@10 is evaluation's with repeat targets as misses.
     assert served["hr@10"] == pytest.approx(full["deliverable_metrics"]["hr@10"], abs=3 / len(ev.users))
 
-
-def test_two_pass_top_k_gives_tf_top_k_answer_with_ties_and_masked_items():
-    import tensorflow as tf
-
-    top_k = tf.function(catalog_sizes.exact_top_k,
-                        input_signature=[tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([], tf.int32)])
-    rng = np.random.default_rng(3)
-    for rows, items, k, levels in [(3, 60_002, 10, 5), (2, 200_000, 37, 10**6), (1, 914_440, 10, 40),
-                                   (2, 60_002, 100, 3), (4, 300, 10, 4)]:  # the last two: one-pass fallback
-        scores = rng.integers(0, levels, size=(rows, items)).astype(np.float32)  # many equal scores
-        scores[rng.random((rows, items)) < 0.3] = -np.inf  # masked: seen, excluded, reserved
-        expected = tf.math.top_k(scores, k)
-        values, indices = top_k(scores, k)
-        np.testing.assert_array_equal(values.numpy(), expected.values.numpy())
-        np.testing.assert_array_equal(indices.numpy(), expected.indices.numpy())
