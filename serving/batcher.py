@@ -196,21 +196,25 @@ class MicroBatcher:
         stateless, continued, encoded = [], [], []
         for item in group:
             if not (item.live and keeps_state):
-                stateless.append(item)
+                stateless.append((item, None))
             elif item.state is None:
                 encoded.append((item, "miss"))
             elif item.state.version != model.version:  # a state never answers for another version
                 encoded.append((item, "new_version"))
             elif item.new_events and not model.advances_state:
                 encoded.append((item, "positions_from_end"))
-            elif item.new_events and item.state.length >= model.maxlen:  # any known event slides the window
-                encoded.append((item, "window_full"))
+            elif item.new_events and item.state.length >= model.maxlen:
+                # Any known event slides the window: no state would help, so answer without one (cheaper than
+                # encoding); the cached state stays, tied to the history it saw, and sends the next call here too.
+                stateless.append((item, "window_full"))
             else:
                 continued.append(item)
         if stateless:
-            self._run_model(model, stateless, lambda: (model.recommend_batch(
-                [item.history for item in stateless], k=k, exclude_seen=exclude_seen,
-                exclude_item_ids=[item.exclude_item_ids for item in stateless]), [None] * len(stateless)))
+            items = [item for item, _ in stateless]
+            self._run_model(model, items, lambda: (model.recommend_batch(
+                [item.history for item in items], k=k, exclude_seen=exclude_seen,
+                exclude_item_ids=[item.exclude_item_ids for item in items]), [None] * len(items)),
+                outcome=[reason for _, reason in stateless])
         if continued:
             answered = self._run_model(model, continued, lambda: model.advance_states(
                 [item.state for item in continued], [item.new_events for item in continued], k, exclude_seen,
@@ -224,9 +228,9 @@ class MicroBatcher:
                 outcome=[reason for _, reason in encoded])
 
     def _run_model(self, model, group: list[Pending], call, outcome: str | list | None = None) -> list[bool]:
-        """Answer ``group`` with ``call()`` -> (BatchResult, states). With ``outcome`` (the call keeps states;
-        one label, or one per row, for ``sasrec_state_requests``) a row whose state is None is left
-        unanswered. Returns which rows were answered."""
+        """Answer ``group`` with ``call()`` -> (BatchResult, states). ``outcome``: the label for
+        ``sasrec_state_requests``, one for all rows or one per row (None: not counted). With one label, the
+        call keeps states and a row whose state is None is left unanswered. Returns which rows were answered."""
         start = time.perf_counter()
         try:
             out, states = call()
@@ -239,12 +243,13 @@ class MicroBatcher:
             self._metrics.batch_latency.observe(time.perf_counter() - start)
         answered = []
         for i, item in enumerate(group):
-            if outcome is not None and states[i] is None:
+            if isinstance(outcome, str) and states[i] is None:
                 answered.append(False)
                 continue
             answered.append(True)
-            if outcome is not None and self._metrics is not None:
-                self._metrics.state_requests.labels(outcome if isinstance(outcome, str) else outcome[i]).inc()
+            label = outcome if isinstance(outcome, str) or outcome is None else outcome[i]
+            if label is not None and self._metrics is not None:
+                self._metrics.state_requests.labels(label).inc()
             ids = out.item_ids[i, : item.k]
             scores = out.scores[i, : item.k]
             n = sum(1 for x in ids if x)
