@@ -41,7 +41,7 @@ NUM_ITEMS, MAXLEN, D = 3416, 200, 50
 P99_BUDGET_MS = 25.0  # the throughput target is stated at this tail latency
 
 
-def export_ml1m_sized(base: Path, xla: bool = False, positions: str = "from_end") -> None:
+def export_ml1m_sized(base: Path, xla: bool = False, positions: str = "from_end", hidden_units: int = D) -> None:
     from pipelines.dataset import FIRST_ITEM_ID
     from sasrec.export import export_model
     from sasrec.model import SASRec
@@ -50,8 +50,8 @@ def export_ml1m_sized(base: Path, xla: bool = False, positions: str = "from_end"
     rng = np.random.default_rng(0)
     counts = np.zeros(len(vocab), np.int64)
     counts[FIRST_ITEM_ID:] = rng.zipf(1.3, NUM_ITEMS).clip(1, 10_000)
-    model = SASRec(vocab_size=len(vocab), maxlen=MAXLEN, hidden_units=D, num_blocks=2, num_heads=1, dropout=0.2,
-                   positions=positions)
+    model = SASRec(vocab_size=len(vocab), maxlen=MAXLEN, hidden_units=hidden_units, num_blocks=2, num_heads=1,
+                   dropout=0.2, positions=positions)
     model.build((None, MAXLEN))
     export_model(model, base, item_ids=vocab, train_counts=counts, source_run="benchmarks/serving.py",
                  jit_compile=xla)

@@ -134,11 +134,13 @@ class ServerConfig:
     history_store_timeout_s: float = option(
         HISTORY_DEFAULTS.timeout_s, minimum=0.01, help="longest a history-store call may take (Redis: connect and each reply; SQLite: waiting for "
         "another writer's lock); beyond it the call answers UNAVAILABLE")
-    # A full ML-1M-sized state (maxlen 200, d 50, 2 blocks) is ~160 KB (BENCHMARKS.md, section live-histories).
+    # Off by default: on 2 cores with an ML-1M-sized model, continuing a state in small batches cost more per
+    # call than re-encoding (BENCHMARKS.md, section live-histories); a full state there is ~160 KiB.
     state_cache_mb: float = option(
-        256, minimum=0,
+        0, minimum=0,
         help="memory for users' cached attention states (MiB, least recently used dropped first): RecommendForUser "
-        "continues a user's state by the new events instead of re-encoding the stored history; 0 turns it off")
+        "then continues a user's state by the new events instead of re-encoding the stored history; pays off "
+        "when requests batch up (see README); 0: off")
 
 
 def _flag(name: str) -> str:

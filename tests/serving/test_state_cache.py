@@ -85,7 +85,7 @@ def live_server(from_start_base, tmp_path):
     from serving.client import RecommenderClient
 
     def start(base=from_start_base, **overrides):
-        srv = start_server(base, history_store=f"sqlite:///{tmp_path / 'h.db'}", **overrides)
+        srv = start_server(base, history_store=f"sqlite:///{tmp_path / 'h.db'}", **{"state_cache_mb": 64, **overrides})
         assert srv.wait_ready(60)
         servers.append(srv)
         client = RecommenderClient(f"127.0.0.1:{srv.port}", timeout=10)
@@ -195,7 +195,8 @@ def test_two_processes_sharing_a_redis_store_continue_each_others_histories_exac
 
     port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "sasrec", "serve", "--model-base", str(from_start_base), "--port", str(port),
-           "--metrics-port", str(metrics_port), "--processes", "2", "--history-store", redis_url]
+           "--metrics-port", str(metrics_port), "--processes", "2", "--history-store", redis_url,
+           "--state-cache-mb", "64"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     reference = Recommender.load(from_start_base)
