@@ -107,6 +107,23 @@ def register(subparsers) -> None:
     add_dask_arguments(p)
     p.set_defaults(func=cmd_score)
 
+    p = subparsers.add_parser(
+        "explain",
+        help="recommend for one history and show which history items drove each item",
+        description="Recommend k items for a history with an exported model (the explain signature: the same "
+        "items and scores as the service) and print, for each, the history items that contributed most to its "
+        "score with their weights (the model card's explain_method; README: Explanations). --plot draws the "
+        "attention of the last position over the history, per block and head, as a PNG heat map.",
+    )
+    p.add_argument("--model", required=True, help="model base (newest version) or a version folder")
+    p.add_argument("--history", required=True, help="comma-separated item ids, oldest first")
+    p.add_argument("-k", type=int, default=10, help="items (default 10)")
+    p.add_argument("--items", type=int, default=3, help="history items per explanation (default 3)")
+    p.add_argument("--include-seen", action="store_true", help="allow items already in the history")
+    p.add_argument("--exclude", default="", help="comma-separated item ids to leave out")
+    p.add_argument("--plot", help="write the attention heat map to this PNG file")
+    p.set_defaults(func=cmd_explain)
+
 
 def select_backend(name: str | None) -> None:
     """Keras reads KERAS_BACKEND once, at import: set it before anything imports keras."""
@@ -240,6 +257,37 @@ SCORE_FORMATS = (".parquet", ".csv")
 def split_ids(text: str) -> list[str]:
     """A comma-separated id list of a flag (``--exclude a,b``), blanks dropped."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    select_backend(None)
+    from sasrec.recommender import Recommender
+
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise InputError(f"--plot: {args.plot} must be a .png file")
+    history = split_ids(args.history)
+    rec = Recommender.load(args.model)
+    result = rec.explain_batch([history], k=args.k, exclude_seen=not args.include_seen,
+                               exclude_item_ids=split_ids(args.exclude), explain_items=args.items)
+    row = result.row(0)
+    method = rec.card.get("explain_method", "")
+    print(f"{'rank':>4}  {'item_id':<24} {'score':>10}  because of ({method}: weight)")
+    for rank, ((item, score), explanation) in enumerate(zip(row, row.explanations), 1):
+        because = ", ".join(f"{name} ({weight:.3g})" for name, weight in explanation)
+        print(f"{rank:>4}  {item:<24} {score:>10.4f}  {because}")
+    notes = [f"model v{rec.version}" if rec.version is not None else f"model {rec.path}"]
+    if row.unknown_count:
+        notes.append(f"{row.unknown_count} unknown history ids ignored")
+    if row.cold_start:
+        notes.append("cold start: popularity ranking, nothing to explain")
+    print("(" + "; ".join(notes) + ")")
+    if args.plot:
+        from sasrec.explain import plot_attention
+
+        plot_attention(result.attention[0], result.window_item_ids[0], args.plot,
+                       title=f"attention of the last position over the history (model v{rec.version})")
+        print(f"attention heat map: {args.plot}")
+    return 0
 
 
 def _table_format(path: str, what: str) -> str:

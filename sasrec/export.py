@@ -44,6 +44,16 @@ inputs and the same four outputs, computed by the same ranking code:
     would slide past ``maxlen``, or positions count from the end and a known item arrived); such rows
     must be re-encoded. The card's ``incremental_state`` says whether positions allow continuing.
 
+``explain`` (inputs of ``serving_default`` plus ``explain_items`` int32 scalar)
+    ``serving_default``'s four outputs, computed by the same lookup, window and ranking code, plus
+    ``explanation_item_ids`` string / ``explanation_weights`` float32 ``[B, k, n]`` (n =
+    min(explain_items, window width)): for each returned item the history items that contributed most
+    to its score, largest weight first (``""``/``-inf`` where there is none: a short history, a cold
+    start, an empty slot of the top-k), by the card's ``explain_method`` (:mod:`sasrec.explain`);
+    ``attention`` float32 ``[B, blocks, heads, W]`` (the last position's attention over the window in
+    every block and head) and ``window_item_ids`` string ``[B, W]`` (the window, ``""`` for padding).
+    ``serving_default`` is untouched: plain requests cost what they cost without it.
+
 The SavedModel needs neither this project's code nor Keras to load: ``tf.saved_model.load`` is enough.
 The model card ``assets/model_card.json`` holds the config, the data manifest, the metrics with their
 protocol, the popularity ranking, ``max_k``, ``maxlen``, the export time and the source run.
@@ -63,10 +73,21 @@ import numpy as np
 from pipelines.atomic import atomic_directory
 from pipelines.dataset import FIRST_ITEM_ID, OOV_ID, PADDING_ID
 from pipelines.errors import InputError
+from sasrec.explain import (
+    DEFAULT_METHOD,
+    METHODS,
+    OCCLUSION_CANDIDATES,
+    attributions,
+    block_inputs,
+    last_hidden,
+    last_position_attention,
+    top_positions,
+)
 from sasrec.model_base import (
     ADVANCE_SIGNATURE,
     CARD_FORMAT,
     ENCODE_SIGNATURE,
+    EXPLAIN_SIGNATURE,
     MODEL_CARD,
     SIGNATURE,
     card_path,
@@ -94,14 +115,19 @@ def popularity_ranking(item_ids: np.ndarray, train_counts: np.ndarray) -> list[i
     return (order + FIRST_ITEM_ID).tolist()
 
 
-def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, *, jit_compile: bool = False):
+def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, *, jit_compile: bool = False,
+                         explain_method: str = DEFAULT_METHOD):
     """A ``tf.Module`` whose ``recommend`` tf.function implements the signature described above.
 
     ``model`` needs ``maxlen``, ``vocab_size`` and ``score_last(ids) -> (B, vocab_size)`` built from
     ``keras.ops`` (traceable with the TensorFlow backend). ``jit_compile`` compiles the scoring part
-    (the model call) with XLA.
+    (the model call) with XLA. ``explain_method``: the attribution method of the ``explain`` signature
+    (one of :data:`sasrec.explain.METHODS`).
     """
     import tensorflow as tf
+
+    if explain_method not in METHODS:
+        raise InputError(f"explain method must be one of {', '.join(METHODS)}, got {explain_method!r}")
 
     vocab_size = int(model.vocab_size)
     maxlen = int(model.maxlen)
@@ -243,7 +269,33 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
             "state_valid": tf.not_equal(new, PADDING_ID),
         }
 
+    @tf.function(input_signature=[string_matrix("history")] + ranking_inputs
+                 + [tf.TensorSpec([], tf.int32, name="explain_items")])
+    def explain(history, k, exclude_seen, exclude_item_ids, explain_items):
+        ids, known, unknown_count = lookup(history)
+        cold_start = tf.logical_not(tf.reduce_any(known, axis=1))
+        seq = window(ids, known)
+        # One pass through the blocks before the last, shared by the scores, attributions and attention.
+        inputs, valid = block_inputs(model, seq)
+        out = rank(logits_of(last_hidden(model, inputs[-1], valid, len(model.blocks) - 1)), cold_start, ids, k,
+                   exclude_seen, exclude_item_ids)
+        # The returned items' internal ids ("" -> padding: no item, its explanation is dropped below).
+        targets = tf.where(tf.not_equal(out["item_ids"], ""), module.table.lookup(out["item_ids"]), PADDING_ID)
+        weights = attributions(model, seq, inputs, valid, targets, explain_method,
+                               candidates=tf.maximum(explain_items, OCCLUSION_CANDIDATES))
+        positions, weights = top_positions(weights, explain_items)
+        weights = tf.where((targets >= FIRST_ITEM_ID)[:, :, None], weights, neg_inf)
+        window_ids = tf.gather(module.vocab, seq)
+        return {
+            **out, "unknown_count": unknown_count,
+            "explanation_item_ids": tf.where(weights > neg_inf, tf.gather(window_ids, positions, batch_dims=1), ""),
+            "explanation_weights": weights,
+            "attention": tf.cast(last_position_attention(model, inputs, valid), tf.float32),
+            "window_item_ids": window_ids,
+        }
+
     module.recommend = recommend
+    module.explain = explain
     module.encode_state = encode_state
     module.advance_state = advance_state
     return module
@@ -259,6 +311,7 @@ def model_card(
     metrics: dict | None,
     source_run: str,
     xla: bool = False,
+    explain_method: str = DEFAULT_METHOD,
 ) -> dict:
     ranking = popularity_ranking(item_ids, train_counts)[:POPULARITY_IN_CARD]
     return {
@@ -269,6 +322,8 @@ def model_card(
         "num_items": int(model.vocab_size) - FIRST_ITEM_ID,
         "max_k": int(model.vocab_size) - FIRST_ITEM_ID,
         "xla": bool(xla),
+        # The attribution method of the explain signature (sasrec.explain; README, "Explanations").
+        "explain_method": explain_method,
         # advance_state continues a state exactly only when positions count from the start.
         "incremental_state": model.positions == "from_start",
         "sequence_widths": sequence_widths(model.maxlen),
@@ -296,12 +351,13 @@ def export_model(
     source_run: str = "",
     version: int | None = None,
     jit_compile: bool = False,
+    explain_method: str = DEFAULT_METHOD,
 ) -> Path:
     """Write ``model`` as the next (or given) version under ``model_base``; returns the version folder."""
     import tensorflow as tf
 
     target = new_version_folder(model_base, version)
-    module = build_serving_module(model, item_ids, train_counts, jit_compile=jit_compile)
+    module = build_serving_module(model, item_ids, train_counts, jit_compile=jit_compile, explain_method=explain_method)
     card = model_card(
         model=model,
         item_ids=item_ids,
@@ -311,6 +367,7 @@ def export_model(
         metrics=metrics,
         source_run=source_run,
         xla=jit_compile,
+        explain_method=explain_method,
     )
     with atomic_directory(target, overwrite=False) as tmp:
         card_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.card-", dir=Path(tmp).parent))
@@ -324,6 +381,7 @@ def export_model(
                 signatures={
                     SIGNATURE: module.recommend.get_concrete_function(),
                     ENCODE_SIGNATURE: module.encode_state.get_concrete_function(),
+                    EXPLAIN_SIGNATURE: module.explain.get_concrete_function(),
                     ADVANCE_SIGNATURE: module.advance_state.get_concrete_function(),
                 },
                 options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
@@ -343,6 +401,7 @@ def export_run(
     *,
     version: int | None = None,
     jit_compile: bool = False,
+    explain_method: str = DEFAULT_METHOD,
 ) -> Path:
     """``sasrec export``: the run's best model, vocabulary and card as the next version."""
     from sasrec.run import BEST_MODEL, RunFolder
@@ -361,4 +420,5 @@ def export_run(
         source_run=str(run.path.resolve()),
         version=version,
         jit_compile=jit_compile,
+        explain_method=explain_method,
     )

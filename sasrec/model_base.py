@@ -30,6 +30,8 @@ SIGNATURE = "serving_default"
 # Live-history signatures (sasrec.export): a user's attention state, encoded once and then advanced.
 ENCODE_SIGNATURE = "encode_state"
 ADVANCE_SIGNATURE = "advance_state"
+# The recommendations of serving_default plus, per returned item, the history items that drove it.
+EXPLAIN_SIGNATURE = "explain"
 MODEL_CARD = "model_card.json"
 CARD_FORMAT = "sasrec-model-card/1"
 _VERSION_RE = re.compile(r"^[0-9]+$")

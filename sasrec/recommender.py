@@ -28,19 +28,30 @@ import pandas as pd
 from pipelines.dataset import FIRST_ITEM_ID
 from pipelines.errors import InputError
 from sasrec.catalog import bounded_rows
-from sasrec.model_base import ADVANCE_SIGNATURE, ENCODE_SIGNATURE, SIGNATURE, read_card, resolve_version
+from sasrec.model_base import (
+    ADVANCE_SIGNATURE,
+    ENCODE_SIGNATURE,
+    EXPLAIN_SIGNATURE,
+    SIGNATURE,
+    read_card,
+    resolve_version,
+)
 
 DEFAULT_CHUNK_SIZE = 1024  # users per signature call in score_frame
+DEFAULT_EXPLAIN_ITEMS = 3  # history items per recommended item in an explanation
+MAX_EXPLAIN_ITEMS = 50
 
 
 class Recommendation(list):
     """Top items for one history, best first (never padding, unknown or excluded ids): a list of
     ``(item id, score)`` tuples that also carries ``unknown_count`` and ``cold_start``."""
 
-    def __init__(self, items=(), unknown_count: int = 0, cold_start: bool = False):
+    def __init__(self, items=(), unknown_count: int = 0, cold_start: bool = False, explanations=None):
         super().__init__(items)
         self.unknown_count = unknown_count
         self.cold_start = cold_start
+        # With explain: per returned item, [(history item id, weight), ...] largest weight first.
+        self.explanations = explanations
 
     @property
     def items(self) -> list[tuple[str, float]]:
@@ -63,6 +74,20 @@ class BatchResult:
     scores: np.ndarray  # (B, k) float32
     unknown_count: np.ndarray  # (B,) int32
     cold_start: np.ndarray  # (B,) bool
+    # The explain signature only: (B, k, n) history item ids ("" = none) and weights, largest first;
+    # the last position's attention (B, blocks, heads, W) over the window's items (B, W) ("" = padding).
+    explanation_item_ids: np.ndarray | None = None
+    explanation_weights: np.ndarray | None = None
+    attention: np.ndarray | None = None
+    window_item_ids: np.ndarray | None = None
+
+    def explanations(self, i: int) -> list[list[tuple[str, float]]] | None:
+        """Row ``i``'s explanation of each returned item: ``[(history item id, weight), ...]``."""
+        if self.explanation_item_ids is None:
+            return None
+        n = int(np.count_nonzero(self.item_ids[i] != ""))
+        return [[(str(item), float(weight)) for item, weight in zip(ids, weights) if item != ""]
+                for ids, weights in zip(self.explanation_item_ids[i][:n], self.explanation_weights[i][:n])]
 
     def row(self, i: int) -> Recommendation:
         ids, scores = self.item_ids[i], self.scores[i]
@@ -71,6 +96,7 @@ class BatchResult:
             items=[(str(ids[j]), float(scores[j])) for j in range(n)],
             unknown_count=int(self.unknown_count[i]),
             cold_start=bool(self.cold_start[i]),
+            explanations=self.explanations(i),
         )
 
     def __len__(self) -> int:
@@ -80,12 +106,22 @@ class BatchResult:
     def of(cls, out: dict, rows=slice(None)) -> BatchResult:
         """The result in a signature's raw numpy outputs (``rows`` of them)."""
         ids = out["item_ids"][rows]
+        explained = "explanation_item_ids" in out
         return cls(
-            item_ids=np.array([[x.decode("utf-8") for x in row] for row in ids], dtype=object).reshape(ids.shape),
+            item_ids=_strings(ids),
             scores=out["scores"][rows],
             unknown_count=out["unknown_count"][rows],
             cold_start=out["cold_start"][rows],
+            explanation_item_ids=_strings(out["explanation_item_ids"][rows]) if explained else None,
+            explanation_weights=out["explanation_weights"][rows] if explained else None,
+            attention=out["attention"][rows] if explained else None,
+            window_item_ids=_strings(out["window_item_ids"][rows]) if explained else None,
         )
+
+
+def _strings(values: np.ndarray) -> np.ndarray:
+    """A signature's bytes array as str, same shape."""
+    return np.array([x.decode("utf-8") for x in values.reshape(-1)], dtype=object).reshape(values.shape)
 
 
 @dataclass
@@ -167,23 +203,46 @@ class Recommender:
             raise InputError(f"{version_dir}: no {SIGNATURE!r} signature")
         return cls(loaded, version_dir, version, card)
 
-    def call(self, history: np.ndarray, k: int, exclude_seen: bool, exclude_item_ids: np.ndarray) -> dict:
-        """Call the signature on padded string arrays; returns its output tensors as numpy arrays."""
+    def call(self, history: np.ndarray, k: int, exclude_seen: bool, exclude_item_ids: np.ndarray,
+             explain_items: int = 0) -> dict:
+        """Call the signature (``explain`` when ``explain_items`` > 0) on padded string arrays; returns its
+        output tensors as numpy arrays."""
         import tensorflow as tf
 
-        out = self._fn(
+        inputs = dict(
             history=tf.convert_to_tensor(history, tf.string),
             k=tf.constant(k, tf.int32),
             exclude_seen=tf.constant(bool(exclude_seen)),
             exclude_item_ids=tf.convert_to_tensor(exclude_item_ids, tf.string),
         )
+        if explain_items > 0:
+            out = self._explain_fn()(**inputs, explain_items=tf.constant(explain_items, tf.int32))
+        else:
+            out = self._fn(**inputs)
         return {name: value.numpy() for name, value in out.items()}
+
+    @property
+    def explains(self) -> bool:
+        """The export has the ``explain`` signature (:meth:`explain_batch`)."""
+        return EXPLAIN_SIGNATURE in self._loaded.signatures
+
+    def _explain_fn(self):
+        if not self.explains:
+            raise InputError(f"{self.path}: this model version has no {EXPLAIN_SIGNATURE!r} signature "
+                             f"(exported before explanations): export it again with `sasrec export`")
+        return self._loaded.signatures[EXPLAIN_SIGNATURE]
+
+    @staticmethod
+    def check_explain_items(explain_items: int) -> int:
+        if isinstance(explain_items, bool) or not 1 <= int(explain_items) <= MAX_EXPLAIN_ITEMS:
+            raise InputError(f"explain_items must be in 1..{MAX_EXPLAIN_ITEMS}, got {explain_items!r}")
+        return int(explain_items)
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.max_k:
             raise InputError(f"k must be in 1..{self.max_k}, got {k}")
 
-    def _call_rows(self, hist, excl, k: int, exclude_seen: bool, n: int | None = None) -> dict:
+    def _call_rows(self, hist, excl, k: int, exclude_seen: bool, n: int | None = None, explain_items: int = 0) -> dict:
         """The signature on padded rows (numpy arrays or string tensors), with the XLA bucket padding
         added where missing; returns the first ``n`` (default all) rows of the raw numpy outputs."""
         given = int(hist.shape[0])
@@ -194,7 +253,7 @@ class Recommender:
             extra = bucket_size(given) - given
             hist = tf.pad(tf.convert_to_tensor(hist, tf.string), [[0, extra], [0, 0]])
             excl = tf.pad(tf.convert_to_tensor(excl, tf.string), [[0, extra], [0, 0]])
-        out = self.call(hist, k, exclude_seen, excl)
+        out = self.call(hist, k, exclude_seen, excl, explain_items)
         return {name: value[:n] for name, value in out.items()}
 
     def recommend_batch(
@@ -203,9 +262,14 @@ class Recommender:
         k: int = 10,
         exclude_seen: bool = True,
         exclude_item_ids: Sequence[str] | Sequence[Sequence[str]] = (),
+        explain_items: int = 0,
     ) -> BatchResult:
         """Top-k for each history (oldest item first). ``exclude_item_ids`` is one list for all rows
-        or one list per row."""
+        or one list per row. ``explain_items`` > 0: through the ``explain`` signature, with that many
+        history items explaining each returned item (:meth:`explain_batch`)."""
+        if explain_items:
+            self.check_explain_items(explain_items)
+            self._explain_fn()
         if not histories:
             return BatchResult(
                 np.empty((0, k), object), np.empty((0, k), np.float32), np.empty(0, np.int32), np.empty(0, bool)
@@ -219,7 +283,28 @@ class Recommender:
             excl = _pad(exclude_item_ids, num_rows=rows)
         else:
             excl = np.tile(_pad([list(exclude_item_ids)]), (rows, 1))
-        return BatchResult.of(self._call_rows(_pad(histories, num_rows=rows), excl, k, exclude_seen, n=n))
+        return BatchResult.of(self._call_rows(_pad(histories, num_rows=rows), excl, k, exclude_seen, n=n,
+                                              explain_items=explain_items))
+
+    def explain_batch(
+        self,
+        histories: Sequence[Sequence[str]],
+        k: int = 10,
+        exclude_seen: bool = True,
+        exclude_item_ids: Sequence[str] | Sequence[Sequence[str]] = (),
+        explain_items: int = DEFAULT_EXPLAIN_ITEMS,
+    ) -> BatchResult:
+        """:meth:`recommend_batch` (the same items and scores) plus, for each returned item, the
+        ``explain_items`` history items that contributed most to its score, with their weights (the
+        card's ``explain_method``), and the last position's attention over the window per block and head.
+        A cold start (no known history item) has no explanation."""
+        return self.recommend_batch(histories, k, exclude_seen, exclude_item_ids,
+                                    explain_items=self.check_explain_items(explain_items))
+
+    def explain(self, history: Sequence[str], k: int = 10, exclude_seen: bool = True,
+                exclude_item_ids: Sequence[str] = (), explain_items: int = DEFAULT_EXPLAIN_ITEMS) -> Recommendation:
+        """One history's :class:`Recommendation` with ``explanations``."""
+        return self.explain_batch([list(history)], k, exclude_seen, [list(exclude_item_ids)], explain_items).row(0)
 
     @property
     def keeps_state(self) -> bool:
@@ -324,6 +409,8 @@ class Recommender:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         sort_by_length: bool = True,
         progress: bool | None = None,
+        explain: bool = False,
+        explain_items: int = DEFAULT_EXPLAIN_ITEMS,
     ) -> pd.DataFrame:
         """Top-k for every user of ``df``, as a long frame, through the same signature as the service.
 
@@ -357,6 +444,11 @@ class Recommender:
         (float32), ``cold_start`` (bool, per user) and ``unknown_count`` (int32, per user: history ids
         not in the vocabulary). A user gets fewer than ``k`` rows only when fewer items are left after
         exclusions (none at all: the user is absent).
+
+        ``explain``: through the ``explain`` signature (the same items and scores), with two more
+        list-valued columns per row: ``explanation_item_ids`` (the ``explain_items`` history items that
+        contributed most to that item's score, largest first; empty for a cold start) and
+        ``explanation_weights`` (float32, their weights: see README, "Explanations").
         """
         self._check_k(int(k))
         if chunk_size < 1:
@@ -365,11 +457,16 @@ class Recommender:
             raise InputError(f"score_frame needs a pandas DataFrame, got {type(df).__name__}")
         batch = frame_histories(df, user_col=user_col, item_col=item_col, time_col=time_col,
                                 history_col=history_col, exclude_col=exclude_col)
+        explain_items = self.check_explain_items(explain_items) if explain else 0
+        if explain:
+            self._explain_fn()
         return self._score_histories(batch, int(k), exclude_seen=exclude_seen, exclude_item_ids=exclude_item_ids,
-                                     chunk_size=chunk_size, sort_by_length=sort_by_length, progress=progress)
+                                     chunk_size=chunk_size, sort_by_length=sort_by_length, progress=progress,
+                                     explain_items=explain_items)
 
     def _score_histories(self, batch: FrameHistories, k: int, *, exclude_seen: bool, exclude_item_ids,
-                         chunk_size: int, sort_by_length: bool, progress: bool | None) -> pd.DataFrame:
+                         chunk_size: int, sort_by_length: bool, progress: bool | None,
+                         explain_items: int = 0) -> pd.DataFrame:
         import tensorflow as tf
 
         n = batch.num_users
@@ -400,8 +497,9 @@ class Recommender:
                         excl = tf.concat([excl, tail], axis=1)
                 else:
                     excl = np.broadcast_to(np.array(global_excl, dtype=object)[None, :], (len(rows), len(global_excl)))
-                out = self._call_rows(hist, excl, k, exclude_seen)
-                parts.append(_chunk_part(out["item_ids"], out["scores"]))
+                out = self._call_rows(hist, excl, k, exclude_seen, explain_items=explain_items)
+                parts.append(_chunk_part(out["item_ids"], out["scores"])
+                             + (_explanation_part(out, explain_items) if explain_items else ()))
                 unknown_out[rows] = out["unknown_count"]
                 cold_out[rows] = out["cold_start"]
                 if bar is not None:
@@ -638,6 +736,30 @@ def _chunk_part(ids: np.ndarray, scores: np.ndarray) -> tuple:
     return valid.sum(axis=1), pa.array(ids[valid], type=pa.binary()), scores[valid].astype(np.float32)
 
 
+def _explanation_part(out: dict, explain_items: int) -> tuple:
+    """One chunk's explanations of its valid items: ids (m, explain_items) bytes and weights, padded with
+    ``b""``/-inf to ``explain_items`` (the signature returns at most the window's width)."""
+    valid = out["item_ids"] != b""
+    ids, weights = out["explanation_item_ids"][valid], out["explanation_weights"][valid]
+    short = explain_items - ids.shape[1]
+    if short > 0:
+        ids = np.pad(ids, [(0, 0), (0, short)], constant_values=b"")
+        weights = np.pad(weights, [(0, 0), (0, short)], constant_values=-np.inf)
+    return ids, weights.astype(np.float32)
+
+
+def _list_columns(ids: np.ndarray, weights: np.ndarray) -> tuple:
+    """(m, n) explanation matrices (``b""`` = none, always after the real entries) -> two Arrow-backed
+    list columns."""
+    import pyarrow as pa
+
+    present = ids != b""
+    offsets = pa.array(np.concatenate([[0], np.cumsum(present.sum(axis=1))]).astype(np.int32))
+    names = pa.ListArray.from_arrays(offsets, pa.array(ids[present], type=pa.binary()).cast(pa.string()))
+    values = pa.ListArray.from_arrays(offsets, pa.array(weights[present], type=pa.float32()))
+    return pd.arrays.ArrowExtensionArray(names), pd.arrays.ArrowExtensionArray(values)
+
+
 def _long_frame(users: pd.Index, order: np.ndarray, parts: list[tuple], k: int, unknown: np.ndarray,
                 cold: np.ndarray) -> pd.DataFrame:
     """Chunks scored in ``order`` (user positions) -> the long frame in the input's user order."""
@@ -658,7 +780,7 @@ def _long_frame(users: pd.Index, order: np.ndarray, parts: list[tuple], k: int, 
     ids = pa.concat_arrays([p[1] for p in parts]) if parts else pa.array([], pa.binary())
     scores = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
     item_ids = ids.take(pa.array(take)).cast(pa.string())
-    return pd.DataFrame({
+    frame = pd.DataFrame({
         "user_id": users.take(owner).array,
         "rank": (within + 1).astype(np.int32),
         "item_id": pd.Series(item_ids, dtype=pd.StringDtype("pyarrow", na_value=np.nan)).array,
@@ -666,3 +788,7 @@ def _long_frame(users: pd.Index, order: np.ndarray, parts: list[tuple], k: int, 
         "cold_start": cold[owner],
         "unknown_count": unknown[owner].astype(np.int32),
     })
+    if parts and len(parts[0]) > 3:  # explain: the explanation matrices of each chunk's valid items
+        explained = np.concatenate([p[3] for p in parts])[take], np.concatenate([p[4] for p in parts])[take]
+        frame["explanation_item_ids"], frame["explanation_weights"] = _list_columns(*explained)
+    return frame

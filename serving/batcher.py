@@ -53,6 +53,7 @@ class Pending:
     live: bool = False
     state: object = None
     new_events: list = field(default_factory=list)
+    explain_items: int = 0  # > 0: answered by the explain signature, that many history items per item
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Result:
     cold_start: bool
     version: int | None
     state: object = None  # live requests: the user's attention state after this history (None: not kept)
+    explanations: list | None = None  # explain: per returned item, [(history item id, weight), ...]
+    explain_method: str = ""
 
 
 class MicroBatcher:
@@ -94,13 +97,14 @@ class MicroBatcher:
             thread.start()
 
     def submit(self, history, k, exclude_seen, exclude_item_ids, deadline=None, *, live=False, state=None,
-               new_events=()) -> Future:
+               new_events=(), explain_items: int = 0) -> Future:
         """Queue a request; its future's result is a :class:`Result`. ``live``: ``history`` is a stored
         user's whole history and the result carries its attention state when the model keeps states;
         ``state`` (an :class:`~sasrec.recommender.AttentionState`) is continued by ``new_events`` (the end of
-        ``history`` it has not seen) instead of re-encoding, when the serving model allows it."""
+        ``history`` it has not seen) instead of re-encoding, when the serving model allows it.
+        ``explain_items`` > 0: the result carries explanations (the explain signature, stateless)."""
         item = Pending(list(history), int(k), bool(exclude_seen), list(exclude_item_ids), deadline,
-                       live=live, state=state, new_events=list(new_events))
+                       live=live, state=state, new_events=list(new_events), explain_items=int(explain_items))
         if self._closed:
             item.future.set_exception(ShuttingDown("server is shutting down"))
         else:
@@ -192,9 +196,18 @@ class MicroBatcher:
 
     def _call(self, model, group: list[Pending], exclude_seen: bool) -> None:
         k = max(item.k for item in group)
+        explained = [item for item in group if item.explain_items]
+        if explained:  # the explain signature, with as many explanation items as the group's largest ask
+            items = max(item.explain_items for item in explained)
+            self._run_model(model, explained, lambda: (model.recommend_batch(
+                [item.history for item in explained], k=k, exclude_seen=exclude_seen,
+                exclude_item_ids=[item.exclude_item_ids for item in explained], explain_items=items),
+                [None] * len(explained)))
         keeps_state = getattr(model, "keeps_state", False)
         stateless, continued, encoded = [], [], []
         for item in group:
+            if item.explain_items:
+                continue
             if not (item.live and keeps_state):
                 stateless.append((item, None))
             elif item.state is None:
@@ -253,6 +266,7 @@ class MicroBatcher:
             ids = out.item_ids[i, : item.k]
             scores = out.scores[i, : item.k]
             n = sum(1 for x in ids if x)
+            explanations = out.explanations(i) if item.explain_items else None
             item.future.set_result(
                 Result(
                     item_ids=list(ids[:n]),
@@ -261,6 +275,8 @@ class MicroBatcher:
                     cold_start=bool(out.cold_start[i]),
                     version=model.version,
                     state=states[i],
+                    explanations=None if explanations is None else [e[: item.explain_items] for e in explanations[:n]],
+                    explain_method=str(model.card.get("explain_method", "")) if item.explain_items else "",
                 )
             )
         return answered

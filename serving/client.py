@@ -65,11 +65,14 @@ class RecommenderClient:
         exclude_item_ids: Sequence[str] = (),
         user_id: str = "",
         timeout: float | None = None,
+        explain: bool = False,
+        explain_items: int | None = None,
     ) -> recommender_pb2.RecommendResponse:
+        """``explain``/``explain_items``: each returned item carries the history items that drove it."""
         request = recommender_pb2.RecommendRequest(
             history=list(history), exclude_item_ids=list(exclude_item_ids), user_id=user_id
         )
-        return self._call(self.stub.Recommend, _with_options(request, k, exclude_seen), timeout)
+        return self._call(self.stub.Recommend, _with_options(request, k, exclude_seen, explain, explain_items), timeout)
 
     def append_events(
         self,
@@ -98,13 +101,16 @@ class RecommenderClient:
         timestamps: Sequence[int] = (),
         idempotency_key: str = "",
         timeout: float | None = None,
+        explain: bool = False,
+        explain_items: int | None = None,
     ) -> recommender_pb2.RecommendForUserResponse:
         """Recommend from the stored history, after appending ``item_ids`` (if any) as :meth:`append_events`."""
         request = recommender_pb2.RecommendForUserRequest(
             user_id=user_id, exclude_item_ids=list(exclude_item_ids), item_ids=list(item_ids),
             timestamps=list(timestamps), idempotency_key=idempotency_key,
         )
-        return self._call(self.stub.RecommendForUser, _with_options(request, k, exclude_seen), timeout)
+        return self._call(self.stub.RecommendForUser, _with_options(request, k, exclude_seen, explain, explain_items),
+                          timeout)
 
     def get_history(self, user_id: str, timeout: float | None = None) -> recommender_pb2.GetHistoryResponse:
         return self._call(self.stub.GetHistory, recommender_pb2.GetHistoryRequest(user_id=user_id), timeout)
@@ -140,24 +146,32 @@ class RecommenderClient:
         self.close()
 
 
-def _with_options(request, k: int | None, exclude_seen: bool | None):
-    """``request`` with its optional ``k`` and ``exclude_seen`` set unless None (the server's default)."""
+def _with_options(request, k: int | None, exclude_seen: bool | None, explain: bool = False,
+                  explain_items: int | None = None):
+    """``request`` with its optional ``k``, ``exclude_seen`` and ``explain_items`` set unless None (the
+    server's default)."""
     if k is not None:
         request.k = k
     if exclude_seen is not None:
         request.exclude_seen = exclude_seen
+    request.explain = bool(explain)
+    if explain_items is not None:
+        request.explain_items = explain_items
     return request
 
 
 def format_table(response: recommender_pb2.RecommendResponse) -> str:
     lines = [f"{'rank':>4}  {'item_id':<24} {'score':>10}"]
     for rank, item in enumerate(response.items, 1):
-        lines.append(f"{rank:>4}  {item.item_id:<24} {item.score:>10.4f}")
+        because = ", ".join(f"{c.item_id} ({c.weight:.3g})" for c in item.explanation)
+        lines.append(f"{rank:>4}  {item.item_id:<24} {item.score:>10.4f}" + (f"  because of {because}" if because else ""))
     notes = [f"model {response.model_name} v{response.model_version}"]
     if response.unknown_history_ids:
         notes.append(f"{response.unknown_history_ids} unknown history ids ignored")
     if response.cold_start:
         notes.append("cold start: popularity ranking")
+    if response.explain_method:
+        notes.append(f"explained by {response.explain_method}")
     return "\n".join(lines) + "\n(" + "; ".join(notes) + ")"
 
 

@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--auth-token", help="bearer token (or SASREC_AUTH_TOKEN)")
     p.add_argument("--auth-token-file", help="file holding the bearer token")
     p.add_argument("--info", action="store_true", help="print the model info instead of recommending")
+    p.add_argument("--explain", action="store_true",
+                   help="also print, for each item, the history items that drove it (README: Explanations)")
     p.set_defaults(func=cmd_recommend)
 
 
@@ -76,12 +78,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             if args.user is None:
                 response = client.recommend(
                     split_ids(args.history), k=args.k, exclude_seen=not args.include_seen,
-                    exclude_item_ids=split_ids(args.exclude), user_id=args.user_id,
+                    exclude_item_ids=split_ids(args.exclude), user_id=args.user_id, explain=args.explain,
                 )
             else:
                 answer = client.recommend_for_user(
                     args.user, k=args.k, exclude_seen=not args.include_seen, exclude_item_ids=split_ids(args.exclude),
-                    item_ids=split_ids(args.append), idempotency_key=args.idempotency_key,
+                    item_ids=split_ids(args.append), idempotency_key=args.idempotency_key, explain=args.explain,
                 )
                 response = answer.recommendation
         except grpc.RpcError as exc:

@@ -22,6 +22,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import grpc
 
 from pipelines.errors import InputError
+from sasrec.recommender import DEFAULT_EXPLAIN_ITEMS, MAX_EXPLAIN_ITEMS
 from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
 from serving.batcher import DeadlineExceeded, KOutOfRange, ShuttingDown
 from serving.history_store import HistoryStoreUnavailable
@@ -60,6 +61,21 @@ def validate(request, model, max_k_flag: int | None) -> tuple[int, bool, list]:
     exclude = check_ids("exclude_item_ids", request.exclude_item_ids)
     exclude_seen = request.exclude_seen if request.HasField("exclude_seen") else True
     return k, exclude_seen, exclude
+
+
+def explain_items(request, model) -> int:
+    """How many history items explain each returned item (0: no explanations), or RequestError."""
+    if not (request.explain or request.HasField("explain_items")):
+        return 0
+    items = request.explain_items if request.HasField("explain_items") else DEFAULT_EXPLAIN_ITEMS
+    if not 1 <= items <= MAX_EXPLAIN_ITEMS:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"explain_items must be in 1..{MAX_EXPLAIN_ITEMS}, got {items}")
+    if not getattr(model, "explains", False):
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           "explain: the served model version has no explain signature (exported before "
+                           "explanations); export it again with `sasrec export`")
+    return items
 
 
 METHODS = ("Recommend", "GetModelInfo", "AppendEvents", "RecommendForUser", "GetHistory", "DeleteUser")
@@ -129,19 +145,27 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             self._metrics.unknown_ids.inc(result.unknown_count)
         if result.cold_start:
             self._metrics.cold_starts.inc()
-        return recommender_pb2.RecommendResponse(
+        response = recommender_pb2.RecommendResponse(
             items=[recommender_pb2.ScoredItem(item_id=i, score=s) for i, s in zip(result.item_ids, result.scores)],
             model_name=self._name,
             model_version=result.version or 0,
             unknown_history_ids=result.unknown_count,
             cold_start=result.cold_start,
-        ), result
+        )
+        if result.explanations is not None:
+            response.explain_method = result.explain_method
+            for scored, explanation in zip(response.items, result.explanations):
+                scored.explanation.extend(
+                    recommender_pb2.Contribution(item_id=item, weight=weight) for item, weight in explanation)
+        return response, result
 
     def Recommend(self, request, context):
         def work():
-            k, exclude_seen, exclude = validate(request, self._store.get(), self._max_k)
+            model = self._store.get()
+            k, exclude_seen, exclude = validate(request, model, self._max_k)
+            explained = explain_items(request, model)
             history = check_ids("history", request.history)
-            response, _ = self._score(history, k, exclude_seen, exclude, context)
+            response, _ = self._score(history, k, exclude_seen, exclude, context, explain_items=explained)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "Recommend user_id=%r history=%d k=%d unknown=%d cold_start=%s",
@@ -208,15 +232,17 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def RecommendForUser(self, request, context):
         def work():
             # Everything that can be refused is checked before the append, so a refused call stored nothing.
-            k, exclude_seen, exclude = validate(request, self._store.get(), self._max_k)
+            model = self._store.get()
+            k, exclude_seen, exclude = validate(request, model, self._max_k)
+            explained = explain_items(request, model)
             response = recommender_pb2.RecommendForUserResponse()
             states = self._states
             token = states.begin() if states is not None else None  # before the store is read: see StateCache.put
             if request.item_ids or request.timestamps or request.idempotency_key:
                 response.append.CopyFrom(self._append("RecommendForUser", request))
             history = self._stored("RecommendForUser", "history", request.user_id).item_ids
-            if states is None:
-                answer, _ = self._score(history, k, exclude_seen, exclude, context)
+            if states is None or explained:
+                answer, _ = self._score(history, k, exclude_seen, exclude, context, explain_items=explained)
             else:
                 state, new_events = states.continuation(request.user_id, history)
                 answer, result = self._score(history, k, exclude_seen, exclude, context, live=True, state=state,

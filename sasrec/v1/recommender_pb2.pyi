@@ -7,40 +7,56 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("history", "k", "exclude_seen", "exclude_item_ids", "user_id")
+    __slots__ = ("history", "k", "exclude_seen", "exclude_item_ids", "user_id", "explain", "explain_items")
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_ITEMS_FIELD_NUMBER: _ClassVar[int]
     history: _containers.RepeatedScalarFieldContainer[str]
     k: int
     exclude_seen: bool
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     user_id: str
-    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., user_id: _Optional[str] = ...) -> None: ...
+    explain: bool
+    explain_items: int
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., user_id: _Optional[str] = ..., explain: _Optional[bool] = ..., explain_items: _Optional[int] = ...) -> None: ...
+
+class Contribution(_message.Message):
+    __slots__ = ("item_id", "weight")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    weight: float
+    def __init__(self, item_id: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
-    __slots__ = ("item_id", "score")
+    __slots__ = ("item_id", "score", "explanation")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+    explanation: _containers.RepeatedCompositeFieldContainer[Contribution]
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., explanation: _Optional[_Iterable[_Union[Contribution, _Mapping]]] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "model_name", "model_version", "unknown_history_ids", "cold_start")
+    __slots__ = ("items", "model_name", "model_version", "unknown_history_ids", "cold_start", "explain_method")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_HISTORY_IDS_FIELD_NUMBER: _ClassVar[int]
     COLD_START_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_METHOD_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     model_name: str
     model_version: int
     unknown_history_ids: int
     cold_start: bool
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., unknown_history_ids: _Optional[int] = ..., cold_start: _Optional[bool] = ...) -> None: ...
+    explain_method: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., unknown_history_ids: _Optional[int] = ..., cold_start: _Optional[bool] = ..., explain_method: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -89,7 +105,7 @@ class AppendEventsResponse(_message.Message):
     def __init__(self, appended: _Optional[int] = ..., duplicate: _Optional[bool] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class RecommendForUserRequest(_message.Message):
-    __slots__ = ("user_id", "k", "exclude_seen", "exclude_item_ids", "item_ids", "timestamps", "idempotency_key")
+    __slots__ = ("user_id", "k", "exclude_seen", "exclude_item_ids", "item_ids", "timestamps", "idempotency_key", "explain", "explain_items")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +113,8 @@ class RecommendForUserRequest(_message.Message):
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_ITEMS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     exclude_seen: bool
@@ -104,7 +122,9 @@ class RecommendForUserRequest(_message.Message):
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     timestamps: _containers.RepeatedScalarFieldContainer[int]
     idempotency_key: str
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., item_ids: _Optional[_Iterable[str]] = ..., timestamps: _Optional[_Iterable[int]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    explain: bool
+    explain_items: int
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., item_ids: _Optional[_Iterable[str]] = ..., timestamps: _Optional[_Iterable[int]] = ..., idempotency_key: _Optional[str] = ..., explain: _Optional[bool] = ..., explain_items: _Optional[int] = ...) -> None: ...
 
 class RecommendForUserResponse(_message.Message):
     __slots__ = ("recommendation", "append", "history_length")

@@ -213,3 +213,17 @@ def test_cli_recommend_for_a_stored_user(live, user, capsys):
     assert main([*target, "--history", "a"]) == 2
     assert "--history and --user: give one" in capsys.readouterr().err
     assert [e.item_id for e in client.get_history(user).events] == NAMES[:3]
+
+
+def test_recommend_for_user_with_explain_explains_the_stored_history(live, user):
+    _, client = live
+    client.append_events(user, NAMES[3:8])
+    plain = client.recommend_for_user(user, k=5).recommendation
+    explained = client.recommend_for_user(user, k=5, item_ids=[NAMES[9]], explain=True).recommendation
+    assert explained == client.recommend(NAMES[3:8] + [NAMES[9]], k=5, explain=True)
+    assert explained.explain_method and all(len(item.explanation) == 3 for item in explained.items)
+    assert {c.item_id for item in explained.items for c in item.explanation} <= set(NAMES[3:10])
+    # Without explain the answer carries none, and the stored history was used either way.
+    again = client.recommend_for_user(user, k=5).recommendation
+    assert not again.explain_method and not any(item.explanation for item in again.items)
+    assert [i.item_id for i in plain.items] != [] and again == client.recommend(NAMES[3:8] + [NAMES[9]], k=5)
