@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import SHARED_DATA  # noqa: E402
 
 DATA = SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"
+RECENCY = "most recent item (reference, no model)"
 
 
 def load_dataset(args, tmp: Path):
@@ -89,10 +90,13 @@ def faithfulness(model, ds, methods, *, users: int, k: int, seed: int, batch: in
     uniform = rng.random((len(histories), k))  # the random deletions' draws, the same for every method
     rows = []
     for method in methods:
-        fn = tf.function(lambda x, t, m=method: attributions(model, x, *block_inputs(model, x), t, m),
-                         reduce_retracing=True)
         start = time.perf_counter()
-        weights = batched(fn, [ids, targets], max(8, batch // (4 * k)))
+        if method == RECENCY:  # the reference: always name the most recent item
+            weights = np.broadcast_to(np.where(ids > 0, np.arange(maxlen), -np.inf)[:, None, :], (len(ids), k, maxlen))
+        else:
+            fn = tf.function(lambda x, t, m=method: attributions(model, x, *block_inputs(model, x), t, m),
+                             reduce_retracing=True)
+            weights = batched(fn, [ids, targets], max(8, batch // (4 * k)))
         seconds = time.perf_counter() - start
         top = weights.argmax(axis=2)  # (users, k) position in the padded window
         deleted_top, deleted_random = [], []
@@ -113,6 +117,7 @@ def faithfulness(model, ds, methods, *, users: int, k: int, seed: int, batch: in
             "method": method,
             "faithful (all k)": f"{100 * wins.mean():.1f}%",
             "faithful (top-1 item)": f"{100 * wins[:, 0].mean():.1f}%",
+            "top = most recent item": f"{100 * (top == maxlen - 1).mean():.1f}%",
             "mean drop, top-attributed": round(float(drop_top.mean()), 4),
             "mean drop, random": round(float(drop_random.mean()), 4),
             "attribution s / 1k users": round(seconds * 1000 / len(histories), 2),
@@ -169,7 +174,9 @@ def cost_rows(model, ds, run, methods, requests: list[list[str]], k: int, items:
     from serving.client import RecommenderClient
     from serving.server import RecommenderServer, ServerConfig
 
-    server = RecommenderServer(ServerConfig(model_base=str(base), port=0, metrics_port=0)).start()
+    # In this process TensorFlow already runs (the model above): leave its thread pools as they are.
+    server = RecommenderServer(ServerConfig(model_base=str(base), port=0, metrics_port=0, intra_op_threads=0,
+                                            inter_op_threads=0, cpu_scheduling="default")).start()
     try:
         if not server.wait_ready(120):
             raise RuntimeError("the server did not become ready")
@@ -197,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=10, help="recommended items per user")
     parser.add_argument("--explain-items", type=int, default=3, help="explanation items per recommended item (cost)")
     parser.add_argument("--cost-requests", type=int, default=300, help="requests timed per path")
-    parser.add_argument("--methods", default=",".join(METHODS), help="attribution methods to compare")
+    parser.add_argument("--methods", default=",".join(METHODS), help="attribution methods to compare (the "
+                        "most-recent-item reference is always added)")
     parser.add_argument("--batch", type=int, default=256, help="histories per model call (deletion test)")
     parser.add_argument("--quick", action="store_true", help="200 users, 100 requests")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write BENCHMARKS.md")
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if list(map(str, item_ids)) != list(map(str, ds.item_ids)):
             raise SystemExit(f"{args.run}: its vocabulary is not the data's; train the run on this data")
         print(f"deletion test: {args.users} test users, k {args.k}, seed {args.seed}", flush=True)
-        faithful = faithfulness(model, ds, methods, users=args.users, k=args.k, seed=args.seed, batch=args.batch)
+        faithful = faithfulness(model, ds, methods + [RECENCY], users=args.users, k=args.k, seed=args.seed, batch=args.batch)
         rng = np.random.default_rng(args.seed + 1)
         users = rng.choice(np.flatnonzero(ds.valid_end >= 1), size=args.cost_requests, replace=False)
         requests = [[str(ds.item_ids[i]) for i in ds.user_items(u)[: ds.valid_end[u]]] for u in users]

@@ -74,6 +74,10 @@ def register(subparsers) -> None:
                    help="XLA-compile the scoring part (default off: it compiles one program per batch size and "
                    "sequence width when a server warms the version, and on a small CPU machine it served no faster; "
                    "BENCHMARKS.md, section serving; serve XLA exports with --inter-op-threads 2)")
+    p.add_argument("--explain-method", default=None,
+                   help="attribution method of the explain signature (default rollout_occlusion, the one measured "
+                   "faithful and cheap: README, Explanations; others: grad_occlusion, grad_input, "
+                   "grad_input_last_block, integrated_gradients, attention, rollout, attention_value)")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser(
@@ -246,7 +250,8 @@ def print_results(result: dict) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from sasrec.export import export_run
 
-    target = export_run(args.run, args.model_base, version=args.version, jit_compile=args.xla)
+    options = {} if args.explain_method is None else {"explain_method": args.explain_method}
+    target = export_run(args.run, args.model_base, version=args.version, jit_compile=args.xla, **options)
     print(f"exported {args.run} -> {target}")
     return 0
 
