@@ -162,3 +162,35 @@ def test_servicer_answers_invalid_argument_naming_k_after_a_swap_to_a_smaller_ca
     assert ok.code == grpc.StatusCode.OK
     assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and "k must be in 1..5, got 9" in bad.details
     batcher.close(5)
+
+
+class ExplainingModel(FakeModel):
+    """Explains item j of a history by its first item, with as many entries as asked."""
+
+    card = {"explain_method": "fake"}
+
+    def recommend_batch(self, histories, k, exclude_seen, exclude_item_ids, explain_items=0):
+        out = super().recommend_batch(histories, k, exclude_seen, exclude_item_ids)
+        self.calls[-1] += (explain_items,)
+        if explain_items:
+            n = len(histories)
+            out.explanation_item_ids = np.array([[[h[0]] * explain_items] * k for h in histories], dtype=object)
+            out.explanation_weights = np.ones((n, k, explain_items), np.float32)
+        return out
+
+
+def test_explained_and_plain_requests_in_one_batch_each_get_their_answer():
+    model = ExplainingModel()
+    batcher = MicroBatcher(lambda: model, max_batch_size=8, max_wait_s=0.05)
+    futures = [batcher.submit([f"h{i}"], k=3, exclude_seen=True, exclude_item_ids=[], explain_items=i % 3)
+               for i in range(6)]
+    results = [f.result(5) for f in futures]
+    batcher.close(5)
+    for i, r in enumerate(results):
+        assert r.item_ids == [f"h{i}-0", f"h{i}-1"]
+        if i % 3:
+            assert r.explanations == [[(f"h{i}", 1.0)] * (i % 3)] * 2 and r.explain_method == "fake"
+        else:
+            assert r.explanations is None and r.explain_method == ""
+    # Explained rows go to one call with the largest explain_items; plain rows to another.
+    assert sorted(c[-1] for c in model.calls) == [0, 2]

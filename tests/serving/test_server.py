@@ -305,3 +305,15 @@ def test_explain_cold_start_and_bad_explain_items(client):
             client.recommend([NAMES[1]], k=3, explain_items=bad)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details() == f"explain_items must be in 1..50, got {bad}"
+
+
+def test_explain_on_a_model_without_the_explain_signature_is_failed_precondition():
+    from serving.servicer import RequestError, explain_items
+
+    class Old:
+        explains = False
+
+    assert explain_items(recommender_pb2.RecommendRequest(), Old()) == 0
+    with pytest.raises(RequestError) as err:
+        explain_items(recommender_pb2.RecommendRequest(explain=True), Old())
+    assert err.value.code is grpc.StatusCode.FAILED_PRECONDITION and "explain" in err.value.message
