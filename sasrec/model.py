@@ -9,7 +9,7 @@ from keras import ops
 
 from pipelines.dataset import FIRST_ITEM_ID
 from sasrec.config import SASRecConfig
-from sasrec.layers import CausalSelfAttentionBlock, weight_initializer
+from sasrec.layers import CausalSelfAttentionBlock, Dropout, weight_initializer
 
 
 @keras.saving.register_keras_serializable(package="sasrec")
@@ -52,7 +52,7 @@ class SASRec(keras.Model):
         self.position_embedding = keras.layers.Embedding(
             maxlen, hidden_units, embeddings_initializer=weight_initializer(init_std), name="position_embedding"
         )
-        self.embedding_dropout = keras.layers.Dropout(dropout)
+        self.embedding_dropout = Dropout(dropout)
         self.blocks = [
             CausalSelfAttentionBlock(hidden_units, num_heads, dropout, norm, init_std=init_std, name=f"block_{i}")
             for i in range(num_blocks)
