@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
@@ -19,6 +19,10 @@ from pipelines.errors import InputError
 
 LOSSES = ("bce", "ce", "sampled-softmax", "gbce")
 POSITIONS = ("from_end", "from_start")
+# Attention variants (issue 19; README, "Attention variants"): the first of each is today's model.
+ATTENTION_SIMILARITIES = ("dot", "cosine")
+ATTENTION_NORMALISATIONS = ("softmax", "silu")
+POSITION_BIASES = ("none", "relative", "rotary")
 PROTOCOLS = ("full", "sampled-100")  # evaluation candidates, see sasrec.evaluate
 # Histories at least this long on average (ML-1M: 165) get the dense preset, shorter ones (Amazon
 # Beauty: 8.9) the sparse one.
@@ -59,6 +63,22 @@ class SASRecConfig:
     """Which position each item's learned embedding encodes: ``from_end`` (the paper: the most recent
     item always has the same position) or ``from_start`` (the first item of the window is position 0,
     so short histories also tell how far into them the user is)."""
+    attention_similarity: str = "dot"
+    """``dot``: scaled dot product of query and key (the paper); ``cosine``: cosine of the two times a
+    learned temperature, one per block, starting at 10."""
+    attention_normalisation: str = "softmax"
+    """``softmax`` (the paper) or ``silu``: each score through SiLU, masked keys 0, divided by the number
+    of keys the query attends (HSTU): weights need not sum to 1."""
+    attention_window: list[int] = field(default_factory=lambda: [0])
+    """How many of the most recent items (itself included) each position may attend, per block from
+    the bottom: one value for every block or one per block; 0 = all earlier items (the paper). E.g.
+    ``[8, 0]``: local below, global above. A bare integer means every block."""
+    position_bias: str = "none"
+    """``none``; ``relative``: a learned bias per head and distance bucket (log-bucketed as in T5) added
+    to the attention scores; ``rotary``: rotary position embeddings (RoPE) on queries and keys."""
+    absolute_positions: bool = True
+    """Add the learned absolute position embedding (``positions``) to the items; false leaves position
+    to ``position_bias`` and ``attention_window`` alone."""
     init_std: float = 0.0
     """0: Glorot-normal weights (the paper's reference code); > 0: normal(0, init_std) for embeddings
     and dense kernels (GPT-2 / RecBole style, e.g. 0.02)."""
@@ -131,6 +151,8 @@ class SASRecConfig:
     """Write TensorBoard logs to RUN/tensorboard (needs TensorFlow installed)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.attention_window, int) and not isinstance(self.attention_window, bool):
+            self.attention_window = [self.attention_window]  # one integer: every block
         self.validate()
 
     def validate(self) -> None:
@@ -148,6 +170,21 @@ class SASRecConfig:
             raise bad("norm", "must be 'pre' or 'post'")
         if self.positions not in POSITIONS:
             raise bad("positions", f"must be one of {', '.join(POSITIONS)}")
+        if self.attention_similarity not in ATTENTION_SIMILARITIES:
+            raise bad("attention_similarity", f"must be one of {', '.join(ATTENTION_SIMILARITIES)}")
+        if self.attention_normalisation not in ATTENTION_NORMALISATIONS:
+            raise bad("attention_normalisation", f"must be one of {', '.join(ATTENTION_NORMALISATIONS)}")
+        if self.position_bias not in POSITION_BIASES:
+            raise bad("position_bias", f"must be one of {', '.join(POSITION_BIASES)}")
+        if self.position_bias == "rotary" and (self.hidden_units // self.num_heads) % 2:
+            raise bad("position_bias", f"rotary needs an even head size, hidden_units / num_heads = "
+                      f"{self.hidden_units // self.num_heads}")
+        window = self.attention_window
+        if (not isinstance(window, list) or not window
+                or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in window)):
+            raise bad("attention_window", "must be an integer >= 0 or a list of them (0: global)")
+        if len(window) not in (1, self.num_blocks):
+            raise bad("attention_window", f"needs one value or one per block (num_blocks={self.num_blocks})")
         if self.val_protocol not in PROTOCOLS:
             raise bad("val_protocol", f"must be one of {', '.join(PROTOCOLS)}")
         if not 0.0 <= self.stop_at_ndcg <= 1.0:
@@ -170,6 +207,10 @@ class SASRecConfig:
             raise bad("eval_max_users", "must be >= 0 (0: every user)")
         if self.sliding_window_step < 0 or self.patience < 0 or self.warmup_steps < 0:
             raise InputError("config fields 'sliding_window_step', 'patience', 'warmup_steps' must be >= 0")
+
+    def block_windows(self) -> list[int]:
+        """``attention_window`` for each block, bottom first (0: global)."""
+        return list(self.attention_window) * (self.num_blocks // len(self.attention_window))
 
     def resolved_loss(self, num_items: int) -> str:
         """The loss actually used: ``auto`` becomes ``ce`` or ``sampled-softmax`` by catalog size."""
@@ -249,5 +290,11 @@ def _coerce(key: str, hint, value, source: str):
     elif hint is str:
         if isinstance(value, str):
             return value
+    elif hint == list[int]:
+        # One integer stands for every block; validate() checks the values.
+        values = [value] if not isinstance(value, list) else value
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return list(values)
+        raise InputError(f"{source}: config field '{key}' must be an integer or a list of integers, got {value!r}")
     raise InputError(f"{source}: config field '{key}' must be {hint.__name__}, got {value!r}")
 

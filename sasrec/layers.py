@@ -9,27 +9,51 @@ from keras import ops
 
 # Score of a masked key before the softmax: its weight underflows to exactly 0.
 MASKED_SCORE = -1e9
+# similarity "cosine": the learned temperature starts here (cosines in [-1, 1] need a scale to make
+# a peaked softmax; about sqrt(head size) for the usual 64-128).
+COSINE_INITIAL_SCALE = 10.0
+# position_bias "relative": distances 0..RELATIVE_BUCKETS/2-1 get their own bucket, longer ones share
+# log-spaced buckets up to RELATIVE_MAX_DISTANCE (T5's bucketing, one direction: attention is causal).
+RELATIVE_BUCKETS = 32
+RELATIVE_MAX_DISTANCE = 256
+ROTARY_BASE = 10000.0
 
 
 @keras.saving.register_keras_serializable(package="sasrec")
 class Dropout(keras.layers.Dropout):
-    """``keras.layers.Dropout`` whose mask comes from the ThreeFry generator when TensorFlow compiles it
-    with XLA.
+    """``keras.layers.Dropout`` whose masks come from XLA's ThreeFry bit generator on TensorFlow (when
+    compiled with XLA) and JAX.
 
-    TensorFlow's stateless dropout picks Philox by default, which XLA on CPU runs about 5x slower
-    than ThreeFry: with SASRec's (B, L, L) attention weights that made dropout ~40% of a training
-    step. TensorFlow's own kernels (no XLA) have no ThreeFry, and other backends use Keras's dropout.
+    The backends' default generators (TensorFlow's Philox, JAX's ``jax.random`` ThreeFry written in
+    array ops) ran 5-7x slower on CPU than XLA's own ThreeFry: with SASRec's (B, L, L) attention
+    weights that made dropout 40-50% of a training step. Same keep probability and the layer's own
+    seed stream; TensorFlow without XLA (whose kernels have no ThreeFry) and torch use Keras's dropout.
     """
 
     def call(self, inputs, training=False):
-        if not training or self.rate == 0 or not _tensorflow_xla():
-            return super().call(inputs, training=training)
+        if training and 0 < self.rate < 1 and self.noise_shape is None:
+            if keras.backend.backend() == "jax":
+                return self._jax_dropout(inputs)
+            if _tensorflow_xla():
+                return self._tensorflow_dropout(inputs)
+        return super().call(inputs, training=training)
+
+    def _tensorflow_dropout(self, inputs):
         import tensorflow as tf
 
         seed = tf.cast(self.seed_generator.next(), "int64")
-        return tf.nn.experimental.stateless_dropout(
-            inputs, rate=self.rate, seed=seed, noise_shape=self.noise_shape, rng_alg="threefry"
+        return tf.nn.experimental.stateless_dropout(inputs, rate=self.rate, seed=seed, rng_alg="threefry")
+
+    def _jax_dropout(self, inputs):
+        import jax
+
+        seed = ops.cast(self.seed_generator.next(), "uint32")
+        _, bits = jax.lax.rng_bit_generator(
+            ops.concatenate([seed, seed[::-1]]), inputs.shape, dtype="uint32",
+            algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY,
         )
+        keep = bits >= ops.cast(min(round(self.rate * 2**32), 2**32 - 1), "uint32")
+        return ops.where(keep, inputs / ops.cast(1.0 - self.rate, inputs.dtype), ops.zeros_like(inputs))
 
 
 def _tensorflow_xla() -> bool:
@@ -61,6 +85,7 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
 
     def __init__(
         self, hidden_units: int, num_heads: int = 1, dropout: float = 0.2, norm: str = "pre", init_std: float = 0.0,
+        similarity: str = "dot", normalisation: str = "softmax", window: int = 0, position_bias: str = "none",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -69,6 +94,12 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         self.dropout_rate = dropout
         self.norm = norm
         self.init_std = init_std
+        # Attention variants (sasrec.config.SASRecConfig: attention_*, position_bias); the defaults are
+        # the paper's attention and add no weights.
+        self.similarity = similarity
+        self.normalisation = normalisation
+        self.window = int(window)
+        self.position_bias = position_bias
         self.attention_norm = keras.layers.LayerNormalization(epsilon=1e-8, name="attention_norm")
         # Holds the query/key/value/output projections; the attention itself is computed in
         # :meth:`_attend`, which the cached-state step shares.
@@ -94,6 +125,15 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         self.ffn_norm.build(x_shape)
         self.ffn_inner.build(x_shape)
         self.ffn_outer.build(x_shape[:-1] + (self.hidden_units,))
+        if self.similarity == "cosine":
+            # log of the temperature that multiplies the cosine; exp(log 10) = 10 at the start.
+            self.cosine_log_scale = self.add_weight(
+                shape=(), initializer=keras.initializers.Constant(math.log(COSINE_INITIAL_SCALE)), name="cosine_log_scale"
+            )
+        if self.position_bias == "relative":
+            self.relative_bias = self.add_weight(
+                shape=(RELATIVE_BUCKETS, self.num_heads), initializer="zeros", name="relative_bias"
+            )
         self.built = True
 
     def _feed_forward(self, x, training):
@@ -112,17 +152,61 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
             attention_mask, keep = attention_mask[:, -1:, :], keep[:, -1:, :]
         query = self._query_input(x[:, -1:, :] if last_only else x)
         keys, values = self.key_values(x)
-        attended = self._attend(query, keys, values, attention_mask, training)
+        index = self._item_index(valid)
+        query_index = index[:, -1:] if last_only and index is not None else index
+        attended = self._attend(query, keys, values, attention_mask, training, query_index, index)
         return self._after_attention(query, attended, training) * keep
 
-    def _attend(self, query, keys, values, mask, training=False):
-        """Scaled dot-product attention of block queries ``query`` (B, N, d) over projected ``keys`` and
-        ``values`` (B, M, H, d/H) where ``mask`` (B, N, M): the attention's output projection (B, N, d)."""
+    @property
+    def uses_positions(self) -> bool:
+        """Whether the attention depends on the distance between query and key (window, position bias)."""
+        return self.window > 0 or self.position_bias != "none"
+
+    def _item_index(self, valid):
+        """Each column's index among the real items of ``valid`` (B, M), counted from the first, or None
+        when the attention does not use positions. Padding anywhere (left in windows, right in cached
+        states) is skipped, so distances count items, never columns."""
+        if not self.uses_positions:
+            return None
+        return ops.cumsum(ops.cast(valid, "int32"), axis=1) - 1
+
+    def attention_weights(self, query, keys, mask, query_index=None, key_index=None):
+        """The attention weights (B, H, N, M) of block queries ``query`` (B, N, d) over projected ``keys``
+        (B, M, H, d/H) where ``mask`` (B, N, M), before dropout; ``query_index``/``key_index`` (B, N)/(B, M):
+        the items' indices (:meth:`_item_index`), needed when :attr:`uses_positions`."""
         projected = self.attention.query_dense(query)
-        scale = 1.0 / math.sqrt(self.hidden_units // self.num_heads)
-        scores = ops.einsum("bnhd,bmhd->bhnm", projected * ops.cast(scale, projected.dtype), keys)
+        distance = None
+        if self.uses_positions:
+            distance = query_index[:, :, None] - key_index[:, None, :]
+        if self.window > 0:
+            mask = ops.logical_and(mask, distance < self.window)
+        if self.position_bias == "rotary":
+            projected, keys = _rotary(projected, query_index), _rotary(keys, key_index)
+        if self.similarity == "cosine":
+            scale = ops.exp(ops.cast(self.cosine_log_scale, projected.dtype))
+            projected = _unit(projected) * scale
+            keys = _unit(keys)
+        else:
+            scale = 1.0 / math.sqrt(self.hidden_units // self.num_heads)
+            projected = projected * ops.cast(scale, projected.dtype)
+        scores = ops.einsum("bnhd,bmhd->bhnm", projected, keys)
+        if self.position_bias == "relative":
+            bias = ops.take(self.relative_bias, relative_bucket(distance), axis=0)  # (B, N, M, H)
+            scores = scores + ops.cast(ops.transpose(bias, (0, 3, 1, 2)), scores.dtype)
+        if self.normalisation == "silu":
+            # HSTU: pointwise weights, masked keys 0, divided by how many keys the query attends.
+            attended = ops.cast(mask, scores.dtype)[:, None, :, :]
+            count = ops.maximum(ops.sum(attended, axis=-1, keepdims=True), ops.cast(1.0, scores.dtype))
+            return ops.silu(scores) * attended / count
         scores = ops.where(mask[:, None, :, :], scores, ops.cast(MASKED_SCORE, scores.dtype))
-        weights = self.attention_dropout(ops.softmax(scores, axis=-1), training=training)
+        return ops.softmax(scores, axis=-1)
+
+    def _attend(self, query, keys, values, mask, training=False, query_index=None, key_index=None):
+        """Attention of block queries ``query`` (B, N, d) over projected ``keys`` and ``values``
+        (B, M, H, d/H) where ``mask`` (B, N, M), by :meth:`attention_weights`: the attention's output
+        projection (B, N, d)."""
+        weights = self.attention_weights(query, keys, mask, query_index, key_index)
+        weights = self.attention_dropout(weights, training=training)
         return self.attention.output_dense(ops.einsum("bhnm,bmhd->bnhd", weights, values))
 
     def _query_input(self, x):
@@ -161,7 +245,10 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
             axis=2,
         )
         query = self._query_input(x)
-        attended = self._attend(query, keys, values, mask)
+        # Item indices over the cached and the new positions together: what the whole history gives.
+        index = self._item_index(ops.concatenate([cached_valid, valid], axis=1))
+        query_index = index[:, -count:] if index is not None else None
+        attended = self._attend(query, keys, values, mask, False, query_index, index)
         out = self._after_attention(query, attended) * ops.cast(valid, x.dtype)[:, :, None]
         return out, new_keys, new_values
 
@@ -172,6 +259,34 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         config = super().get_config()
         config.update(
             hidden_units=self.hidden_units, num_heads=self.num_heads, dropout=self.dropout_rate, norm=self.norm,
-            init_std=self.init_std,
+            init_std=self.init_std, similarity=self.similarity, normalisation=self.normalisation, window=self.window,
+            position_bias=self.position_bias,
         )
         return config
+
+
+def relative_bucket(distance):
+    """T5's bucket of causal distances ``distance`` (int, >= 0 where attended): exact below
+    ``RELATIVE_BUCKETS / 2``, log-spaced up to ``RELATIVE_MAX_DISTANCE``, the last bucket beyond."""
+    exact = RELATIVE_BUCKETS // 2
+    distance = ops.maximum(distance, 0)
+    far = ops.log(ops.cast(ops.maximum(distance, 1), "float32") / exact) / math.log(RELATIVE_MAX_DISTANCE / exact)
+    far = exact + ops.cast(far * (RELATIVE_BUCKETS - exact), "int32")
+    return ops.where(distance < exact, distance, ops.minimum(far, RELATIVE_BUCKETS - 1))
+
+
+def _unit(x):
+    """``x`` scaled to unit L2 norm over its last axis; the epsilon keeps a zero vector (a padding key)
+    at zero with a finite gradient, where ``x / norm(x)`` has none."""
+    return x * ops.rsqrt(ops.sum(ops.square(x), axis=-1, keepdims=True) + ops.cast(1e-12, x.dtype))
+
+
+def _rotary(x, index):
+    """Rotary position embedding (RoPE, rotate-half form) of ``x`` (B, N, H, D) at item indices ``index``
+    (B, N): the dot product of a rotated query and key depends only on their distance."""
+    half = ops.shape(x)[-1] // 2
+    frequencies = ops.power(ROTARY_BASE, -ops.arange(half, dtype="float32") / ops.cast(half, "float32"))
+    angles = ops.cast(index, "float32")[:, :, None, None] * frequencies  # (B, N, 1, D/2)
+    cos, sin = ops.cast(ops.cos(angles), x.dtype), ops.cast(ops.sin(angles), x.dtype)
+    first, second = x[..., :half], x[..., half:]
+    return ops.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)

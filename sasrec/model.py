@@ -34,6 +34,11 @@ class SASRec(keras.Model):
         norm: str = "pre",
         positions: str = "from_end",
         init_std: float = 0.0,
+        attention_similarity: str = "dot",
+        attention_normalisation: str = "softmax",
+        attention_window: int | list[int] = 0,
+        position_bias: str = "none",
+        absolute_positions: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -46,15 +51,29 @@ class SASRec(keras.Model):
         self.norm = norm
         self.positions = positions
         self.init_std = init_std
+        self.attention_similarity = attention_similarity
+        self.attention_normalisation = attention_normalisation
+        # One window per block (0: global); one value stands for every block.
+        windows = [int(w) for w in (attention_window if isinstance(attention_window, (list, tuple)) else [attention_window])]
+        self.attention_window = windows * (num_blocks // len(windows)) if num_blocks % len(windows) == 0 else windows
+        if len(self.attention_window) != num_blocks:
+            raise ValueError(f"attention_window needs one value or one per block, got {attention_window!r}")
+        self.position_bias = position_bias
+        self.absolute_positions = bool(absolute_positions)
         self.item_embedding = keras.layers.Embedding(
             vocab_size, hidden_units, embeddings_initializer=weight_initializer(init_std), name="item_embedding"
         )
+        # None without absolute positions (position_bias and attention_window then carry the order).
         self.position_embedding = keras.layers.Embedding(
             maxlen, hidden_units, embeddings_initializer=weight_initializer(init_std), name="position_embedding"
-        )
+        ) if self.absolute_positions else None
         self.embedding_dropout = Dropout(dropout)
         self.blocks = [
-            CausalSelfAttentionBlock(hidden_units, num_heads, dropout, norm, init_std=init_std, name=f"block_{i}")
+            CausalSelfAttentionBlock(
+                hidden_units, num_heads, dropout, norm, init_std=init_std, similarity=attention_similarity,
+                normalisation=attention_normalisation, window=self.attention_window[i], position_bias=position_bias,
+                name=f"block_{i}",
+            )
             for i in range(num_blocks)
         ]
         # float32 even under mixed precision: the hidden state that every item score is a dot product
@@ -65,7 +84,8 @@ class SASRec(keras.Model):
 
     def build(self, input_shape=None):
         self.item_embedding.build((None, None))
-        self.position_embedding.build((None,))
+        if self.position_embedding is not None:
+            self.position_embedding.build((None,))
         shape = (None, None, self.hidden_units)
         for block in self.blocks:
             block.build(shape)
@@ -75,7 +95,9 @@ class SASRec(keras.Model):
     def _embed(self, ids, positions, training=False):
         """Item plus position embeddings of ``ids`` (B, W), zero at padding, and the validity mask."""
         valid = ops.not_equal(ids, 0)
-        x = self.item_embedding(ids) * math.sqrt(self.hidden_units) + self.position_embedding(positions)
+        x = self.item_embedding(ids) * math.sqrt(self.hidden_units)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions)
         x = self.embedding_dropout(x, training=training)
         return x * ops.cast(ops.expand_dims(valid, -1), x.dtype), valid
 
@@ -164,6 +186,11 @@ class SASRec(keras.Model):
             norm=self.norm,
             positions=self.positions,
             init_std=self.init_std,
+            attention_similarity=self.attention_similarity,
+            attention_normalisation=self.attention_normalisation,
+            attention_window=list(self.attention_window),
+            position_bias=self.position_bias,
+            absolute_positions=self.absolute_positions,
         )
         return config
 
@@ -191,6 +218,11 @@ def build_model(config: SASRecConfig, vocab_size: int) -> SASRec:
         norm=config.norm,
         positions=config.positions,
         init_std=config.init_std,
+        attention_similarity=config.attention_similarity,
+        attention_normalisation=config.attention_normalisation,
+        attention_window=config.block_windows(),
+        position_bias=config.position_bias,
+        absolute_positions=config.absolute_positions,
         name="sasrec",
     )
     model.build((None, config.maxlen))
