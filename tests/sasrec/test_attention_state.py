@@ -10,6 +10,7 @@ from sasrec.config import SASRecConfig
 from sasrec.export import export_model
 from sasrec.model import build_model
 from sasrec.recommender import Recommender
+from tests.sasrec.test_attention_variants import VARIANTS, variant_model
 
 VOCAB = 40
 MAXLEN = 12
@@ -38,7 +39,16 @@ def left_padded(rows, width):
 
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_a_state_advanced_event_by_event_scores_as_the_whole_history(norm):
-    model = small_model(norm, "from_start")
+    advance_event_by_event(small_model(norm, "from_start"))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_attention_variant_continues_a_state_exactly(variant):
+    """Windows and position biases count items, not columns: the cached step sees the same distances."""
+    advance_event_by_event(variant_model(VARIANTS[variant]))
+
+
+def advance_event_by_event(model):
     rng = np.random.default_rng(0)
     for trial in range(4):
         history = rng.integers(2, VOCAB, size=MAXLEN)
@@ -62,8 +72,9 @@ def test_a_state_advanced_event_by_event_scores_as_the_whole_history(norm):
             assert np.abs(expected).max() > 0.5  # scores large enough for the tolerance to mean something
 
 
-def test_padding_inside_a_batch_of_states_changes_nothing():
-    model = small_model("pre", "from_start")
+@pytest.mark.parametrize("variant", ["default", "combined", "rotary"])
+def test_padding_inside_a_batch_of_states_changes_nothing(variant):
+    model = small_model("pre", "from_start") if variant == "default" else variant_model(VARIANTS[variant])
     rng = np.random.default_rng(1)
     histories = [rng.integers(2, VOCAB, size=n) for n in (2, 7, 4)]
     news = [rng.integers(2, VOCAB, size=n) for n in (3, 1, 2)]
