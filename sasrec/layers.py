@@ -143,19 +143,38 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
     def call(self, x, valid, training=False, last_only=False):
         """``last_only``: compute the output of the last position only, ``(B, 1, d)``: what scoring the
         next item needs from the last block (keys and values still cover the whole window)."""
+        keep = ops.cast(valid, x.dtype)[:, :, None]
+        if last_only:
+            keep = keep[:, -1:, :]
+        query, keys, values, attention_mask, query_index, index = self._self_attention_inputs(x, valid, last_only)
+        attended = self._attend(query, keys, values, attention_mask, training, query_index, index)
+        return self._after_attention(query, attended, training) * keep
+
+    def _self_attention_inputs(self, x, valid, last_only=False):
+        """What :meth:`attention_weights` needs for the block's own window ``x`` (B, L, d): the query
+        input (B, N, d) (N = L, or 1 with ``last_only``), projected keys and values, the mask (B, N, L)
+        and the query and key item indices."""
         length = ops.shape(x)[1]
         causal = ops.tril(ops.ones((length, length), dtype="bool"))
         # Query i may attend key j when j <= i and j is a real item.
         attention_mask = ops.logical_and(causal[None, :, :], valid[:, None, :])
-        keep = ops.cast(valid, x.dtype)[:, :, None]
+        index = self._item_index(valid)
+        query_index = index
         if last_only:
-            attention_mask, keep = attention_mask[:, -1:, :], keep[:, -1:, :]
+            attention_mask = attention_mask[:, -1:, :]
+            query_index = index[:, -1:] if index is not None else None
         query = self._query_input(x[:, -1:, :] if last_only else x)
         keys, values = self.key_values(x)
-        index = self._item_index(valid)
-        query_index = index[:, -1:] if last_only and index is not None else index
-        attended = self._attend(query, keys, values, attention_mask, training, query_index, index)
-        return self._after_attention(query, attended, training) * keep
+        return query, keys, values, attention_mask, query_index, index
+
+    def attention_map(self, x, valid, last_only=False):
+        """The block's attention weights on its input ``x`` (B, L, d) with validity ``valid`` (B, L):
+        ``(B, H, N, L)`` float32 (N = L, or 1 with ``last_only``), rows of padding zero, whatever the
+        attention variant; and the projected values (B, L, H, d/H). For explanations and plots."""
+        query, keys, values, mask, query_index, index = self._self_attention_inputs(x, valid, last_only)
+        weights = ops.cast(self.attention_weights(query, keys, mask, query_index, index), "float32")
+        rows = valid[:, -1:] if last_only else valid
+        return weights * ops.cast(ops.logical_and(mask, rows[:, :, None]), "float32")[:, None, :, :], values
 
     @property
     def uses_positions(self) -> bool:

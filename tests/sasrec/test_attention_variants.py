@@ -128,3 +128,19 @@ def test_a_variant_model_beats_popularity_by_far_on_synthetic_chains(tiny_datase
     model_hr, pop_hr = full["metrics"]["hr@10"], full["popularity"]["hr@10"]
     print(f"HR@10 variant model {model_hr:.3f} vs popularity {pop_hr:.3f}")
     assert model_hr >= 3 * pop_hr and model_hr > 0.5
+
+
+def test_attention_map_is_what_explanations_compute_for_the_default_attention():
+    """``CausalSelfAttentionBlock.attention_map`` follows every variant; for today's attention it equals
+    sasrec.explain.block_attention (which recomputes the default attention itself)."""
+    from sasrec.explain import block_attention
+
+    model = variant_model({})
+    ids = left_padded([[5, 6, 7, 8], [9, 3]], 6)
+    x, valid = model._embed(keras.ops.convert_to_tensor(ids), model._positions(keras.ops.convert_to_tensor(ids)))
+    for last_only in (False, True):
+        ours, _ = model.blocks[0].attention_map(x, valid, last_only)
+        theirs, _ = block_attention(model.blocks[0], x, valid, last_only)
+        np.testing.assert_allclose(numpy(ours), numpy(theirs), atol=1e-6)
+    weights, _ = variant_model(VARIANTS["window"]).blocks[0].attention_map(x, valid)
+    assert (numpy(weights)[0, :, -1, :3] == 0).all()  # window 3: the last query sees its 3 most recent items
