@@ -51,7 +51,6 @@ and the attention weights fell short.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from keras import ops
@@ -61,7 +60,6 @@ METHODS = ("rollout_occlusion",) + GRADIENT_METHODS + ("attention", "rollout", "
 OCCLUSION_CANDIDATES = 4  # rollout_occlusion deletes at least this many candidate items, exactly
 DEFAULT_METHOD = "rollout_occlusion"
 IG_STEPS = 4
-MASKED_SCORE = -1e9  # a masked key's score before the softmax: its weight underflows to 0
 
 
 def block_inputs(model, ids):
@@ -87,20 +85,9 @@ def last_hidden(model, x, valid, start=0):
 
 def block_attention(block, x, valid, last_only=False):
     """Attention weights of ``block`` on its input ``x`` (B, W, d): ``(B, H, N, W)`` with N = W, or 1 with
-    ``last_only`` (the last position's row), and the projected values ``(B, W, H, d/H)``. Scaled dot
-    product, causal and padding masks, softmax: what the block computes; rows of padding are zero."""
-    width = ops.shape(x)[1]
-    query = block.attention.query_dense(block._query_input(x[:, -1:, :] if last_only else x))
-    keys, values = block.key_values(x)
-    scale = 1.0 / math.sqrt(block.hidden_units // block.num_heads)
-    scores = ops.einsum("bnhd,bmhd->bhnm", query * scale, keys)
-    causal = ops.tril(ops.ones((width, width), dtype="bool"))
-    if last_only:
-        causal = causal[-1:, :]
-    mask = ops.logical_and(causal[None, None, :, :], valid[:, None, None, :])
-    weights = ops.softmax(ops.where(mask, ops.cast(scores, "float32"), MASKED_SCORE), axis=-1)
-    rows = valid[:, -1:] if last_only else valid
-    return weights * ops.cast(mask & rows[:, None, :, None], "float32"), values
+    ``last_only`` (the last position's row), and the projected values ``(B, W, H, d/H)``; what the block
+    computes under any attention variant (:meth:`CausalSelfAttentionBlock.attention_map`)."""
+    return block.attention_map(x, valid, last_only)
 
 
 def last_position_attention(model, inputs, valid):

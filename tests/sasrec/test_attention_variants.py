@@ -131,16 +131,22 @@ def test_a_variant_model_beats_popularity_by_far_on_synthetic_chains(tiny_datase
 
 
 def test_attention_map_is_what_explanations_compute_for_the_default_attention():
-    """``CausalSelfAttentionBlock.attention_map`` follows every variant; for today's attention it equals
-    sasrec.explain.block_attention (which recomputes the default attention itself)."""
-    from sasrec.explain import block_attention
-
+    """``CausalSelfAttentionBlock.attention_map`` (what explanations and their plots read) follows every
+    variant; for today's attention it equals softmax(q k^T / sqrt(d)) under the causal and padding masks."""
     model = variant_model({})
+    block = model.blocks[0]
     ids = left_padded([[5, 6, 7, 8], [9, 3]], 6)
     x, valid = model._embed(keras.ops.convert_to_tensor(ids), model._positions(keras.ops.convert_to_tensor(ids)))
+    q = numpy(block.attention.query_dense(block._query_input(x)))
+    k = numpy(block.key_values(x)[0])
+    scores = np.einsum("bnhd,bmhd->bhnm", q, k) / np.sqrt(q.shape[-1])
+    real = numpy(valid)
+    mask = np.tril(np.ones((6, 6), bool))[None, None] & real[:, None, None, :]
+    masked = np.where(mask, scores, -1e30)
+    expected = np.exp(masked - masked.max(-1, keepdims=True))
+    expected = expected / expected.sum(-1, keepdims=True) * real[:, None, :, None]
     for last_only in (False, True):
-        ours, _ = model.blocks[0].attention_map(x, valid, last_only)
-        theirs, _ = block_attention(model.blocks[0], x, valid, last_only)
-        np.testing.assert_allclose(numpy(ours), numpy(theirs), atol=1e-6)
+        ours, _ = block.attention_map(x, valid, last_only)
+        np.testing.assert_allclose(numpy(ours), expected[:, :, -1:] if last_only else expected, atol=1e-6)
     weights, _ = variant_model(VARIANTS["window"]).blocks[0].attention_map(x, valid)
     assert (numpy(weights)[0, :, -1, :3] == 0).all()  # window 3: the last query sees its 3 most recent items
