@@ -83,17 +83,10 @@ def last_hidden(model, x, valid, start=0):
     return model.final_norm(x)[:, -1, :]
 
 
-def block_attention(block, x, valid, last_only=False):
-    """Attention weights of ``block`` on its input ``x`` (B, W, d): ``(B, H, N, W)`` with N = W, or 1 with
-    ``last_only`` (the last position's row), and the projected values ``(B, W, H, d/H)``; what the block
-    computes under any attention variant (:meth:`CausalSelfAttentionBlock.attention_map`)."""
-    return block.attention_map(x, valid, last_only)
-
-
 def last_position_attention(model, inputs, valid):
     """The last position's attention over the window in every block and head: ``(B, blocks, H, W)``,
     from the blocks' ``inputs`` (:func:`block_inputs`)."""
-    rows = [block_attention(block, x, valid, last_only=True)[0][:, :, 0, :] for block, x in zip(model.blocks, inputs)]
+    rows = [block.attention_map(x, valid, last_only=True)[0][:, :, 0, :] for block, x in zip(model.blocks, inputs)]
     return ops.stack(rows, axis=1)
 
 
@@ -104,11 +97,11 @@ def _attention_weights(model, inputs, valid, method):
     rollout = None
     for block, x in zip(model.blocks[:-1], inputs[:-1]):
         if method == "rollout":
-            weights, _ = block_attention(block, x, valid)
+            weights, _ = block.attention_map(x, valid)
             mixed = 0.5 * ops.mean(weights, axis=1) + 0.5 * eye[None]
             rollout = mixed if rollout is None else ops.matmul(mixed, rollout)
     block = model.blocks[-1]
-    weights, values = block_attention(block, inputs[-1], valid, last_only=True)
+    weights, values = block.attention_map(inputs[-1], valid, last_only=True)
     row = weights[:, :, 0, :]  # (B, H, W)
     if method == "attention":
         return ops.mean(row, axis=1)
