@@ -21,7 +21,7 @@ LOSSES = ("bce", "ce", "sampled-softmax", "gbce")
 POSITIONS = ("from_end", "from_start")
 # Attention variants (issue 19; README, "Attention variants"): the first of each is today's model.
 ATTENTION_SIMILARITIES = ("dot", "cosine")
-ATTENTION_NORMALISATIONS = ("softmax", "silu")
+ATTENTION_NORMALISATIONS = ("softmax", "silu", "linear")
 POSITION_BIASES = ("none", "relative", "rotary")
 PROTOCOLS = ("full", "sampled-100")  # evaluation candidates, see sasrec.evaluate
 # Histories at least this long on average (ML-1M: 165) get the dense preset, shorter ones (Amazon
@@ -56,7 +56,8 @@ class SASRecConfig:
     num_heads: int = 1
     """Attention heads per block (``hidden_units`` must be divisible by it)."""
     dropout: float = 0.2
-    """Dropout on embeddings, attention weights and the feed-forward net (0.5 for sparse data)."""
+    """Dropout on embeddings, attention weights and the feed-forward net (0.5 for sparse data); linear
+    attention has no weight matrix to drop, so there only the embeddings and the feed-forward net."""
     norm: str = "pre"
     """``pre``: layer norm before attention and feed-forward as in the paper; ``post``: after the residual."""
     positions: str = "from_end"
@@ -67,8 +68,12 @@ class SASRecConfig:
     """``dot``: scaled dot product of query and key (the paper); ``cosine``: cosine of the two times a
     learned temperature, one per block, starting at 10."""
     attention_normalisation: str = "softmax"
-    """``softmax`` (the paper) or ``silu``: each score through SiLU, masked keys 0, divided by the number
-    of keys the query attends (HSTU): weights need not sum to 1."""
+    """``softmax`` (the paper); ``silu``: each score through SiLU, masked keys 0, divided by the number
+    of keys the query attends (HSTU): weights need not sum to 1; ``linear`` (Katharopoulos et al. 2020):
+    feature maps elu(x) + 1 of queries and keys, each query's weights phi(q).phi(k_j) divided by their
+    sum over the keys it attends, computed with causal prefix sums in O(L d^2) instead of O(L^2 d) (for
+    histories of 1,000 and more); no attention-weight dropout, and no ``attention_window`` or
+    ``position_bias`` (a bias or rotation per distance has no place in the prefix sums)."""
     attention_window: list[int] = field(default_factory=lambda: [0])
     """How many of the most recent items (itself included) each position may attend, per block from
     the bottom: one value for every block or one per block; 0 = all earlier items (the paper). E.g.
@@ -185,6 +190,13 @@ class SASRecConfig:
             raise bad("attention_window", "must be an integer >= 0 or a list of them (0: global)")
         if len(window) not in (1, self.num_blocks):
             raise bad("attention_window", f"needs one value or one per block (num_blocks={self.num_blocks})")
+        if self.attention_normalisation == "linear":
+            if any(window):
+                raise bad("attention_window", "must be 0 with attention_normalisation 'linear' (its prefix sums "
+                          "cover every earlier item)")
+            if self.position_bias != "none":
+                raise bad("position_bias", "must be 'none' with attention_normalisation 'linear' (a bias or "
+                          "rotation per distance does not pass through its feature map)")
         if self.val_protocol not in PROTOCOLS:
             raise bad("val_protocol", f"must be one of {', '.join(PROTOCOLS)}")
         if not 0.0 <= self.stop_at_ndcg <= 1.0:

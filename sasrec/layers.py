@@ -17,6 +17,9 @@ COSINE_INITIAL_SCALE = 10.0
 RELATIVE_BUCKETS = 32
 RELATIVE_MAX_DISTANCE = 256
 ROTARY_BASE = 10000.0
+# normalisation "linear": positions per chunk of the causal prefix-sum form (a C x C product inside a
+# chunk, D x D prefix sums across chunks): its cost per position is C*D + D^2 instead of L*D.
+LINEAR_CHUNK = 64
 
 
 @keras.saving.register_keras_serializable(package="sasrec")
@@ -146,6 +149,11 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         keep = ops.cast(valid, x.dtype)[:, :, None]
         if last_only:
             keep = keep[:, -1:, :]
+        if self.normalisation == "linear" and not last_only:
+            # No (L, L) mask or weights: the chunked form needs only the validity.
+            query = self._query_input(x)
+            attended = self._linear_attend(query, *self.key_values(x), valid)
+            return self._after_attention(query, attended, training) * keep
         query, keys, values, attention_mask, query_index, index = self._self_attention_inputs(x, valid, last_only)
         attended = self._attend(query, keys, values, attention_mask, training, query_index, index)
         return self._after_attention(query, attended, training) * keep
@@ -199,15 +207,7 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
             distance = query_index[:, :, None] - key_index[:, None, :]
         if self.window > 0:
             mask = ops.logical_and(mask, distance < self.window)
-        if self.position_bias == "rotary":
-            projected, keys = _rotary(projected, query_index), _rotary(keys, key_index)
-        if self.similarity == "cosine":
-            scale = ops.exp(ops.cast(self.cosine_log_scale, projected.dtype))
-            projected = _unit(projected) * scale
-            keys = _unit(keys)
-        else:
-            scale = 1.0 / math.sqrt(self.hidden_units // self.num_heads)
-            projected = projected * ops.cast(scale, projected.dtype)
+        projected, keys = self._compared(projected, keys, query_index, key_index)
         scores = ops.einsum("bnhd,bmhd->bhnm", projected, keys)
         if self.position_bias == "relative":
             bias = ops.take(self.relative_bias, relative_bucket(distance), axis=0)  # (B, N, M, H)
@@ -217,15 +217,70 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
             attended = ops.cast(mask, scores.dtype)[:, None, :, :]
             count = ops.maximum(ops.sum(attended, axis=-1, keepdims=True), ops.cast(1.0, scores.dtype))
             return ops.silu(scores) * attended / count
+        if self.normalisation == "linear":
+            # phi(q).phi(k_j) > 0 over its sum on the attended keys; a query that attends none gets 0.
+            scores = scores * ops.cast(mask, scores.dtype)[:, None, :, :]
+            total = ops.sum(scores, axis=-1, keepdims=True)
+            return ops.cast(scores / ops.where(total > 0, total, ops.ones_like(total)), query.dtype)
         scores = ops.where(mask[:, None, :, :], scores, ops.cast(MASKED_SCORE, scores.dtype))
         return ops.softmax(scores, axis=-1)
+
+    def _compared(self, projected, keys, query_index=None, key_index=None):
+        """Projected queries (B, N, H, D) and keys (B, M, H, D) as the similarity compares them: rotated
+        (rotary), unit and scaled (cosine) or scaled by 1/sqrt(D) (dot); for ``linear`` then through the
+        feature map elu(x) + 1 (the dot product unscaled, as Katharopoulos et al.), in float32."""
+        if self.position_bias == "rotary":
+            projected, keys = _rotary(projected, query_index), _rotary(keys, key_index)
+        if self.similarity == "cosine":
+            scale = ops.exp(ops.cast(self.cosine_log_scale, projected.dtype))
+            projected = _unit(projected) * scale
+            keys = _unit(keys)
+        elif self.normalisation != "linear":
+            scale = 1.0 / math.sqrt(self.hidden_units // self.num_heads)
+            projected = projected * ops.cast(scale, projected.dtype)
+        if self.normalisation == "linear":
+            # float32: the prefix sums add up to thousands of terms, too many for bfloat16.
+            return ops.elu(ops.cast(projected, "float32")) + 1.0, ops.elu(ops.cast(keys, "float32")) + 1.0
+        return projected, keys
+
+    def _linear_attend(self, query, keys, values, valid):
+        """``linear`` attention of the window's own queries ``query`` (B, L, d) over its projected
+        ``keys`` and ``values`` (B, L, H, D) where ``valid`` (B, L), in the chunked causal form that never
+        forms the (L, L) weights: inside each chunk of :data:`LINEAR_CHUNK` positions a masked C x C
+        product, from earlier chunks their prefix sums of phi(k) v^T and phi(k). Equals :meth:`_attend`
+        with :meth:`attention_weights` (tested); the output projection (B, L, d)."""
+        phi_q, phi_k = self._compared(self.attention.query_dense(query), keys)
+        # Padding keys add nothing to any sum.
+        phi_k = phi_k * ops.cast(valid, "float32")[:, :, None, None]
+        values = ops.cast(values, "float32")
+        batch, length, heads = ops.shape(values)[0], ops.shape(values)[1], ops.shape(values)[2]
+        chunks = (length + LINEAR_CHUNK - 1) // LINEAR_CHUNK
+        # (B, L, H, D) -> (B, chunks, C, H, D), zero-padded at the end (zero keys; the extra queries are cut).
+        def chunked(t):
+            pad = ops.zeros((batch, chunks * LINEAR_CHUNK - length, heads, ops.shape(t)[3]), t.dtype)
+            return ops.reshape(ops.concatenate([t, pad], axis=1), (batch, chunks, LINEAR_CHUNK, heads, ops.shape(t)[3]))
+
+        phi_q, phi_k, values = chunked(phi_q), chunked(phi_k), chunked(values)
+        # Exclusive prefix sums over chunks: what every query of a chunk gets from all earlier chunks.
+        state = ops.einsum("bnchd,bnche->bnhde", phi_k, values)
+        key_sum = ops.sum(phi_k, axis=2)
+        state = ops.concatenate([ops.zeros_like(state[:, :1]), ops.cumsum(state[:, :-1], axis=1)], axis=1)
+        key_sum = ops.concatenate([ops.zeros_like(key_sum[:, :1]), ops.cumsum(key_sum[:, :-1], axis=1)], axis=1)
+        scores = ops.einsum("bnchd,bnmhd->bnhcm", phi_q, phi_k)
+        scores = scores * ops.cast(ops.tril(ops.ones((LINEAR_CHUNK, LINEAR_CHUNK))), "float32")
+        numerator = ops.einsum("bnchd,bnhde->bnche", phi_q, state) + ops.einsum("bnhcm,bnmhe->bnche", scores, values)
+        total = ops.einsum("bnchd,bnhd->bnch", phi_q, key_sum) + ops.transpose(ops.sum(scores, axis=-1), (0, 1, 3, 2))
+        attended = numerator / ops.where(total > 0, total, ops.ones_like(total))[..., None]
+        attended = ops.reshape(attended, (batch, chunks * LINEAR_CHUNK, heads, ops.shape(values)[4]))[:, :length]
+        return self.attention.output_dense(ops.cast(attended, query.dtype))
 
     def _attend(self, query, keys, values, mask, training=False, query_index=None, key_index=None):
         """Attention of block queries ``query`` (B, N, d) over projected ``keys`` and ``values``
         (B, M, H, d/H) where ``mask`` (B, N, M), by :meth:`attention_weights`: the attention's output
         projection (B, N, d)."""
         weights = self.attention_weights(query, keys, mask, query_index, key_index)
-        weights = self.attention_dropout(weights, training=training)
+        if self.normalisation != "linear":  # linear: no weights to drop in its parallel form, so none here
+            weights = self.attention_dropout(weights, training=training)
         return self.attention.output_dense(ops.einsum("bhnm,bmhd->bnhd", weights, values))
 
     def _query_input(self, x):

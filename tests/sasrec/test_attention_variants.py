@@ -1,5 +1,5 @@
-"""Attention variants (issue 19): cosine similarity, SiLU normalisation, local windows, relative and
-rotary positions. Each stays causal, ignores left padding, round-trips through get_config and .keras
+"""Attention variants (issue 19): cosine similarity, SiLU and linear normalisation, local windows,
+relative and rotary positions. Each stays causal, ignores left padding, round-trips through get_config and .keras
 files, and one combination learns synthetic chains."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sasrec.config import SASRecConfig
-from sasrec.layers import RELATIVE_BUCKETS, CausalSelfAttentionBlock, relative_bucket
+from sasrec.layers import LINEAR_CHUNK, RELATIVE_BUCKETS, CausalSelfAttentionBlock, relative_bucket
 from sasrec.model import SASRec, build_model
 
 VOCAB = 40
@@ -25,6 +25,8 @@ VARIANTS = {
     "rotary": dict(position_bias="rotary", absolute_positions=False),
     "combined": dict(attention_similarity="cosine", attention_normalisation="silu", attention_window=[2, 5],
                      position_bias="relative"),
+    "linear": dict(attention_normalisation="linear"),
+    "linear cosine": dict(attention_normalisation="linear", attention_similarity="cosine"),
 }
 
 
@@ -94,13 +96,14 @@ def test_relative_buckets_are_exact_near_and_logarithmic_far():
     assert (np.diff(buckets) >= 0).all() and buckets[-1] == RELATIVE_BUCKETS - 1 and buckets[40] < buckets[200]
 
 
-def test_export_serves_a_variant_model_and_continues_its_state_exactly(tmp_path):
+@pytest.mark.parametrize("variant", ["combined", "linear cosine"])
+def test_export_serves_a_variant_model_and_continues_its_state_exactly(variant, tmp_path):
     """Every variant is exact in the cached state, so the export keeps offering it (positions from start)."""
     from sasrec.export import export_model
     from sasrec.recommender import Recommender
 
     items = np.array(["<pad>", "<oov>"] + [f"i{i}" for i in range(2, VOCAB)], dtype=object)
-    model = variant_model(VARIANTS["combined"])
+    model = variant_model(VARIANTS[variant])
     rec = Recommender.load(export_model(model, tmp_path, item_ids=items, train_counts=np.arange(VOCAB)))
     assert rec.advances_state
     history = [f"i{i}" for i in (5, 9, 13, 2, 30, 7, 21)]
@@ -150,3 +153,24 @@ def test_attention_map_is_what_explanations_compute_for_the_default_attention():
         np.testing.assert_allclose(numpy(ours), expected[:, :, -1:] if last_only else expected, atol=1e-6)
     weights, _ = variant_model(VARIANTS["window"]).blocks[0].attention_map(x, valid)
     assert (numpy(weights)[0, :, -1, :3] == 0).all()  # window 3: the last query sees its 3 most recent items
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_linear_attention_in_chunks_equals_its_explicit_weights(similarity):
+    """The chunked prefix-sum form that training runs equals the explicit weights that the cached-state
+    step and explanations use (``attention_map``), over several chunks, a partial last chunk, left padding
+    of every length and a row of padding only; each attending query's weights sum to 1."""
+    keras.utils.set_random_seed(0)
+    block = CausalSelfAttentionBlock(16, 2, 0.0, init_std=0.3, similarity=similarity, normalisation="linear")
+    block.build((None, None, 16))
+    length = 2 * LINEAR_CHUNK + 13
+    valid = np.arange(length)[None, :] >= length - np.array([length, 100, 3, 0])[:, None]
+    x = np.random.default_rng(0).normal(size=(4, length, 16)).astype("float32") * valid[:, :, None]
+    x, valid = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(valid)
+    weights, values = block.attention_map(x, valid)
+    explicit = block.attention.output_dense(keras.ops.einsum("bhnm,bmhd->bnhd", weights, values))
+    query = block._query_input(x)
+    chunked = block._linear_attend(query, *block.key_values(x), valid)
+    np.testing.assert_allclose(numpy(chunked), numpy(explicit), atol=1e-5)
+    np.testing.assert_allclose(numpy(weights).sum(-1), np.broadcast_to(numpy(valid)[:, None, :], (4, 2, length)),
+                               atol=1e-5)

@@ -67,7 +67,10 @@ def test_attention_variant_fields_parse_from_toml_and_set(tmp_path):
      (["position_bias=alibi"], "position_bias"), (["attention_window=-1"], "attention_window"),
      (["attention_window=[1, 2, 3]"], "attention_window"), (["attention_window=wide"], "attention_window"),
      (["attention_window=[true]"], "attention_window"), (["absolute_positions=maybe"], "absolute_positions"),
-     (["position_bias=rotary", "hidden_units=6", "num_heads=2"], "position_bias")],
+     (["position_bias=rotary", "hidden_units=6", "num_heads=2"], "position_bias"),
+     (["attention_normalisation=linear", "attention_window=[0, 8]"], "attention_window"),
+     (["attention_normalisation=linear", "position_bias=relative"], "position_bias"),
+     (["attention_normalisation=linear", "position_bias=rotary"], "position_bias")],
 )
 def test_bad_attention_variant_values_are_one_line_errors_naming_the_field(overrides, field):
     with pytest.raises(InputError, match=field) as caught:
