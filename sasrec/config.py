@@ -84,6 +84,11 @@ class SASRecConfig:
     absolute_positions: bool = True
     """Add the learned absolute position embedding (``positions``) to the items; false leaves position
     to ``position_bias`` and ``attention_window`` alone."""
+    time_bias: bool = False
+    """Add to the attention scores a learned bias per head and bucket of the time gap between query and
+    key event (bucket floor(log2(1 + seconds)), 32 buckets; TiSASRec/HSTU). Reads the dataset's
+    timestamps in training and evaluation, and the request's at serving; without timestamps the bias is
+    0, so the model still answers. Needs real timestamps (not file order)."""
     init_std: float = 0.0
     """0: Glorot-normal weights (the paper's reference code); > 0: normal(0, init_std) for embeddings
     and dense kernels (GPT-2 / RecBole style, e.g. 0.02)."""
@@ -197,6 +202,9 @@ class SASRecConfig:
             if self.position_bias != "none":
                 raise bad("position_bias", "must be 'none' with attention_normalisation 'linear' (a bias or "
                           "rotation per distance does not pass through its feature map)")
+        if self.time_bias and self.attention_normalisation == "linear":
+            raise bad("time_bias", "must be false with attention_normalisation 'linear' (a bias per pair of "
+                      "events has no place in its prefix sums)")
         if self.val_protocol not in PROTOCOLS:
             raise bad("val_protocol", f"must be one of {', '.join(PROTOCOLS)}")
         if not 0.0 <= self.stop_at_ndcg <= 1.0:

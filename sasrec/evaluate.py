@@ -25,7 +25,7 @@ import numpy as np
 
 from pipelines.dataset import FIRST_ITEM_ID, SequenceDataset, read_dataset
 from sasrec.catalog import bounded_rows
-from sasrec.feed import left_pad
+from sasrec.feed import left_pad, rebase_times
 from sasrec.metrics import DEFAULT_KS, metrics_from_ranks, rank_of_target
 
 SPLITS = ("valid", "test")
@@ -97,10 +97,12 @@ def rank_targets(
     protocol: Protocol,
     maxlen: int,
     batch_size: int = 256,
+    timestamps: bool = False,
 ) -> tuple[np.ndarray, int]:
     """Rank of every target under ``score_fn`` (ids (B, maxlen) -> scores (B, V)), batch by batch
     (``batch_size`` users, fewer on large catalogs: :func:`bounded_rows`), and how many targets scored NaN
-    or infinite (those rank last)."""
+    or infinite (those rank last). With ``timestamps``, ``score_fn`` gets ``{"ids", "timestamps"}``: the
+    history events' times (:func:`sasrec.feed.rebase_times`), never the target's."""
     batch_size = bounded_rows(batch_size, ds.vocab_size)
     rng = np.random.default_rng(protocol.seed)
     ranks = np.empty(len(evalset.users), dtype=np.float64)
@@ -111,7 +113,13 @@ def rank_targets(
         n = hi - lo
         if n < batch_size:  # a fixed batch shape avoids recompiling for the last batch
             ids = np.concatenate([ids, np.zeros((batch_size - n, maxlen), ids.dtype)])
-        scores = np.asarray(score_fn(ids), dtype=np.float32)[:n].copy()
+        inputs = ids
+        if timestamps:
+            times = left_pad(ds.timestamps, evalset.history_starts[lo:hi], evalset.history_ends[lo:hi], maxlen,
+                             dtype=np.int64)
+            times = np.concatenate([times, np.zeros((len(ids) - n, maxlen), times.dtype)])
+            inputs = {"ids": ids, "timestamps": rebase_times(times, ids)}
+        scores = np.asarray(score_fn(inputs), dtype=np.float32)[:n].copy()
         targets = evalset.targets[lo:hi]
         rows = np.arange(n)
         target_scores = scores[rows, targets].copy()
@@ -175,12 +183,14 @@ def evaluate_scores(
     maxlen: int,
     batch_size: int = 256,
     with_popularity: bool = True,
+    timestamps: bool = False,
 ) -> dict:
-    """Metrics of ``score_fn`` (and of the popularity baseline) with the protocol that produced them."""
+    """Metrics of ``score_fn`` (and of the popularity baseline) with the protocol that produced them;
+    ``timestamps``: ``score_fn`` also reads the histories' times (see :func:`rank_targets`)."""
     evalset = evaluation_set(ds, protocol.split, protocol.max_users, protocol.seed)
     if len(evalset.users) == 0:
         raise ValueError(f"no user has a held-out item in the {protocol.split} split")
-    ranks, non_finite = rank_targets(score_fn, ds, evalset, protocol, maxlen, batch_size)
+    ranks, non_finite = rank_targets(score_fn, ds, evalset, protocol, maxlen, batch_size, timestamps)
     result = {
         "protocol": protocol.describe(len(evalset.users), maxlen),
         "repeat_targets": int(evalset.repeats.sum()),
@@ -203,7 +213,8 @@ def _metrics(ranks: np.ndarray, repeats: np.ndarray, ks) -> dict:
 
 
 def model_scorer(model):
-    """``ids -> scores`` of a SASRec model through the backend's compiled predict function."""
+    """``inputs -> scores`` of a SASRec model (ids, or ids and timestamps) through the backend's compiled
+    predict function."""
     import keras
 
     from sasrec.distributed import xla_supported
@@ -211,7 +222,7 @@ def model_scorer(model):
 
     scorer = LastPositionScorer(model)
     scorer.compile(jit_compile=xla_supported())
-    return lambda ids: keras.ops.convert_to_numpy(scorer.predict_on_batch(ids))
+    return lambda inputs: keras.ops.convert_to_numpy(scorer.predict_on_batch(inputs))
 
 
 def evaluate_run(
@@ -245,7 +256,8 @@ def evaluate_run(
         for name in protocols:
             protocol = Protocol(split=split, protocol=name, seed=config.eval_seed,
                                 max_users=config.eval_max_users if max_users is None else max_users)
-            results.append(evaluate_scores(score, ds, protocol, config.maxlen, config.eval_batch_size))
+            results.append(evaluate_scores(score, ds, protocol, config.maxlen, config.eval_batch_size,
+                                           timestamps=config.time_bias))
     out = {"results": results, "evaluation_seconds": time.perf_counter() - started}
     training = run.training_summary()
     if training is not None:

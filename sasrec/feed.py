@@ -13,17 +13,18 @@ import keras
 import numpy as np
 
 from pipelines.dataset import FIRST_ITEM_ID, SequenceDataset
+from sasrec.layers import UNKNOWN_TIME
 
 BUCKET = 16  # batch widths are rounded up to a multiple of this, bounding the number of compiled shapes
 
 
-def left_pad(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, maxlen: int) -> np.ndarray:
+def left_pad(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, maxlen: int, dtype=np.int32) -> np.ndarray:
     """Rows ``items[starts[i]:ends[i]]`` cut to their last ``maxlen`` items and right-aligned in an
-    ``(n, maxlen)`` int32 matrix padded with 0 on the left."""
+    ``(n, maxlen)`` matrix of ``dtype`` (int64 for timestamps) padded with 0 on the left."""
     starts = np.asarray(starts, dtype=np.int64)
     ends = np.asarray(ends, dtype=np.int64)
     lengths = np.minimum(ends - starts, maxlen).clip(min=0)
-    out = np.zeros((len(starts), maxlen), dtype=np.int32)
+    out = np.zeros((len(starts), maxlen), dtype=dtype)
     total = int(lengths.sum())
     if total == 0:
         return out
@@ -42,11 +43,22 @@ def pad_histories(histories: list, maxlen: int) -> np.ndarray:
     return left_pad(flat, ends - lengths, ends, maxlen)
 
 
-def training_windows(ds: SequenceDataset, maxlen: int, step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def rebase_times(timestamps: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Model-level timestamps (see :class:`sasrec.model.SASRec`) of left-padded windows: ``timestamps``
+    (n, W) seconds minus each row's earliest real one, as int32 (only gaps matter, and int64 does not
+    survive every backend), :data:`UNKNOWN_TIME` where ``ids`` (n, W) is padding."""
+    real = ids != 0
+    origin = np.where(real, timestamps, np.iinfo(np.int64).max).min(axis=1, keepdims=True)
+    gaps = np.clip(np.asarray(timestamps, np.int64) - origin, 0, np.iinfo(np.int32).max)
+    return np.where(real, gaps, UNKNOWN_TIME).astype(np.int32)
+
+
+def training_windows(ds: SequenceDataset, maxlen: int, step: int = 0, timestamps: bool = False) -> tuple:
     """Windows of ``maxlen + 1`` training items: the last one of every user (the paper) and, with
     ``step > 0``, earlier windows every ``step`` items for longer histories.
 
-    Returns ``(windows (n, maxlen + 1) int32, user index per window)``.
+    Returns ``(windows (n, maxlen + 1) int32, user index per window)``, and with ``timestamps`` the
+    windows' event times (n, maxlen + 1) int64 third.
     """
     starts = ds.offsets[:-1]
     ends = starts + ds.train_end
@@ -64,11 +76,15 @@ def training_windows(ds: SequenceDataset, maxlen: int, step: int = 0) -> tuple[n
     win_ends = np.concatenate(win_ends)
     win_users = np.concatenate(win_users)
     windows = left_pad(ds.items, starts[win_users], win_ends, maxlen + 1)
+    if timestamps:
+        times = left_pad(ds.timestamps, starts[win_users], win_ends, maxlen + 1, dtype=np.int64)
+        return windows, win_users.astype(np.int32), times
     return windows, win_users.astype(np.int32)
 
 
 class TrainingFeed(keras.utils.PyDataset):
-    """Shuffled training batches ``(ids, {"pos", "neg", ...})`` for ``model.fit``.
+    """Shuffled training batches ``(ids, {"pos", "neg", ...})`` for ``model.fit``; with ``timestamps``
+    (a ``time_bias`` model) the input is ``{"ids", "timestamps"}`` (:func:`rebase_times` of the inputs' events).
 
     Batch order and negatives depend only on ``(seed, epoch, batch)``, so an interrupted run that
     resumes at epoch e sees exactly the batches an uninterrupted one would.
@@ -87,6 +103,7 @@ class TrainingFeed(keras.utils.PyDataset):
         sliding_window_step: int = 0,
         length_bucketing: bool = True,
         exclude_seen_negatives: bool = False,
+        timestamps: bool = False,
         seed: int = 0,
     ):
         # Two worker threads: Keras then prefetches batches itself and turns tf.data's autotuned
@@ -104,7 +121,8 @@ class TrainingFeed(keras.utils.PyDataset):
         self._train_starts = ds.offsets[:-1]
         self._train_end = ds.train_end
         self._items = ds.items
-        self.windows, self.window_users = training_windows(ds, maxlen, sliding_window_step)
+        self.windows, self.window_users, *times = training_windows(ds, maxlen, sliding_window_step, timestamps)
+        self.window_times = times[0] if timestamps else None
         if len(self.windows) == 0:
             raise ValueError("no user has two or more training events: nothing to train on")
         self.window_lengths = np.count_nonzero(self.windows, axis=1)
@@ -182,6 +200,9 @@ class TrainingFeed(keras.utils.PyDataset):
         width = self._width(batch)
         window = self.windows[batch][:, -(width + 1) :]
         ids = window[:, :-1]
+        x = ids
+        if self.window_times is not None:  # the inputs' times only: a target's time would leak it
+            x = {"ids": ids, "timestamps": rebase_times(self.window_times[batch][:, -(width + 1) : -1], ids)}
         pos = np.where(ids != 0, window[:, 1:], 0).astype(np.int32)
         rng = np.random.default_rng([self.seed, self.epoch, index + 1])
         y = {"pos": pos}
@@ -201,7 +222,7 @@ class TrainingFeed(keras.utils.PyDataset):
         elif self.exclude_seen_negatives:
             users = self.window_users[batch]
             y["neg_seen"] = self._seen(users, np.broadcast_to(y["neg"], (len(users), len(y["neg"]))))
-        return ids, y
+        return x, y
 
     def _seen_matrix(self, users: np.ndarray) -> np.ndarray:
         """``(B, vocab_size)`` bool: the items of each row's user's training history (``ce`` only)."""

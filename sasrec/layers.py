@@ -20,6 +20,10 @@ ROTARY_BASE = 10000.0
 # normalisation "linear": positions per chunk of the causal prefix-sum form (a C x C product inside a
 # chunk, D x D prefix sums across chunks): its cost per position is C*D + D^2 instead of L*D.
 LINEAR_CHUNK = 64
+# time_bias: the gap between a query's and a key's timestamps (seconds) falls in bucket floor(log2(1 + gap));
+# the last bucket holds 2^31 - 1 s (68 years) and more, so 32 buckets cover every gap.
+TIME_BUCKETS = 32
+UNKNOWN_TIME = -1  # model-level timestamps below 0 are unknown: no time bias for their pairs
 
 
 @keras.saving.register_keras_serializable(package="sasrec")
@@ -89,7 +93,7 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
     def __init__(
         self, hidden_units: int, num_heads: int = 1, dropout: float = 0.2, norm: str = "pre", init_std: float = 0.0,
         similarity: str = "dot", normalisation: str = "softmax", window: int = 0, position_bias: str = "none",
-        **kwargs,
+        time_bias: bool = False, **kwargs,
     ):
         super().__init__(**kwargs)
         self.hidden_units = hidden_units
@@ -103,6 +107,7 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         self.normalisation = normalisation
         self.window = int(window)
         self.position_bias = position_bias
+        self.time_bias = bool(time_bias)
         self.attention_norm = keras.layers.LayerNormalization(epsilon=1e-8, name="attention_norm")
         # Holds the query/key/value/output projections; the attention itself is computed in
         # :meth:`_attend`, which the cached-state step shares.
@@ -137,15 +142,20 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
             self.relative_bias = self.add_weight(
                 shape=(RELATIVE_BUCKETS, self.num_heads), initializer="zeros", name="relative_bias"
             )
+        if self.time_bias:
+            self.time_gap_bias = self.add_weight(
+                shape=(TIME_BUCKETS, self.num_heads), initializer="zeros", name="time_gap_bias"
+            )
         self.built = True
 
     def _feed_forward(self, x, training):
         h = self.ffn_dropout_inner(self.ffn_inner(x), training=training)
         return self.ffn_dropout_outer(self.ffn_outer(h), training=training)
 
-    def call(self, x, valid, training=False, last_only=False):
+    def call(self, x, valid, training=False, last_only=False, timestamps=None):
         """``last_only``: compute the output of the last position only, ``(B, 1, d)``: what scoring the
-        next item needs from the last block (keys and values still cover the whole window)."""
+        next item needs from the last block (keys and values still cover the whole window).
+        ``timestamps`` (B, L) int seconds (< 0 unknown) or None: what :attr:`time_bias` reads."""
         keep = ops.cast(valid, x.dtype)[:, :, None]
         if last_only:
             keep = keep[:, -1:, :]
@@ -154,33 +164,39 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
             query = self._query_input(x)
             attended = self._linear_attend(query, *self.key_values(x), valid)
             return self._after_attention(query, attended, training) * keep
-        query, keys, values, attention_mask, query_index, index = self._self_attention_inputs(x, valid, last_only)
-        attended = self._attend(query, keys, values, attention_mask, training, query_index, index)
+        query, keys, values, attention_mask, query_index, index, query_time, key_time = self._self_attention_inputs(
+            x, valid, last_only, timestamps)
+        attended = self._attend(query, keys, values, attention_mask, training, query_index, index, query_time, key_time)
         return self._after_attention(query, attended, training) * keep
 
-    def _self_attention_inputs(self, x, valid, last_only=False):
+    def _self_attention_inputs(self, x, valid, last_only=False, timestamps=None):
         """What :meth:`attention_weights` needs for the block's own window ``x`` (B, L, d): the query
-        input (B, N, d) (N = L, or 1 with ``last_only``), projected keys and values, the mask (B, N, L)
-        and the query and key item indices."""
+        input (B, N, d) (N = L, or 1 with ``last_only``), projected keys and values, the mask (B, N, L),
+        the query and key item indices and the query and key timestamps."""
         length = ops.shape(x)[1]
         causal = ops.tril(ops.ones((length, length), dtype="bool"))
         # Query i may attend key j when j <= i and j is a real item.
         attention_mask = ops.logical_and(causal[None, :, :], valid[:, None, :])
         index = self._item_index(valid)
         query_index = index
+        key_time = self._key_times(timestamps)
+        query_time = key_time
         if last_only:
             attention_mask = attention_mask[:, -1:, :]
             query_index = index[:, -1:] if index is not None else None
+            query_time = key_time[:, -1:] if key_time is not None else None
         query = self._query_input(x[:, -1:, :] if last_only else x)
         keys, values = self.key_values(x)
-        return query, keys, values, attention_mask, query_index, index
+        return query, keys, values, attention_mask, query_index, index, query_time, key_time
 
-    def attention_map(self, x, valid, last_only=False):
+    def attention_map(self, x, valid, last_only=False, timestamps=None):
         """The block's attention weights on its input ``x`` (B, L, d) with validity ``valid`` (B, L):
         ``(B, H, N, L)`` float32 (N = L, or 1 with ``last_only``), rows of padding zero, whatever the
         attention variant; and the projected values (B, L, H, d/H). For explanations and plots."""
-        query, keys, values, mask, query_index, index = self._self_attention_inputs(x, valid, last_only)
-        weights = ops.cast(self.attention_weights(query, keys, mask, query_index, index), "float32")
+        query, keys, values, mask, query_index, index, query_time, key_time = self._self_attention_inputs(
+            x, valid, last_only, timestamps)
+        weights = ops.cast(self.attention_weights(query, keys, mask, query_index, index, query_time, key_time),
+                           "float32")
         rows = valid[:, -1:] if last_only else valid
         return weights * ops.cast(ops.logical_and(mask, rows[:, :, None]), "float32")[:, None, :, :], values
 
@@ -197,10 +213,18 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
             return None
         return ops.cumsum(ops.cast(valid, "int32"), axis=1) - 1
 
-    def attention_weights(self, query, keys, mask, query_index=None, key_index=None):
+    def _key_times(self, timestamps):
+        """``timestamps`` as int32 when :attr:`time_bias` reads them, else None (no bias to compute)."""
+        if not self.time_bias or timestamps is None:
+            return None
+        return ops.cast(timestamps, "int32")
+
+    def attention_weights(self, query, keys, mask, query_index=None, key_index=None, query_time=None, key_time=None):
         """The attention weights (B, H, N, M) of block queries ``query`` (B, N, d) over projected ``keys``
         (B, M, H, d/H) where ``mask`` (B, N, M), before dropout; ``query_index``/``key_index`` (B, N)/(B, M):
-        the items' indices (:meth:`_item_index`), needed when :attr:`uses_positions`."""
+        the items' indices (:meth:`_item_index`), needed when :attr:`uses_positions`;
+        ``query_time``/``key_time`` (B, N)/(B, M): int32 timestamps (< 0 unknown) for :attr:`time_bias`,
+        None: no time bias."""
         projected = self.attention.query_dense(query)
         distance = None
         if self.uses_positions:
@@ -210,8 +234,12 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         projected, keys = self._compared(projected, keys, query_index, key_index)
         scores = ops.einsum("bnhd,bmhd->bhnm", projected, keys)
         if self.position_bias == "relative":
-            bias = ops.take(self.relative_bias, relative_bucket(distance), axis=0)  # (B, N, M, H)
-            scores = scores + ops.cast(ops.transpose(bias, (0, 3, 1, 2)), scores.dtype)
+            scores = scores + ops.cast(_head_bias(self.relative_bias, relative_bucket(distance)), scores.dtype)
+        if query_time is not None:
+            # A pair with an unknown timestamp (a request without times, padding) gets no time bias.
+            known = ops.logical_and(query_time[:, :, None] >= 0, key_time[:, None, :] >= 0)[:, None, :, :]
+            bias = _head_bias(self.time_gap_bias, time_bucket(query_time[:, :, None] - key_time[:, None, :]))
+            scores = scores + ops.cast(ops.where(known, bias, ops.zeros_like(bias)), scores.dtype)
         if self.normalisation == "silu":
             # HSTU: pointwise weights, masked keys 0, divided by how many keys the query attends.
             attended = ops.cast(mask, scores.dtype)[:, None, :, :]
@@ -274,11 +302,12 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         attended = ops.reshape(attended, (batch, chunks * LINEAR_CHUNK, heads, ops.shape(values)[4]))[:, :length]
         return self.attention.output_dense(ops.cast(attended, query.dtype))
 
-    def _attend(self, query, keys, values, mask, training=False, query_index=None, key_index=None):
+    def _attend(self, query, keys, values, mask, training=False, query_index=None, key_index=None, query_time=None,
+                key_time=None):
         """Attention of block queries ``query`` (B, N, d) over projected ``keys`` and ``values``
         (B, M, H, d/H) where ``mask`` (B, N, M), by :meth:`attention_weights`: the attention's output
         projection (B, N, d)."""
-        weights = self.attention_weights(query, keys, mask, query_index, key_index)
+        weights = self.attention_weights(query, keys, mask, query_index, key_index, query_time, key_time)
         if self.normalisation != "linear":  # linear: no weights to drop in its parallel form, so none here
             weights = self.attention_dropout(weights, training=training)
         return self.attention.output_dense(ops.einsum("bhnm,bmhd->bnhd", weights, values))
@@ -298,10 +327,12 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         """The attention's projected keys and values of block inputs ``x`` (B, L, d): two (B, L, H, d/H)."""
         return self.attention.key_dense(x), self.attention.value_dense(x)
 
-    def step(self, x, valid, cached_keys, cached_values, cached_valid):
+    def step(self, x, valid, cached_keys, cached_values, cached_valid, timestamps=None, cached_timestamps=None):
         """The block's output for new positions ``x`` (B, N, d) that follow cached ones, without
         re-encoding them: the new positions attend to the cached keys/values (B, M, H, d/H) where
-        ``cached_valid`` (B, M), and causally to each other where ``valid`` (B, N).
+        ``cached_valid`` (B, M), and causally to each other where ``valid`` (B, N). With
+        :attr:`time_bias`, ``timestamps`` (B, N) and ``cached_timestamps`` (B, M) are the new and cached
+        positions' times (None: unknown).
 
         Returns the outputs (B, N, d) and the new positions' keys and values, to append to the cache.
         Inference only (no dropout); equals :meth:`call` on the whole sequence at those positions.
@@ -322,7 +353,12 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         # Item indices over the cached and the new positions together: what the whole history gives.
         index = self._item_index(ops.concatenate([cached_valid, valid], axis=1))
         query_index = index[:, -count:] if index is not None else None
-        attended = self._attend(query, keys, values, mask, False, query_index, index)
+        key_time = None
+        if self.time_bias and (timestamps is not None or cached_timestamps is not None):
+            key_time = ops.concatenate([_times_or_unknown(cached_timestamps, cached_valid),
+                                        _times_or_unknown(timestamps, valid)], axis=1)
+        query_time = key_time[:, -count:] if key_time is not None else None
+        attended = self._attend(query, keys, values, mask, False, query_index, index, query_time, key_time)
         out = self._after_attention(query, attended) * ops.cast(valid, x.dtype)[:, :, None]
         return out, new_keys, new_values
 
@@ -334,9 +370,34 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         config.update(
             hidden_units=self.hidden_units, num_heads=self.num_heads, dropout=self.dropout_rate, norm=self.norm,
             init_std=self.init_std, similarity=self.similarity, normalisation=self.normalisation, window=self.window,
-            position_bias=self.position_bias,
+            position_bias=self.position_bias, time_bias=self.time_bias,
         )
         return config
+
+
+def _head_bias(table, buckets):
+    """The (B, H, N, M) per-head bias of a learned ``table`` (buckets, H) at ``buckets`` (B, N, M)."""
+    return ops.transpose(ops.take(table, buckets, axis=0), (0, 3, 1, 2))
+
+
+def time_bucket(gap):
+    """Bucket of time gaps ``gap`` (int32 seconds, >= 0 where attended): floor(log2(1 + gap)), exactly,
+    up to ``TIME_BUCKETS - 1``."""
+    gap = ops.maximum(ops.cast(gap, "int32"), 0)
+    starts = ops.convert_to_tensor([2**b - 1 for b in range(TIME_BUCKETS)], "int32")  # smallest gap of each bucket
+    guess = ops.cast(ops.floor(ops.log2(1.0 + ops.cast(gap, "float32"))), "int32")
+    # float32 log2 can miss by one next to a power of two (differently per backend): correct it both ways.
+    guess = ops.clip(guess, 0, TIME_BUCKETS - 1)
+    guess = guess - ops.cast(gap < ops.take(starts, guess), "int32")
+    up = ops.logical_and(guess < TIME_BUCKETS - 1, gap >= ops.take(starts, ops.minimum(guess + 1, TIME_BUCKETS - 1)))
+    return guess + ops.cast(up, "int32")
+
+
+def _times_or_unknown(timestamps, valid):
+    """``timestamps`` (B, M) as int32, or all :data:`UNKNOWN_TIME` shaped like ``valid`` when None."""
+    if timestamps is None:
+        return ops.full(ops.shape(valid), UNKNOWN_TIME, dtype="int32")
+    return ops.cast(timestamps, "int32")
 
 
 def relative_bucket(distance):

@@ -21,6 +21,11 @@ class SASRec(keras.Model):
     counted from the end of the window (``positions="from_end"``) or from its first real item
     (``"from_start"``); either way cutting left padding off changes nothing.
     Scores are dot products with the item embedding table (shared between input and output).
+
+    With ``time_bias`` the input may also be a dict ``{"ids": (B, W), "timestamps": (B, W)}``: each
+    event's time in seconds (int32; only gaps matter, so callers rebase them, see
+    :func:`sasrec.feed.rebase_times`; < 0 unknown), which the blocks' time-gap bias reads. Plain ids
+    (or unknown times) leave that bias off.
     """
 
     def __init__(
@@ -39,6 +44,7 @@ class SASRec(keras.Model):
         attention_window: int | list[int] = 0,
         position_bias: str = "none",
         absolute_positions: bool = True,
+        time_bias: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -60,6 +66,7 @@ class SASRec(keras.Model):
             raise ValueError(f"attention_window needs one value or one per block, got {attention_window!r}")
         self.position_bias = position_bias
         self.absolute_positions = bool(absolute_positions)
+        self.time_bias = bool(time_bias)
         self.item_embedding = keras.layers.Embedding(
             vocab_size, hidden_units, embeddings_initializer=weight_initializer(init_std), name="item_embedding"
         )
@@ -72,7 +79,7 @@ class SASRec(keras.Model):
             CausalSelfAttentionBlock(
                 hidden_units, num_heads, dropout, norm, init_std=init_std, similarity=attention_similarity,
                 normalisation=attention_normalisation, window=self.attention_window[i], position_bias=position_bias,
-                name=f"block_{i}",
+                time_bias=self.time_bias, name=f"block_{i}",
             )
             for i in range(num_blocks)
         ]
@@ -111,16 +118,26 @@ class SASRec(keras.Model):
             return ops.clip(count + ops.reshape(ops.cast(offset, "int32"), (-1, 1)), 0, self.maxlen - 1)
         return ops.expand_dims(ops.arange(self.maxlen - width, self.maxlen, dtype="int32"), 0)
 
-    def call(self, ids, training=False, last_only=False):
+    @staticmethod
+    def split_inputs(inputs):
+        """``(ids, timestamps or None)`` of model input ``inputs``: ids, or a dict with ``ids`` and ``timestamps``."""
+        if isinstance(inputs, dict):
+            return inputs["ids"], inputs.get("timestamps")
+        return inputs, None
+
+    def call(self, inputs, training=False, last_only=False):
         """Hidden states ``(B, W, d)``; with ``last_only`` just the last position's, ``(B, 1, d)``."""
+        ids, timestamps = self.split_inputs(inputs)
         ids = ops.cast(ids, "int32")
         x, valid = self._embed(ids, self._positions(ids), training)
         for i, block in enumerate(self.blocks):
-            x = block(x, valid, training=training, last_only=last_only and i == len(self.blocks) - 1)
+            x = block(x, valid, training=training, last_only=last_only and i == len(self.blocks) - 1,
+                      timestamps=timestamps)
         return self.final_norm(x)
 
-    def encode_state(self, ids):
-        """What :meth:`advance_state` continues from, for left-padded ``ids`` (B, W): the last position's
+    def encode_state(self, ids, timestamps=None):
+        """What :meth:`advance_state` continues from, for left-padded ``ids`` (B, W) (and their
+        ``timestamps``, which the caller keeps with the state for a time-bias model): the last position's
         hidden state (B, d), every block's attention keys and values (B, blocks, W, H, d/H) and the
         window's validity mask (B, W). Inference only."""
         ids = ops.cast(ids, "int32")
@@ -130,15 +147,17 @@ class SASRec(keras.Model):
             block_keys, block_values = block.key_values(x)
             keys.append(block_keys)
             values.append(block_values)
-            x = block(x, valid, last_only=i == len(self.blocks) - 1)
+            x = block(x, valid, last_only=i == len(self.blocks) - 1, timestamps=timestamps)
         return self.final_norm(x)[:, -1, :], ops.stack(keys, axis=1), ops.stack(values, axis=1), valid
 
-    def advance_state(self, ids, offset, keys, values, cached_valid):
+    def advance_state(self, ids, offset, keys, values, cached_valid, timestamps=None, cached_timestamps=None):
         """Continue a history by new items without re-encoding it (causal attention: new items do not
         change what earlier positions computed).
 
         ``ids`` (B, N): the new items, left-padded; ``offset`` (B,): real items already encoded;
-        ``keys``/``values`` (B, blocks, M, H, d/H) and ``cached_valid`` (B, M): the encoded state. Returns
+        ``keys``/``values`` (B, blocks, M, H, d/H) and ``cached_valid`` (B, M): the encoded state;
+        ``timestamps`` (B, N) / ``cached_timestamps`` (B, M): the new and the cached items' times, one origin
+        for both (None: unknown). Returns
         the hidden state after the last new item (B, d) and the new items' keys and values
         (B, blocks, N, H, d/H). Equals :meth:`encode_state` on the whole history only while positions
         count from the start and the history fits the window (``offset + new items <= maxlen``);
@@ -148,7 +167,8 @@ class SASRec(keras.Model):
         x, valid = self._embed(ids, self._positions(ids, offset))
         new_keys, new_values = [], []
         for i, block in enumerate(self.blocks):
-            x, block_keys, block_values = block.step(x, valid, keys[:, i], values[:, i], cached_valid)
+            x, block_keys, block_values = block.step(x, valid, keys[:, i], values[:, i], cached_valid, timestamps,
+                                                     cached_timestamps)
             new_keys.append(block_keys)
             new_values.append(block_values)
         return self.final_norm(x)[:, -1, :], ops.stack(new_keys, axis=1), ops.stack(new_values, axis=1)
@@ -159,12 +179,13 @@ class SASRec(keras.Model):
         table = ops.cast(self.item_embedding.embeddings, "float32")
         return ops.matmul(ops.cast(hidden, "float32"), ops.transpose(table))
 
-    def score_last(self, ids):
-        """Next-item scores after the last position only: ``(B, vocab_size)`` float32.
+    def score_last(self, inputs):
+        """Next-item scores after the last position of ``inputs`` (ids, or ids and timestamps, see
+        :meth:`call`) only: ``(B, vocab_size)`` float32.
 
         Padding and the out-of-vocabulary id score ``-inf`` so they are never recommended.
         """
-        hidden = self(ids, training=False, last_only=True)[:, -1, :]
+        hidden = self(inputs, training=False, last_only=True)[:, -1, :]
         logits = self.item_logits(hidden)
         reserved = ops.arange(self.vocab_size) < FIRST_ITEM_ID
         return ops.where(ops.expand_dims(reserved, 0), float("-inf"), logits)
@@ -191,20 +212,21 @@ class SASRec(keras.Model):
             attention_window=list(self.attention_window),
             position_bias=self.position_bias,
             absolute_positions=self.absolute_positions,
+            time_bias=self.time_bias,
         )
         return config
 
 
 class LastPositionScorer(keras.Model):
-    """Wraps a SASRec so that ``predict_on_batch(ids)`` returns ``score_last(ids)``, compiled by the
+    """Wraps a SASRec so that ``predict_on_batch(inputs)`` returns ``score_last(inputs)``, compiled by the
     backend's own predict machinery (tf.function, jax.jit or torch). Never saved."""
 
     def __init__(self, sasrec: SASRec, **kwargs):
         super().__init__(**kwargs)
         self.sasrec = sasrec
 
-    def call(self, ids):
-        return self.sasrec.score_last(ids)
+    def call(self, inputs):
+        return self.sasrec.score_last(inputs)
 
 
 def build_model(config: SASRecConfig, vocab_size: int) -> SASRec:
@@ -223,6 +245,7 @@ def build_model(config: SASRecConfig, vocab_size: int) -> SASRec:
         attention_window=config.block_windows(),
         position_bias=config.position_bias,
         absolute_positions=config.absolute_positions,
+        time_bias=config.time_bias,
         name="sasrec",
     )
     model.build((None, config.maxlen))

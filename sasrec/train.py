@@ -141,7 +141,8 @@ class RunState(keras.callbacks.Callback):
             if self._scorer is None:
                 self._scorer = model_scorer(model)
             result = evaluate_scores(self._scorer, self.ds, self.protocol, self.config.maxlen,
-                                     self.config.eval_batch_size, with_popularity=False)
+                                     self.config.eval_batch_size, with_popularity=False,
+                                     timestamps=self.config.time_bias)
             values = [result["metrics"][VALIDATION_METRIC], result["metrics"]["hr@10"], result["non_finite_targets"]]
         return tuple(self.cluster.chief_values(values) if self.cluster else values)
 
@@ -237,7 +238,7 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
         num_negatives=config.num_negatives, negative_sampling=config.negative_sampling,
         logq_correction=config.logq_correction, sliding_window_step=config.sliding_window_step,
         length_bucketing=config.length_bucketing, exclude_seen_negatives=config.exclude_seen_negatives,
-        seed=config.seed,
+        timestamps=config.time_bias, seed=config.seed,
     )
     with cluster.scope() if cluster else contextlib.nullcontext():
         model = build_model(config, ds.vocab_size)
