@@ -1,6 +1,7 @@
 """Attention variants (issue 19): a short screen of each variant against today's attention on ML-1M.
 
     python -m benchmarks.attention [--dataset DIR] [--epochs 4] [--eval-max-users 1000] [--variants a,b]
+    python -m benchmarks.attention --long-histories [--maxlens 200,1000,2000] [--steps 5]
 
 Each variant trains the ``dense`` preset (configs/dense.toml) with its attention fields changed and
 nothing else, from scratch, for a fixed small number of epochs (``--epochs``), validating on a
@@ -8,7 +9,13 @@ seeded sample of ``--eval-max-users`` users (full ranking, seen items removed) a
 Reported per variant: validation NDCG@10 / HR@10 after those epochs and training seconds per epoch
 (the mean over epochs after the first, which also compiles). This is a screen, not the issue's
 protocol: a few epochs of one seed rank how fast each variant learns, not where it ends; the leaders
-need full runs (early stopping, all users, test split, 3 seeds) before a preset changes.
+need full runs (early stopping, all users, test split, 3 seeds) before a preset changes. A run of some
+``--variants`` replaces their rows and keeps the others (column ``measured``: the date of each row's run).
+
+``--long-histories`` times what linear attention is for: one training step (forward and backward, BCE,
+TF with XLA) of a 2-block d-64 model on synthetic ids of batch 32 at each maxlen, softmax against
+linear attention, each in its own process (median of ``--steps`` steps after compiling; that process's
+peak RSS), into section ``attention-long``. It needs no data.
 
 ``--dataset`` is a prepared ML-1M folder (``sasrec prepare --format pairs`` of ml-1m.txt.gz, no
 k-core); without it the script prepares ``../shared/data/ml-1m/ml-1m.txt.gz`` (or
@@ -31,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.report import SHARED_DATA, accelerator, write_section  # noqa: E402
+from benchmarks.report import SHARED_DATA, accelerator, section_rows, write_section  # noqa: E402
 
 DATA = SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"
 # name -> config overrides on top of the dense preset; "default" is today's attention.
@@ -42,7 +49,10 @@ VARIANTS = {
     "window 50 / global": dict(attention_window=[50, 0]),
     "relative bias": dict(position_bias="relative"),
     "rotary (no absolute)": dict(position_bias="rotary", absolute_positions=False),
+    "linear": dict(attention_normalisation="linear"),
 }
+# --long-histories: the model and batch of the step timing; the catalog is ML-1M's size.
+LONG_BATCH, LONG_HIDDEN, LONG_BLOCKS, LONG_ITEMS = 32, 64, 2, 3416
 
 
 def screen(name: str, fields: dict, data: Path, work: Path, args) -> dict:
@@ -70,7 +80,88 @@ def screen(name: str, fields: dict, data: Path, work: Path, args) -> dict:
         "s / epoch": sum(per_epoch) / len(per_epoch),
         "first epoch s": seconds[0],
         "wall s": wall,
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def training_step_time(normalisation: str, maxlen: int, steps: int) -> dict:
+    """Median seconds of one training step (BCE, TF with XLA) and this process's peak RSS; runs in a
+    process of its own, so that the peak belongs to this configuration alone."""
+    import resource
+    import statistics
+
+    import keras
+    import numpy as np
+
+    from pipelines.dataset import FIRST_ITEM_ID
+    from sasrec.config import SASRecConfig
+    from sasrec.losses import SequenceLoss
+    from sasrec.model import build_model
+
+    keras.utils.set_random_seed(0)
+    config = SASRecConfig(maxlen=maxlen, hidden_units=LONG_HIDDEN, num_blocks=LONG_BLOCKS, loss="bce",
+                          positions="from_start", attention_normalisation=normalisation)
+    vocab = LONG_ITEMS + FIRST_ITEM_ID
+    model = build_model(config, vocab)
+    model.training_loss = SequenceLoss("bce")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    rng = np.random.default_rng(0)
+    ids, pos, neg = (rng.integers(FIRST_ITEM_ID, vocab, (LONG_BATCH, maxlen)).astype("int32") for _ in range(3))
+    model.train_on_batch(ids, {"pos": pos, "neg": neg})  # compiles
+    seconds = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        model.train_on_batch(ids, {"pos": pos, "neg": neg})
+        seconds.append(time.perf_counter() - started)
+    return {"seconds": statistics.median(seconds), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def attention_tensor_mib(normalisation: str, maxlen: int) -> float:
+    """The largest attention tensor of one block (float32, one head): the (B, L, L) weights for softmax;
+    for linear the chunks' C x C scores plus their D x D prefix sums."""
+    from sasrec.layers import LINEAR_CHUNK
+
+    if normalisation == "softmax":
+        return LONG_BATCH * maxlen * maxlen * 4 / 2**20
+    chunks = -(-maxlen // LINEAR_CHUNK)
+    return LONG_BATCH * chunks * (LINEAR_CHUNK**2 + LONG_HIDDEN**2) * 4 / 2**20
+
+
+def long_histories(args) -> int:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    rows = []
+    for maxlen in [int(n) for n in args.maxlens.split(",")]:
+        measured = {}
+        for normalisation in ("softmax", "linear"):
+            # A fresh process per configuration: its own compile and its own peak memory.
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                measured[normalisation] = pool.submit(training_step_time, normalisation, maxlen, args.steps).result()
+            print(maxlen, normalisation, measured[normalisation], flush=True)
+        softmax, linear = measured["softmax"], measured["linear"]
+        rows.append({
+            "maxlen": maxlen,
+            "softmax ms / step": softmax["seconds"] * 1000,
+            "linear ms / step": linear["seconds"] * 1000,
+            "softmax / linear": softmax["seconds"] / linear["seconds"],
+            "softmax peak RSS MiB": softmax["peak_rss_mib"],
+            "linear peak RSS MiB": linear["peak_rss_mib"],
+            "softmax attention MiB": attention_tensor_mib("softmax", maxlen),
+            "linear attention MiB": attention_tensor_mib("linear", maxlen),
+        })
+    notes = (
+        f"One training step (forward and backward, BCE with one negative per position, Adam), TF with XLA on "
+        f"{accelerator()}: {LONG_BLOCKS} blocks, d {LONG_HIDDEN}, one head, dropout 0.2, batch {LONG_BATCH} of full "
+        f"windows of synthetic ids over {LONG_ITEMS:,} items; median of {args.steps} steps after the compiling one, "
+        "softmax and linear of one maxlen measured back to back. Peak RSS: the whole process (TensorFlow, model, "
+        "XLA buffers), each configuration in its own process. Attention MiB: the largest attention tensor of one "
+        "block, computed not measured (softmax: the (B, L, L) float32 weights, of which a training step keeps "
+        "several; linear: the chunks' 64 x 64 scores plus their D x D prefix sums)."
+    )
+    write_section("attention-long", "Linear attention on long histories: training step time and memory", rows,
+                  notes=notes)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -80,7 +171,13 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--eval-max-users", type=int, default=1000)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--long-histories", action="store_true",
+                        help="time a training step of softmax vs linear attention at long maxlens instead")
+    parser.add_argument("--maxlens", default="200,1000,2000", help="--long-histories: comma-separated maxlens")
+    parser.add_argument("--steps", type=int, default=5, help="--long-histories: timed steps per configuration")
     args = parser.parse_args(argv)
+    if args.long_histories:
+        return long_histories(args)
     if not SHARED_DATA.is_dir() or not (args.dataset or args.data.is_file()):
         print(f"skipped: {SHARED_DATA} (ML-1M, ml-1m/ml-1m.txt.gz) is absent; this benchmark needs it", file=sys.stderr)
         return 0
@@ -94,8 +191,12 @@ def main(argv=None) -> int:
         f"{args.eval_max_users or 'all'} seeded users (full ranking, seen items removed); device {accelerator()}. "
         "s / epoch: mean training seconds of the epochs after the first (the first also compiles). "
         "A short screen ranks how fast a variant learns, not where it converges; only full runs with early stopping, "
-        "all users, the test split and 3 seeds may change the presets (none has yet)."
+        "all users, the test split and 3 seeds may change the presets (none has yet). Rows of variants not in the "
+        "latest run are kept from earlier runs (measured: each row's date; the command above is the latest run's)."
     )
+    earlier, earlier_date = section_rows("attention")
+    kept = {row["variant"]: {**row, "measured": row.get("measured") or earlier_date}
+            for row in earlier if row["variant"] not in names}
     rows = []
     with tempfile.TemporaryDirectory(prefix="attention-") as tmp:
         data = args.dataset
@@ -108,7 +209,9 @@ def main(argv=None) -> int:
             row = screen(name, VARIANTS[name], data, Path(tmp), args)
             print(row, flush=True)
             rows.append(row)
-            write_section("attention", "Attention variants: short screen on ML-1M (dense preset)", rows, notes=notes)
+            merged = {**kept, **{r["variant"]: r for r in rows}}
+            ordered = [merged[n] for n in VARIANTS if n in merged] + [r for n, r in merged.items() if n not in VARIANTS]
+            write_section("attention", "Attention variants: short screen on ML-1M (dense preset)", ordered, notes=notes)
     return 0
 
 

@@ -101,6 +101,21 @@ def run_command(argv: list[str] | None = None) -> str:
     return " ".join([head, *(shlex.quote(relative(a)) for a in argv[1:])])
 
 
+def section_rows(name: str) -> tuple[list[dict], str]:
+    """The table rows (cells as text) of section ``name`` of BENCHMARKS.md and its date line; ([], "")
+    when the section is absent. For scripts that rerun some rows and keep the others."""
+    text = REPORT.read_text() if REPORT.exists() else ""
+    match = re.search(rf"<!-- section:{re.escape(name)} -->(.*?)<!-- /section:{re.escape(name)} -->", text, re.S)
+    if not match:
+        return [], ""
+    date = re.search(r"^- Date: (.*)$", match.group(1), re.M)
+    lines = [line for line in match.group(1).splitlines() if line.startswith("|")]
+    if len(lines) < 2:
+        return [], date.group(1) if date else ""
+    cells = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    return [dict(zip(cells[0], row)) for row in cells[2:]], date.group(1) if date else ""
+
+
 def write_section(name: str, title: str, rows: list[dict], notes: str = "", command: str | None = None) -> str:
     """Replace section ``name`` of BENCHMARKS.md with ``rows``; returns the section text."""
     command = command or run_command()
