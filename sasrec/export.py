@@ -54,6 +54,18 @@ inputs and the same four outputs, computed by the same ranking code:
     every block and head) and ``window_item_ids`` string ``[B, W]`` (the window, ``""`` for padding).
     ``serving_default`` is untouched: plain requests cost what they cost without it.
 
+``recommend_timed`` (only a ``time_bias`` model, card ``"time_bias": true``; inputs of ``serving_default``
+plus ``timestamps`` int64 ``[B, L]``)
+    ``serving_default``'s four outputs with the time-gap bias on: ``timestamps`` holds each history
+    event's time in seconds, aligned with ``history`` (any value for padding); a negative value means
+    unknown, and a pair of events with an unknown time gets no bias. TensorFlow signatures have no
+    optional inputs, so ``serving_default`` stays the call without times (every time unknown: the bias
+    off, the model still answers). Only gaps matter: the graph rebases the window's times to its
+    earliest known one (as :func:`sasrec.feed.rebase_times` does in training). ``encode_state``,
+    ``advance_state`` and ``explain`` take no timestamps: they answer a time-bias model with the bias
+    off, so the server answers its stored histories through ``recommend_timed`` (no cached state) and
+    refuses explanations of requests with timestamps.
+
 The SavedModel needs neither this project's code nor Keras to load: ``tf.saved_model.load`` is enough.
 The model card ``assets/model_card.json`` holds the config, the data manifest, the metrics with their
 protocol, the popularity ranking, ``max_k``, ``maxlen``, the export time and the source run.
@@ -90,6 +102,7 @@ from sasrec.model_base import (
     EXPLAIN_SIGNATURE,
     MODEL_CARD,
     SIGNATURE,
+    TIMED_SIGNATURE,
     card_path,
     new_version_folder,
     sequence_widths,
@@ -174,9 +187,10 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
         known = ids >= FIRST_ITEM_ID
         return ids, known, tf.reduce_sum(tf.cast(present & ~known, tf.int32), axis=1)
 
-    def recent_known(ids, width):
+    def recent_known(ids, width, timestamps=None):
         """The most recent ``width`` known items of ``ids`` ``[B, L]``, left-padded: rank positions with a
-        known item by recency (top_k over position indices, -1 elsewhere), then put them back in time order."""
+        known item by recency (top_k over position indices, -1 elsewhere), then put them back in time order.
+        With ``timestamps`` (int64, aligned with ``ids``): also the model's timestamps of those items."""
         short = tf.maximum(width - tf.shape(ids)[1], 0)
         padded = tf.pad(ids, [[0, 0], [short, 0]])
         positions = tf.range(tf.shape(padded)[1], dtype=tf.int32)[None, :]
@@ -184,13 +198,26 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
         top_pos, top_idx = tf.math.top_k(rank_key, k=width, sorted=True)
         top_pos = tf.reverse(top_pos, axis=[1])
         top_idx = tf.reverse(top_idx, axis=[1])
-        return tf.ensure_shape(tf.where(top_pos >= 0, tf.gather(padded, top_idx, batch_dims=1), PADDING_ID), [None, None])
+        seq = tf.ensure_shape(tf.where(top_pos >= 0, tf.gather(padded, top_idx, batch_dims=1), PADDING_ID), [None, None])
+        if timestamps is None:
+            return seq
+        times = tf.gather(tf.pad(timestamps, [[0, 0], [short, 0]], constant_values=-1), top_idx, batch_dims=1)
+        return seq, model_times(seq, times)
 
-    def window(ids, known):
+    def model_times(seq, times):
+        """:func:`sasrec.feed.rebase_times` in the graph: int64 seconds of window ``seq`` as int32 gaps from
+        the row's earliest known time; unknown (negative) times and padding become -1."""
+        known = (seq != PADDING_ID) & (times >= 0)
+        origin = tf.reduce_min(tf.where(known, times, tf.int64.max), axis=1, keepdims=True)
+        gaps = tf.cast(tf.clip_by_value(times - origin, 0, tf.int32.max), tf.int32)
+        return tf.where(known, gaps, -1)
+
+    def window(ids, known, timestamps=None):
         """The model input for a batch of histories: the most recent known items, as wide as the
-        smallest of ``widths`` that holds the batch's longest known history (at most ``maxlen``)."""
+        smallest of ``widths`` that holds the batch's longest known history (at most ``maxlen``); with
+        ``timestamps``, also their model timestamps."""
         longest = tf.minimum(tf.reduce_max(tf.reduce_sum(tf.cast(known, tf.int32), axis=1)), maxlen)
-        return recent_known(ids, widths[tf.reduce_sum(tf.cast(widths < longest, tf.int32))])
+        return recent_known(ids, widths[tf.reduce_sum(tf.cast(widths < longest, tf.int32))], timestamps)
 
     def rank(logits, cold_start, seen_ids, k, exclude_seen, exclude_item_ids):
         """Top-k of the model's scores (popularity for cold starts), never returning padding, OOV, the
@@ -221,6 +248,15 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
         ids, known, unknown_count = lookup(history)
         cold_start = tf.logical_not(tf.reduce_any(known, axis=1))
         out = rank(score_fn(window(ids, known)), cold_start, ids, k, exclude_seen, exclude_item_ids)
+        return {**out, "unknown_count": unknown_count}
+
+    @tf.function(input_signature=[string_matrix("history"), tf.TensorSpec([None, None], tf.int64, name="timestamps")]
+                 + ranking_inputs)
+    def recommend_timed(history, timestamps, k, exclude_seen, exclude_item_ids):
+        ids, known, unknown_count = lookup(history)
+        cold_start = tf.logical_not(tf.reduce_any(known, axis=1))
+        seq, times = window(ids, known, timestamps)
+        out = rank(score_fn({"ids": seq, "timestamps": times}), cold_start, ids, k, exclude_seen, exclude_item_ids)
         return {**out, "unknown_count": unknown_count}
 
     def logits_of(hidden):
@@ -298,6 +334,8 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
     module.explain = explain
     module.encode_state = encode_state
     module.advance_state = advance_state
+    if getattr(model, "time_bias", False):
+        module.recommend_timed = recommend_timed
     return module
 
 
@@ -326,6 +364,8 @@ def model_card(
         "explain_method": explain_method,
         # advance_state continues a state exactly only when positions count from the start.
         "incremental_state": model.positions == "from_start",
+        # The recommend_timed signature: the model reads the events' timestamps (README, "Attention variants").
+        "time_bias": bool(getattr(model, "time_bias", False)),
         "sequence_widths": sequence_widths(model.maxlen),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source_run": source_run,
@@ -375,15 +415,18 @@ def export_model(
         try:
             card_file.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
             module.model_card = tf.saved_model.Asset(str(card_file))
+            signatures = {
+                SIGNATURE: module.recommend.get_concrete_function(),
+                ENCODE_SIGNATURE: module.encode_state.get_concrete_function(),
+                EXPLAIN_SIGNATURE: module.explain.get_concrete_function(),
+                ADVANCE_SIGNATURE: module.advance_state.get_concrete_function(),
+            }
+            if hasattr(module, "recommend_timed"):
+                signatures[TIMED_SIGNATURE] = module.recommend_timed.get_concrete_function()
             tf.saved_model.save(
                 module,
                 str(tmp),
-                signatures={
-                    SIGNATURE: module.recommend.get_concrete_function(),
-                    ENCODE_SIGNATURE: module.encode_state.get_concrete_function(),
-                    EXPLAIN_SIGNATURE: module.explain.get_concrete_function(),
-                    ADVANCE_SIGNATURE: module.advance_state.get_concrete_function(),
-                },
+                signatures=signatures,
                 options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
             )
         finally:

@@ -32,6 +32,8 @@ ENCODE_SIGNATURE = "encode_state"
 ADVANCE_SIGNATURE = "advance_state"
 # The recommendations of serving_default plus, per returned item, the history items that drove it.
 EXPLAIN_SIGNATURE = "explain"
+# serving_default with the events' timestamps: exported only by time_bias models (card: "time_bias").
+TIMED_SIGNATURE = "recommend_timed"
 MODEL_CARD = "model_card.json"
 CARD_FORMAT = "sasrec-model-card/1"
 _VERSION_RE = re.compile(r"^[0-9]+$")

@@ -8,6 +8,7 @@ The gRPC servicer and batch scoring both go through :class:`Recommender`, and al
     rec.recommend(["1193", "661"], k=10)            # -> [(item id, score), ...] (a Recommendation list)
     rec.recommend_batch([[...], [...]], k=10)       # -> BatchResult of numpy arrays
     rec.score_frame(events, k=10)                   # -> long frame user_id, rank, item_id, score, ...
+    rec.recommend(["1193", "661"], timestamps=[978300760, 978302109])  # a time_bias model reads them
 
 ``score_frame`` turns a pandas frame (events or list-valued histories) into padded string batches
 with numpy and calls the same signature in bounded chunks; it never re-implements a history rule.
@@ -33,6 +34,7 @@ from sasrec.model_base import (
     ENCODE_SIGNATURE,
     EXPLAIN_SIGNATURE,
     SIGNATURE,
+    TIMED_SIGNATURE,
     read_card,
     resolve_version,
 )
@@ -40,6 +42,7 @@ from sasrec.model_base import (
 DEFAULT_CHUNK_SIZE = 1024  # users per signature call in score_frame
 DEFAULT_EXPLAIN_ITEMS = 3  # history items per recommended item in an explanation
 MAX_EXPLAIN_ITEMS = 50
+UNKNOWN_TIMESTAMP = -1  # recommend_timed: a negative timestamp is unknown (no time bias for its pairs)
 
 
 class Recommendation(list):
@@ -166,6 +169,22 @@ def _stack_padded(arrays: list[np.ndarray], axis: int, dtype=None) -> np.ndarray
     return out
 
 
+def _timestamp_rows(timestamps, histories, shape) -> np.ndarray:
+    """``timestamps`` (per history: ints or None) as an int64 matrix of ``shape`` aligned with the padded
+    histories, :data:`UNKNOWN_TIMESTAMP` where unknown or padding; InputError naming a row that does not
+    match its history."""
+    if len(timestamps) != len(histories):
+        raise InputError(f"timestamps: {len(timestamps)} rows for {len(histories)} histories")
+    out = np.full(shape, UNKNOWN_TIMESTAMP, dtype=np.int64)
+    for i, (times, history) in enumerate(zip(timestamps, histories)):
+        if times is None:
+            continue
+        if len(times) != len(history):
+            raise InputError(f"timestamps[{i}]: {len(times)} timestamps for a history of {len(history)} items")
+        out[i, : len(times)] = [UNKNOWN_TIMESTAMP if t is None else t for t in times]
+    return out
+
+
 def _pad(rows: Sequence[Sequence[str]], min_width: int = 0, num_rows: int = 0) -> np.ndarray:
     """Rows padded with "" to one width; ``num_rows`` adds empty rows (XLA batch buckets), which is
     far cheaper here than padding the string tensor in TensorFlow."""
@@ -204,10 +223,14 @@ class Recommender:
         return cls(loaded, version_dir, version, card)
 
     def call(self, history: np.ndarray, k: int, exclude_seen: bool, exclude_item_ids: np.ndarray,
-             explain_items: int = 0) -> dict:
-        """Call the signature (``explain`` when ``explain_items`` > 0) on padded string arrays; returns its
-        output tensors as numpy arrays."""
+             explain_items: int = 0, timestamps: np.ndarray | None = None) -> dict:
+        """Call the signature (``explain`` when ``explain_items`` > 0, ``recommend_timed`` with
+        ``timestamps``: int64 aligned with ``history``) on padded arrays; returns its output tensors as
+        numpy arrays."""
         import tensorflow as tf
+
+        if timestamps is not None and explain_items > 0:
+            raise InputError("timestamps: explanations read no timestamps; explain without them")
 
         inputs = dict(
             history=tf.convert_to_tensor(history, tf.string),
@@ -217,9 +240,16 @@ class Recommender:
         )
         if explain_items > 0:
             out = self._explain_fn()(**inputs, explain_items=tf.constant(explain_items, tf.int32))
+        elif timestamps is not None:
+            out = self._loaded.signatures[TIMED_SIGNATURE](**inputs, timestamps=tf.convert_to_tensor(timestamps, tf.int64))
         else:
             out = self._fn(**inputs)
         return {name: value.numpy() for name, value in out.items()}
+
+    @property
+    def reads_timestamps(self) -> bool:
+        """A ``time_bias`` model: the export has ``recommend_timed`` and timestamps change its answers."""
+        return TIMED_SIGNATURE in self._loaded.signatures
 
     @property
     def explains(self) -> bool:
@@ -242,9 +272,11 @@ class Recommender:
         if not 1 <= k <= self.max_k:
             raise InputError(f"k must be in 1..{self.max_k}, got {k}")
 
-    def _call_rows(self, hist, excl, k: int, exclude_seen: bool, n: int | None = None, explain_items: int = 0) -> dict:
-        """The signature on padded rows (numpy arrays or string tensors), with the XLA bucket padding
-        added where missing; returns the first ``n`` (default all) rows of the raw numpy outputs."""
+    def _call_rows(self, hist, excl, k: int, exclude_seen: bool, n: int | None = None, explain_items: int = 0,
+                   times=None) -> dict:
+        """The signature on padded rows (numpy arrays or string tensors; ``times``: int64 aligned with
+        ``hist``, or None), with the XLA bucket padding added where missing; returns the first ``n``
+        (default all) rows of the raw numpy outputs."""
         given = int(hist.shape[0])
         n = given if n is None else n
         if self.xla and bucket_size(given) != given:
@@ -253,7 +285,10 @@ class Recommender:
             extra = bucket_size(given) - given
             hist = tf.pad(tf.convert_to_tensor(hist, tf.string), [[0, extra], [0, 0]])
             excl = tf.pad(tf.convert_to_tensor(excl, tf.string), [[0, extra], [0, 0]])
-        out = self.call(hist, k, exclude_seen, excl, explain_items)
+            if times is not None:
+                times = tf.pad(tf.convert_to_tensor(times, tf.int64), [[0, extra], [0, 0]],
+                               constant_values=UNKNOWN_TIMESTAMP)
+        out = self.call(hist, k, exclude_seen, excl, explain_items, times)
         return {name: value[:n] for name, value in out.items()}
 
     def recommend_batch(
@@ -263,10 +298,14 @@ class Recommender:
         exclude_seen: bool = True,
         exclude_item_ids: Sequence[str] | Sequence[Sequence[str]] = (),
         explain_items: int = 0,
+        timestamps: Sequence[Sequence[int] | None] | None = None,
     ) -> BatchResult:
         """Top-k for each history (oldest item first). ``exclude_item_ids`` is one list for all rows
         or one list per row. ``explain_items`` > 0: through the ``explain`` signature, with that many
-        history items explaining each returned item (:meth:`explain_batch`)."""
+        history items explaining each returned item (:meth:`explain_batch`). ``timestamps``: per history,
+        its events' times in seconds (one per item; negative: unknown) or None (unknown), read by a
+        ``time_bias`` model (:attr:`reads_timestamps`) through ``recommend_timed``; other models answer
+        the same without them."""
         if explain_items:
             self.check_explain_items(explain_items)
             self._explain_fn()
@@ -283,8 +322,12 @@ class Recommender:
             excl = _pad(exclude_item_ids, num_rows=rows)
         else:
             excl = np.tile(_pad([list(exclude_item_ids)]), (rows, 1))
-        return BatchResult.of(self._call_rows(_pad(histories, num_rows=rows), excl, k, exclude_seen, n=n,
-                                              explain_items=explain_items))
+        hist = _pad(histories, num_rows=rows)
+        times = _timestamp_rows(timestamps, histories, hist.shape) if timestamps is not None else None
+        if times is not None and not self.reads_timestamps:
+            times = None  # checked, but a model without time_bias has no use for them
+        return BatchResult.of(self._call_rows(hist, excl, k, exclude_seen, n=n, explain_items=explain_items,
+                                              times=times))
 
     def explain_batch(
         self,
@@ -391,8 +434,10 @@ class Recommender:
         k: int = 10,
         exclude_seen: bool = True,
         exclude_item_ids: Sequence[str] = (),
+        timestamps: Sequence[int] | None = None,
     ) -> Recommendation:
-        return self.recommend_batch([list(history)], k, exclude_seen, [list(exclude_item_ids)]).row(0)
+        return self.recommend_batch([list(history)], k, exclude_seen, [list(exclude_item_ids)],
+                                    timestamps=None if timestamps is None else [list(timestamps)]).row(0)
 
     def score_frame(
         self,
@@ -423,6 +468,10 @@ class Recommender:
         - a **history frame**: one row per user with ``user_col`` and a list-valued ``history_col``
           (oldest first; ``None``/NaN is an empty history). Chosen when ``history_col`` is given, or
           when ``df`` has no ``item_col`` but a ``"history"`` column.
+
+        A ``time_bias`` model (:attr:`reads_timestamps`) also reads each event's time from ``time_col``
+        of an events frame (numbers: seconds, as in the training data; dates), except with ``explain``;
+        history frames carry no times, so the bias is off for them.
 
         Item ids are compared as strings (``1193`` and ``"1193"`` are the same item; integral floats
         such as ``1193.0`` are read as integers). Unknown ids are ignored and counted, the last
@@ -497,7 +546,10 @@ class Recommender:
                         excl = tf.concat([excl, tail], axis=1)
                 else:
                     excl = np.broadcast_to(np.array(global_excl, dtype=object)[None, :], (len(rows), len(global_excl)))
-                out = self._call_rows(hist, excl, k, exclude_seen, explain_items=explain_items)
+                times = None
+                if batch.times is not None and self.reads_timestamps and not explain_items:
+                    times = _padded_codes(batch.offsets, batch.times, rows, UNKNOWN_TIMESTAMP)
+                out = self._call_rows(hist, excl, k, exclude_seen, explain_items=explain_items, times=times)
                 parts.append(_chunk_part(out["item_ids"], out["scores"])
                              + (_explanation_part(out, explain_items) if explain_items else ()))
                 unknown_out[rows] = out["unknown_count"]
@@ -520,6 +572,9 @@ class Recommender:
         for b in sizes:
             for width in widths:
                 self.recommend_batch([popular * width + ["<warm-up-unknown>"]] * b, k=k, exclude_seen=True)
+                if self.reads_timestamps:  # recommend_timed is a signature of its own
+                    self.recommend_batch([popular * width + ["<warm-up-unknown>"]] * b, k=k, exclude_seen=True,
+                                         timestamps=[list(range(len(popular) * width + 1))] * b)
         if self.keeps_state:
             _, states = self.encode_states([popular], k, True, [[]])
             self.advance_states(states, [popular + ["<warm-up-unknown>"]], k, True, [[]])
@@ -547,6 +602,8 @@ class FrameHistories:
     exclude_offsets: np.ndarray | None = None
     exclude_codes: np.ndarray | None = None
     exclude_table: np.ndarray | None = None
+    # Events frames with a time column: each event's time in seconds, aligned with item_codes.
+    times: np.ndarray | None = None
 
     @property
     def num_users(self) -> int:
@@ -694,6 +751,11 @@ def frame_histories(
             perm = None if grouped else np.argsort(user_codes, kind="stable")
         codes = item_codes.astype(np.int64) if perm is None else item_codes[perm].astype(np.int64)
         out = FrameHistories(pd.Index(uniques), offsets, codes, _id_table(item_uniques))
+        if time_col is not None and time_col in df.columns:
+            # Numbers are seconds (as in the training data); dates come as nanoseconds.
+            seconds = (np.floor(ts).astype(np.int64) if df[time_col].dtype.kind in "iuf"
+                       else np.floor_divide(ts, 10**9))
+            out.times = seconds if perm is None else seconds[perm]
         first_rows = None
         if exclude_col is not None:
             first_rows = np.empty(n, np.int64)

@@ -54,6 +54,7 @@ class Pending:
     state: object = None
     new_events: list = field(default_factory=list)
     explain_items: int = 0  # > 0: answered by the explain signature, that many history items per item
+    timestamps: list | None = None  # the history's event times for a time_bias model (None: unknown)
 
 
 @dataclass
@@ -97,14 +98,16 @@ class MicroBatcher:
             thread.start()
 
     def submit(self, history, k, exclude_seen, exclude_item_ids, deadline=None, *, live=False, state=None,
-               new_events=(), explain_items: int = 0) -> Future:
+               new_events=(), explain_items: int = 0, timestamps=None) -> Future:
         """Queue a request; its future's result is a :class:`Result`. ``live``: ``history`` is a stored
         user's whole history and the result carries its attention state when the model keeps states;
         ``state`` (an :class:`~sasrec.recommender.AttentionState`) is continued by ``new_events`` (the end of
         ``history`` it has not seen) instead of re-encoding, when the serving model allows it.
-        ``explain_items`` > 0: the result carries explanations (the explain signature, stateless)."""
+        ``explain_items`` > 0: the result carries explanations (the explain signature, stateless).
+        ``timestamps``: one time (or None) per ``history`` event, for a model that reads them (stateless)."""
         item = Pending(list(history), int(k), bool(exclude_seen), list(exclude_item_ids), deadline,
-                       live=live, state=state, new_events=list(new_events), explain_items=int(explain_items))
+                       live=live, state=state, new_events=list(new_events), explain_items=int(explain_items),
+                       timestamps=None if timestamps is None else list(timestamps))
         if self._closed:
             item.future.set_exception(ShuttingDown("server is shutting down"))
         else:
@@ -224,9 +227,12 @@ class MicroBatcher:
                 continued.append(item)
         if stateless:
             items = [item for item, _ in stateless]
+            # Times only when a row has some: a model (or stand-in) without time_bias is called as before.
+            timed = any(item.timestamps is not None for item in items)
             self._run_model(model, items, lambda: (model.recommend_batch(
                 [item.history for item in items], k=k, exclude_seen=exclude_seen,
-                exclude_item_ids=[item.exclude_item_ids for item in items]), [None] * len(items)),
+                exclude_item_ids=[item.exclude_item_ids for item in items],
+                **({"timestamps": [item.timestamps for item in items]} if timed else {})), [None] * len(items)),
                 outcome=[reason for _, reason in stateless])
         if continued:
             answered = self._run_model(model, continued, lambda: model.advance_states(

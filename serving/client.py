@@ -67,10 +67,13 @@ class RecommenderClient:
         timeout: float | None = None,
         explain: bool = False,
         explain_items: int | None = None,
+        timestamps: Sequence[int] = (),
     ) -> recommender_pb2.RecommendResponse:
-        """``explain``/``explain_items``: each returned item carries the history items that drove it."""
+        """``explain``/``explain_items``: each returned item carries the history items that drove it.
+        ``timestamps``: none, or each history event's Unix seconds (read by a time_bias model)."""
         request = recommender_pb2.RecommendRequest(
-            history=list(history), exclude_item_ids=list(exclude_item_ids), user_id=user_id
+            history=list(history), exclude_item_ids=list(exclude_item_ids), user_id=user_id,
+            timestamps=list(timestamps),
         )
         return self._call(self.stub.Recommend, _with_options(request, k, exclude_seen, explain, explain_items), timeout)
 

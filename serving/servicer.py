@@ -3,7 +3,8 @@
 Live histories (AppendEvents, RecommendForUser, GetHistory, DeleteUser) go to the
 :class:`~serving.history_store.HistoryStore` the server opened (FAILED_PRECONDITION without one);
 RecommendForUser scores the stored history through the same path as Recommend, continuing the
-user's cached attention state (:mod:`serving.state_cache`) when the model exports one. History rules (vocabulary, unknown ids, truncation, seen items, cold start) live in the SavedModel
+user's cached attention state (:mod:`serving.state_cache`) when the model exports one; a time_bias
+model (which reads the events' timestamps) answers from the stored events and times without one. History rules (vocabulary, unknown ids, truncation, seen items, cold start) live in the SavedModel
 signature and are reached through the micro-batcher and :class:`sasrec.recommender.Recommender`.
 Every outcome is a deliberate status code: INVALID_ARGUMENT names the field, UNAVAILABLE means no
 model yet, shutting down or the history store failing, DEADLINE_EXCEEDED when the caller's deadline
@@ -78,6 +79,17 @@ def explain_items(request, model) -> int:
     return items
 
 
+def reads_timestamps(model, explained: int) -> bool:
+    """Whether ``model`` reads events' timestamps (a time_bias model), or RequestError when the request
+    also asks for explanations, which read none (they would explain another answer)."""
+    reads = bool(getattr(model, "reads_timestamps", False))
+    if reads and explained:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           "explain: the served model reads timestamps (time_bias) and its explanations do not; "
+                           "ask without explain")
+    return reads
+
+
 METHODS = ("Recommend", "GetModelInfo", "AppendEvents", "RecommendForUser", "GetHistory", "DeleteUser")
 
 
@@ -124,7 +136,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
 
     def _score(self, history, k, exclude_seen, exclude, context, **live) -> tuple:
         """Recommend's answer for ``history`` (the batcher and the SavedModel signature) and the batcher's
-        :class:`~serving.batcher.Result`; ``live``: the batcher's keywords for a stored user's history."""
+        :class:`~serving.batcher.Result`; ``live``: the batcher's keywords for a stored user's history
+        (or ``timestamps``, the events' times for a time_bias model)."""
         remaining = context.time_remaining()
         deadline = None if remaining is None or remaining > 1e6 else time.monotonic() + remaining
         future = self._batcher.submit(history, k, exclude_seen, exclude, deadline, **live)
@@ -165,7 +178,15 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             k, exclude_seen, exclude = validate(request, model, self._max_k)
             explained = explain_items(request, model)
             history = check_ids("history", request.history)
-            response, _ = self._score(history, k, exclude_seen, exclude, context, explain_items=explained)
+            timestamps = list(request.timestamps) or None
+            if timestamps is not None and len(timestamps) != len(history):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"timestamps: {len(timestamps)} given for a history of {len(history)} items "
+                                   "(give one per item or none)")
+            if timestamps is not None and not reads_timestamps(model, explained):
+                timestamps = None  # a model without time_bias answers the same without them
+            response, _ = self._score(history, k, exclude_seen, exclude, context, explain_items=explained,
+                                      timestamps=timestamps)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "Recommend user_id=%r history=%d k=%d unknown=%d cold_start=%s",
@@ -235,13 +256,19 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             model = self._store.get()
             k, exclude_seen, exclude = validate(request, model, self._max_k)
             explained = explain_items(request, model)
+            timed = reads_timestamps(model, explained)
             response = recommender_pb2.RecommendForUserResponse()
             states = self._states
             token = states.begin() if states is not None else None  # before the store is read: see StateCache.put
             if request.item_ids or request.timestamps or request.idempotency_key:
                 response.append.CopyFrom(self._append("RecommendForUser", request))
-            history = self._stored("RecommendForUser", "history", request.user_id).item_ids
-            if states is None or explained:
+            history, times = self._stored("RecommendForUser", "history", request.user_id)
+            if timed:
+                # A time_bias model answers from the stored events and their times, without a cached state:
+                # its state signatures read no timestamps.
+                answer, _ = self._score(history, k, exclude_seen, exclude, context,
+                                        timestamps=times if any(t is not None for t in times) else None)
+            elif states is None or explained:
                 answer, _ = self._score(history, k, exclude_seen, exclude, context, explain_items=explained)
             else:
                 state, new_events = states.continuation(request.user_id, history)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsasrec/v1/recommender.proto\x12\tsasrec.v1\"\xcf\x01\n\x10RecommendRequest\x12\x0f\n\x07history\x18\x01 \x03(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12\x1a\n\rexplain_items\x18\x07 \x01(\x05H\x02\x88\x01\x01\x42\x04\n\x02_kB\x0f\n\r_exclude_seenB\x10\n\x0e_explain_items\"/\n\x0c\x43ontribution\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"Z\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12,\n\x0b\x65xplanation\x18\x03 \x03(\x0b\x32\x17.sasrec.v1.Contribution\"\xad\x01\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.sasrec.v1.ScoredItem\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x1b\n\x13unknown_history_ids\x18\x04 \x01(\x05\x12\x12\n\ncold_start\x18\x05 \x01(\x08\x12\x16\n\x0e\x65xplain_method\x18\x06 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xaa\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0e\n\x06maxlen\x18\x03 \x01(\x05\x12\r\n\x05max_k\x18\x04 \x01(\x05\x12\x11\n\tnum_items\x18\x05 \x01(\x05\x12\x13\n\x0b\x65xported_at\x18\x06 \x01(\t\x12\x12\n\nsource_run\x18\x07 \x01(\t\x12\x17\n\x0fmodel_card_json\x18\x08 \x01(\t\"e\n\x13\x41ppendEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\x12\n\ntimestamps\x18\x03 \x03(\x03\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"L\n\x14\x41ppendEventsResponse\x12\x10\n\x08\x61ppended\x18\x01 \x01(\x05\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x05\"\x84\x02\n\x17RecommendForUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x10\n\x08item_ids\x18\x05 \x03(\t\x12\x12\n\ntimestamps\x18\x06 \x03(\x03\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x08 \x01(\x08\x12\x1a\n\rexplain_items\x18\t \x01(\x05H\x02\x88\x01\x01\x42\x04\n\x02_kB\x0f\n\r_exclude_seenB\x10\n\x0e_explain_items\"\x99\x01\n\x18RecommendForUserResponse\x12\x34\n\x0erecommendation\x18\x01 \x01(\x0b\x32\x1c.sasrec.v1.RecommendResponse\x12/\n\x06\x61ppend\x18\x02 \x01(\x0b\x32\x1f.sasrec.v1.AppendEventsResponse\x12\x16\n\x0ehistory_length\x18\x03 \x01(\x05\"$\n\x11GetHistoryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\">\n\x05\x45vent\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x16\n\ttimestamp\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_timestamp\"6\n\x12GetHistoryResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.sasrec.v1.Event\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteUserResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xdf\x03\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.sasrec.v1.RecommendRequest\x1a\x1c.sasrec.v1.RecommendResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.sasrec.v1.GetModelInfoRequest\x1a\x14.sasrec.v1.ModelInfo\x12O\n\x0c\x41ppendEvents\x12\x1e.sasrec.v1.AppendEventsRequest\x1a\x1f.sasrec.v1.AppendEventsResponse\x12[\n\x10RecommendForUser\x12\".sasrec.v1.RecommendForUserRequest\x1a#.sasrec.v1.RecommendForUserResponse\x12I\n\nGetHistory\x12\x1c.sasrec.v1.GetHistoryRequest\x1a\x1d.sasrec.v1.GetHistoryResponse\x12I\n\nDeleteUser\x12\x1c.sasrec.v1.DeleteUserRequest\x1a\x1d.sasrec.v1.DeleteUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsasrec/v1/recommender.proto\x12\tsasrec.v1\"\xe3\x01\n\x10RecommendRequest\x12\x0f\n\x07history\x18\x01 \x03(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12\x1a\n\rexplain_items\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\ntimestamps\x18\x08 \x03(\x03\x42\x04\n\x02_kB\x0f\n\r_exclude_seenB\x10\n\x0e_explain_items\"/\n\x0c\x43ontribution\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"Z\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12,\n\x0b\x65xplanation\x18\x03 \x03(\x0b\x32\x17.sasrec.v1.Contribution\"\xad\x01\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.sasrec.v1.ScoredItem\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x1b\n\x13unknown_history_ids\x18\x04 \x01(\x05\x12\x12\n\ncold_start\x18\x05 \x01(\x08\x12\x16\n\x0e\x65xplain_method\x18\x06 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xaa\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0e\n\x06maxlen\x18\x03 \x01(\x05\x12\r\n\x05max_k\x18\x04 \x01(\x05\x12\x11\n\tnum_items\x18\x05 \x01(\x05\x12\x13\n\x0b\x65xported_at\x18\x06 \x01(\t\x12\x12\n\nsource_run\x18\x07 \x01(\t\x12\x17\n\x0fmodel_card_json\x18\x08 \x01(\t\"e\n\x13\x41ppendEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\x12\n\ntimestamps\x18\x03 \x03(\x03\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"L\n\x14\x41ppendEventsResponse\x12\x10\n\x08\x61ppended\x18\x01 \x01(\x05\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x05\"\x84\x02\n\x17RecommendForUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x0c\x65xclude_seen\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x10\n\x08item_ids\x18\x05 \x03(\t\x12\x12\n\ntimestamps\x18\x06 \x03(\x03\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x08 \x01(\x08\x12\x1a\n\rexplain_items\x18\t \x01(\x05H\x02\x88\x01\x01\x42\x04\n\x02_kB\x0f\n\r_exclude_seenB\x10\n\x0e_explain_items\"\x99\x01\n\x18RecommendForUserResponse\x12\x34\n\x0erecommendation\x18\x01 \x01(\x0b\x32\x1c.sasrec.v1.RecommendResponse\x12/\n\x06\x61ppend\x18\x02 \x01(\x0b\x32\x1f.sasrec.v1.AppendEventsResponse\x12\x16\n\x0ehistory_length\x18\x03 \x01(\x05\"$\n\x11GetHistoryRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\">\n\x05\x45vent\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x16\n\ttimestamp\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_timestamp\"6\n\x12GetHistoryResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.sasrec.v1.Event\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteUserResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xdf\x03\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.sasrec.v1.RecommendRequest\x1a\x1c.sasrec.v1.RecommendResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.sasrec.v1.GetModelInfoRequest\x1a\x14.sasrec.v1.ModelInfo\x12O\n\x0c\x41ppendEvents\x12\x1e.sasrec.v1.AppendEventsRequest\x1a\x1f.sasrec.v1.AppendEventsResponse\x12[\n\x10RecommendForUser\x12\".sasrec.v1.RecommendForUserRequest\x1a#.sasrec.v1.RecommendForUserResponse\x12I\n\nGetHistory\x12\x1c.sasrec.v1.GetHistoryRequest\x1a\x1d.sasrec.v1.GetHistoryResponse\x12I\n\nDeleteUser\x12\x1c.sasrec.v1.DeleteUserRequest\x1a\x1d.sasrec.v1.DeleteUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,35 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sasrec.v1.recommender_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RECOMMENDREQUEST']._serialized_start=43
-  _globals['_RECOMMENDREQUEST']._serialized_end=250
-  _globals['_CONTRIBUTION']._serialized_start=252
-  _globals['_CONTRIBUTION']._serialized_end=299
-  _globals['_SCOREDITEM']._serialized_start=301
-  _globals['_SCOREDITEM']._serialized_end=391
-  _globals['_RECOMMENDRESPONSE']._serialized_start=394
-  _globals['_RECOMMENDRESPONSE']._serialized_end=567
-  _globals['_GETMODELINFOREQUEST']._serialized_start=569
-  _globals['_GETMODELINFOREQUEST']._serialized_end=590
-  _globals['_MODELINFO']._serialized_start=593
-  _globals['_MODELINFO']._serialized_end=763
-  _globals['_APPENDEVENTSREQUEST']._serialized_start=765
-  _globals['_APPENDEVENTSREQUEST']._serialized_end=866
-  _globals['_APPENDEVENTSRESPONSE']._serialized_start=868
-  _globals['_APPENDEVENTSRESPONSE']._serialized_end=944
-  _globals['_RECOMMENDFORUSERREQUEST']._serialized_start=947
-  _globals['_RECOMMENDFORUSERREQUEST']._serialized_end=1207
-  _globals['_RECOMMENDFORUSERRESPONSE']._serialized_start=1210
-  _globals['_RECOMMENDFORUSERRESPONSE']._serialized_end=1363
-  _globals['_GETHISTORYREQUEST']._serialized_start=1365
-  _globals['_GETHISTORYREQUEST']._serialized_end=1401
-  _globals['_EVENT']._serialized_start=1403
-  _globals['_EVENT']._serialized_end=1465
-  _globals['_GETHISTORYRESPONSE']._serialized_start=1467
-  _globals['_GETHISTORYRESPONSE']._serialized_end=1521
-  _globals['_DELETEUSERREQUEST']._serialized_start=1523
-  _globals['_DELETEUSERREQUEST']._serialized_end=1559
-  _globals['_DELETEUSERRESPONSE']._serialized_start=1561
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1598
-  _globals['_RECOMMENDER']._serialized_start=1601
-  _globals['_RECOMMENDER']._serialized_end=2080
+  _globals['_RECOMMENDREQUEST']._serialized_end=270
+  _globals['_CONTRIBUTION']._serialized_start=272
+  _globals['_CONTRIBUTION']._serialized_end=319
+  _globals['_SCOREDITEM']._serialized_start=321
+  _globals['_SCOREDITEM']._serialized_end=411
+  _globals['_RECOMMENDRESPONSE']._serialized_start=414
+  _globals['_RECOMMENDRESPONSE']._serialized_end=587
+  _globals['_GETMODELINFOREQUEST']._serialized_start=589
+  _globals['_GETMODELINFOREQUEST']._serialized_end=610
+  _globals['_MODELINFO']._serialized_start=613
+  _globals['_MODELINFO']._serialized_end=783
+  _globals['_APPENDEVENTSREQUEST']._serialized_start=785
+  _globals['_APPENDEVENTSREQUEST']._serialized_end=886
+  _globals['_APPENDEVENTSRESPONSE']._serialized_start=888
+  _globals['_APPENDEVENTSRESPONSE']._serialized_end=964
+  _globals['_RECOMMENDFORUSERREQUEST']._serialized_start=967
+  _globals['_RECOMMENDFORUSERREQUEST']._serialized_end=1227
+  _globals['_RECOMMENDFORUSERRESPONSE']._serialized_start=1230
+  _globals['_RECOMMENDFORUSERRESPONSE']._serialized_end=1383
+  _globals['_GETHISTORYREQUEST']._serialized_start=1385
+  _globals['_GETHISTORYREQUEST']._serialized_end=1421
+  _globals['_EVENT']._serialized_start=1423
+  _globals['_EVENT']._serialized_end=1485
+  _globals['_GETHISTORYRESPONSE']._serialized_start=1487
+  _globals['_GETHISTORYRESPONSE']._serialized_end=1541
+  _globals['_DELETEUSERREQUEST']._serialized_start=1543
+  _globals['_DELETEUSERREQUEST']._serialized_end=1579
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1581
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1618
+  _globals['_RECOMMENDER']._serialized_start=1621
+  _globals['_RECOMMENDER']._serialized_end=2100
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("history", "k", "exclude_seen", "exclude_item_ids", "user_id", "explain", "explain_items")
+    __slots__ = ("history", "k", "exclude_seen", "exclude_item_ids", "user_id", "explain", "explain_items", "timestamps")
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class RecommendRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     history: _containers.RepeatedScalarFieldContainer[str]
     k: int
     exclude_seen: bool
@@ -22,7 +23,8 @@ class RecommendRequest(_message.Message):
     user_id: str
     explain: bool
     explain_items: int
-    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., user_id: _Optional[str] = ..., explain: _Optional[bool] = ..., explain_items: _Optional[int] = ...) -> None: ...
+    timestamps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., user_id: _Optional[str] = ..., explain: _Optional[bool] = ..., explain_items: _Optional[int] = ..., timestamps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Contribution(_message.Message):
     __slots__ = ("item_id", "weight")

@@ -148,3 +148,44 @@ def test_the_feed_and_the_evaluation_pass_history_times_only(tiny_dataset):
 def test_linear_attention_refuses_the_time_bias():
     with pytest.raises(InputError, match="time_bias"):
         SASRecConfig(time_bias=True, attention_normalisation="linear")
+
+
+def test_the_export_reads_timestamps_through_recommend_timed(tmp_path):
+    import pandas as pd
+
+    from sasrec.export import export_model
+    from sasrec.recommender import Recommender
+
+    items = np.array(["<pad>", "<oov>"] + [f"i{i}" for i in range(2, VOCAB)], dtype=object)
+    model = time_model(seed=2)
+    rec = Recommender.load(export_model(model, tmp_path, item_ids=items, train_counts=np.arange(VOCAB)))
+    assert rec.reads_timestamps and rec.card["time_bias"]
+    # Longer than maxlen, with an unknown id: the window keeps the last 12 known items and their own times.
+    ids = np.concatenate([HISTORY, HISTORY[:6] + 1])
+    times = 1_700_000_000 + np.cumsum(np.arange(len(ids) + 1) ** 4)
+    history = [f"i{i}" for i in ids[:7]] + ["unknown"] + [f"i{i}" for i in ids[7:]]
+    stamps = np.concatenate([times[:7], [times[-1] + 50], times[7:-1]]).tolist()
+
+    def top5(scores):
+        top = np.argsort(-scores[2:])[:5] + 2
+        return [f"i{i}" for i in top], scores[top]
+
+    def check(result, inputs_):
+        expected_ids, expected_scores = top5(numpy(model.score_last(inputs_))[0])
+        assert list(result.item_ids[0]) == expected_ids
+        np.testing.assert_allclose(result.scores[0], expected_scores, atol=1e-4)
+
+    check(rec.recommend_batch([history], 5, False, timestamps=[stamps]), inputs([ids[-MAXLEN:]], [times[:-1][-MAXLEN:]], MAXLEN))
+    # Without timestamps (or with unknown ones) the bias is off and the model still answers.
+    plain = padded([ids[-MAXLEN:]], MAXLEN).astype("int32")
+    untimed = rec.recommend_batch([history], 5, False)
+    check(untimed, plain)
+    assert np.abs(untimed.scores[0] - rec.recommend_batch([history], 5, False, timestamps=[stamps]).scores[0]).max() > 1e-3
+    check(rec.recommend_batch([history], 5, False, timestamps=[[-1] * len(history)]), plain)
+    with pytest.raises(InputError, match=r"timestamps\[0\]"):
+        rec.recommend_batch([history], 5, False, timestamps=[stamps[1:]])
+    # score_frame reads the events frame's time column.
+    frame = pd.DataFrame({"user_id": 1, "item_id": history, "timestamp": stamps})
+    scored = rec.score_frame(frame, k=5, exclude_seen=False)
+    np.testing.assert_allclose(scored["score"].to_numpy(),
+                               rec.recommend_batch([history], 5, False, timestamps=[stamps]).scores[0], atol=1e-5)
