@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipelines.dataset import SequenceDataset, read_dataset
+from pipelines.dataset import SequenceDataset, read_dataset, read_manifest
 from pipelines.errors import InputError
 from sasrec.config import SASRecConfig
 from sasrec.distributed import Cluster, xla_supported
@@ -207,6 +207,14 @@ def check_held_out(ds: SequenceDataset, data_dir: Path) -> None:
                              f"(split {protocol}); {how}")
 
 
+def check_time_bias(config: SASRecConfig, data_dir: Path) -> None:
+    """``time_bias`` reads the dataset's timestamps: refuse file-order ones (input positions, not times)."""
+    if config.time_bias and read_manifest(data_dir).get("reader", {}).get("timestamp") == "file-order":
+        raise InputError(f"config field 'time_bias': --data {data_dir} has no event times (prepared from a format "
+                         "without them, its timestamps are file order); prepare a log with timestamps or set "
+                         "time_bias = false")
+
+
 def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, verbose: int | str = "auto",
           cluster: Cluster | None = None) -> dict | None:
     """Train (or resume) a run and evaluate its best model on the test split. Returns metrics.json.
@@ -219,6 +227,7 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
     run = RunFolder(run_dir)
     ds = read_dataset(data_dir)
     check_held_out(ds, data_dir)
+    check_time_bias(config, data_dir)
     loss_name = config.resolved_loss(ds.num_items)
     run.create_or_check(data_dir, config, {"backend": keras.backend.backend(), "loss": loss_name,
                                            "data": str(data_dir.resolve())}, create=writes)

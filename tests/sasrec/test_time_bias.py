@@ -189,3 +189,14 @@ def test_the_export_reads_timestamps_through_recommend_timed(tmp_path):
     scored = rec.score_frame(frame, k=5, exclude_seen=False)
     np.testing.assert_allclose(scored["score"].to_numpy(),
                                rec.recommend_batch([history], 5, False, timestamps=[stamps]).scores[0], atol=1e-5)
+
+
+def test_training_refuses_the_time_bias_on_file_order_timestamps(tmp_path):
+    from pipelines.prepare import prepare_file
+    from sasrec.train import train
+
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("".join(f"{user} {item}\n" for user in (1, 2) for item in range(1, 6)))
+    prepare_file("pairs", pairs, tmp_path / "data", kcore="none")
+    with pytest.raises(InputError, match="time_bias"):
+        train(tmp_path / "data", tmp_path / "run", SASRecConfig(time_bias=True, tensorboard=False))
