@@ -15,7 +15,8 @@ removed). ML-100K: ``--seeds`` seeds per arm, at most ``--epochs`` epochs; users
 arm (42), at most ``--epochs-1m`` epochs (a fixed budget). Reported per data set and arm: mean and
 spread (population standard deviation over seeds; 0 with one seed) of validation (at the best epoch)
 and test HR@10 / NDCG@10, epochs run and training seconds per epoch. Results go to the ``time-bias``
-section of BENCHMARKS.md, rewritten after every run.
+section of BENCHMARKS.md, rewritten after every arm; a run of some ``--datasets`` keeps the other data
+sets' rows (column ``measured``: the date of each row's run).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.report import SHARED_DATA, accelerator, write_section  # noqa: E402
+from benchmarks.report import SHARED_DATA, accelerator, section_rows, write_section  # noqa: E402
 
 DATASETS = {
     "ml-100k": SHARED_DATA / "ml-100k" / "u.data",
@@ -78,6 +79,7 @@ def summary(dataset: str, time_bias: bool, runs: list[dict], seeds: list[int]) -
     row["test NDCG@10 per seed"] = " ".join(f"{r['test NDCG@10']:.4f}" for r in runs)
     row["epochs (best)"] = " ".join(f"{r['epochs']} ({r['best epoch']})" for r in runs)
     row["s / epoch"] = statistics.mean(r["s / epoch"] for r in runs)
+    row["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return row
 
 
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
         return 0
     from pipelines.prepare import prepare_file
 
-    rows = []
+    earlier, earlier_date = section_rows("time-bias")
+    rows = [{**row, "measured": row.get("measured") or earlier_date} for row in earlier if row["data"] not in names]
     notes = (
         f"Dense preset (full softmax CE, 2 blocks, d 128, maxlen 200, dropout 0.2, positions from_start), the two arms "
         f"identical but for time_bias (per-head bias by bucket floor(log2(1 + gap seconds)) of query and key event). "
@@ -107,7 +110,9 @@ def main(argv=None) -> int:
         f"(patience 5), the best validation model tested on every user. ML-100K: {args.seeds} seeds per arm, at most "
         f"{args.epochs} epochs; users1-2999: 1 seed (42) per arm, at most {args.epochs_1m} epochs. Mean ± population "
         f"standard deviation over seeds (0 with one seed). Device {accelerator()}, shared with other work: s / epoch "
-        "is indicative only. A gain counts only when larger than the spread."
+        "is indicative only. A gain counts only when larger than the spread. Rows of data sets not in the latest "
+        "run are kept from earlier runs (measured: each row's date; the command and settings above are the latest "
+        "run's)."
     )
     with tempfile.TemporaryDirectory(prefix="time-bias-") as tmp:
         for name in names:
