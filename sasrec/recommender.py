@@ -470,8 +470,9 @@ class Recommender:
           when ``df`` has no ``item_col`` but a ``"history"`` column.
 
         A ``time_bias`` model (:attr:`reads_timestamps`) also reads each event's time from ``time_col``
-        of an events frame (numbers: seconds, as in the training data; dates), except with ``explain``;
-        history frames carry no times, so the bias is off for them.
+        of an events frame (numbers: seconds, as in the training data; dates); with ``explain`` it refuses
+        them (explanations read no times: pass ``time_col=None``). History frames carry no times, so the
+        bias is off for them.
 
         Item ids are compared as strings (``1193`` and ``"1193"`` are the same item; integral floats
         such as ``1193.0`` are read as integers). Unknown ids are ignored and counted, the last
@@ -509,6 +510,10 @@ class Recommender:
         explain_items = self.check_explain_items(explain_items) if explain else 0
         if explain:
             self._explain_fn()
+            if batch.times is not None and self.reads_timestamps:
+                # The explain signature reads no times: its scores would not be this model's answer.
+                raise InputError("explain: explanations of a time_bias model read no timestamps; score without "
+                                 "explain, or explain without times (time_col=None)")
         return self._score_histories(batch, int(k), exclude_seen=exclude_seen, exclude_item_ids=exclude_item_ids,
                                      chunk_size=chunk_size, sort_by_length=sort_by_length, progress=progress,
                                      explain_items=explain_items)
@@ -547,7 +552,7 @@ class Recommender:
                 else:
                     excl = np.broadcast_to(np.array(global_excl, dtype=object)[None, :], (len(rows), len(global_excl)))
                 times = None
-                if batch.times is not None and self.reads_timestamps and not explain_items:
+                if batch.times is not None and self.reads_timestamps:
                     times = _padded_codes(batch.offsets, batch.times, rows, UNKNOWN_TIMESTAMP)
                 out = self._call_rows(hist, excl, k, exclude_seen, explain_items=explain_items, times=times)
                 parts.append(_chunk_part(out["item_ids"], out["scores"])

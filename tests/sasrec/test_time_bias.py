@@ -189,6 +189,11 @@ def test_the_export_reads_timestamps_through_recommend_timed(tmp_path):
     scored = rec.score_frame(frame, k=5, exclude_seen=False)
     np.testing.assert_allclose(scored["score"].to_numpy(),
                                rec.recommend_batch([history], 5, False, timestamps=[stamps]).scores[0], atol=1e-5)
+    # Explanations read no times: refused with them, the untimed answer without them.
+    with pytest.raises(InputError, match="explain"):
+        rec.score_frame(frame, k=5, exclude_seen=False, explain=True)
+    explained = rec.score_frame(frame, k=5, exclude_seen=False, explain=True, time_col=None)
+    np.testing.assert_allclose(explained["score"].to_numpy(), untimed.scores[0], atol=1e-5)
 
 
 def test_training_refuses_the_time_bias_on_file_order_timestamps(tmp_path):
