@@ -207,6 +207,8 @@ def full_runs(names: list[str], data: Path, args) -> int:
         for row in runs:
             print(row, flush=True)
         rows += runs
+        if len(runs) < 2:
+            continue
         summary = {"variant": name, "seed": f"mean of {len(runs)}"}
         for metric in ("test HR@10", "test NDCG@10", "best val NDCG@10"):
             values = [row[metric] for row in runs]
