@@ -186,10 +186,9 @@ def full_run(name: str, seed: int, data: Path, work: Path) -> dict:
     overrides = [a for key, value in {**VARIANTS[name], "seed": seed}.items() for a in ("--set", f"{key}={json.dumps(value)}")]
     subprocess.run([sys.executable, "-m", "sasrec", "train", "--data", str(data), "--out", str(run),
                     "--config", str(ROOT / "configs" / "dense.toml"), "--quiet", *overrides], cwd=ROOT, check=True)
-    metrics = RunFolder(run).read_metrics()
-    test = next(r["metrics"] for r in metrics["results"]
-                if r["protocol"]["split"] == "test" and r["protocol"]["protocol"] == "full")
-    training = metrics["training"]
+    folder = RunFolder(run)
+    test = folder.test_metrics("full")
+    training = folder.read_metrics()["training"]
     return {
         "variant": name, "seed": seed, "test HR@10": test["hr@10"], "test NDCG@10": test["ndcg@10"],
         "best val NDCG@10": training["best"], "epochs (best)": f"{training['epoch']} ({training['best_epoch']})",

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import statistics
 import sys
@@ -48,6 +47,7 @@ METRICS = ("val HR@10", "val NDCG@10", "test HR@10", "test NDCG@10")
 def train_arm(data: Path, run: Path, time_bias: bool, seed: int, epochs: int) -> dict:
     """One training run of the dense preset; its best-validation and test metrics."""
     from sasrec.config import SASRecConfig
+    from sasrec.run import RunFolder
     from sasrec.train import train
 
     config = SASRecConfig(**{**SASRecConfig.preset("dense").to_dict(), "time_bias": time_bias, "seed": seed,
@@ -59,13 +59,12 @@ def train_arm(data: Path, run: Path, time_bias: bool, seed: int, epochs: int) ->
         log = list(csv.DictReader(f))
     evaluated = [row for row in log if row.get("val_ndcg@10") not in (None, "", "nan")]
     best = max(evaluated, key=lambda row: float(row["val_ndcg@10"]))
-    results = json.loads((run / "metrics.json").read_text())["results"]
-    test = next(r for r in results if r["protocol"]["split"] == "test" and r["protocol"]["protocol"] == "full")
+    test = RunFolder(run).test_metrics("full")
     seconds = [float(row["wall_seconds"]) for row in log]
     per_epoch = [b - a for a, b in zip(seconds, seconds[1:])] or seconds
     return {
         "val HR@10": float(best["val_hr@10"]), "val NDCG@10": float(best["val_ndcg@10"]),
-        "test HR@10": test["metrics"]["hr@10"], "test NDCG@10": test["metrics"]["ndcg@10"],
+        "test HR@10": test["hr@10"], "test NDCG@10": test["ndcg@10"],
         "epochs": len(log), "best epoch": int(best["epoch"]) + 1, "s / epoch": statistics.median(per_epoch),
         "wall s": wall,
     }

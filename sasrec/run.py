@@ -197,6 +197,15 @@ class RunFolder:
         path = self.path / METRICS_FILE
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def test_metrics(self, protocol: str = "full") -> dict:
+        """The test split's metrics under ``protocol`` ("full" or "sampled-100") from ``metrics.json``."""
+        metrics = self.read_metrics()
+        found = [r["metrics"] for r in (metrics or {}).get("results", [])
+                 if r["protocol"]["split"] == "test" and r["protocol"]["protocol"] == protocol]
+        if not found:
+            raise InputError(f"{self.path / METRICS_FILE}: no test results with protocol {protocol!r}")
+        return found[0]
+
     def write_metrics(self, metrics: dict) -> None:
         with atomic_file(self.path / METRICS_FILE, "w") as handle:
             json.dump(metrics, handle, indent=2)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.errors import InputError
 from sasrec.cli import main
+from sasrec.run import RunFolder
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--set", "tensorboard=false", "--set", "eval_every=2", "--quiet"]
@@ -43,6 +45,9 @@ def test_model_beats_popularity_by_far_on_synthetic_chains(tiny_dataset, tmp_pat
         assert (run / name).exists(), name
     assert any((run / "tensorboard").rglob("events.out.tfevents*"))
     assert len((run / "log.csv").read_text().splitlines()) == 13  # header + one row per epoch
+    assert RunFolder(run).test_metrics("full") == full["metrics"]
+    with pytest.raises(InputError, match="no test results with protocol 'sampled-1000'"):
+        RunFolder(run).test_metrics("sampled-1000")
 
 
 @pytest.mark.slow
