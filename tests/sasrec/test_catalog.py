@@ -24,7 +24,7 @@ from tests.conftest import make_synthetic_dataset
 
 TRAIN = ["--set", "loss=auto", "--set", "maxlen=16", "--set", "hidden_units=32", "--set", "num_blocks=1",
          "--set", "dropout=0.1", "--set", "batch_size=256", "--set", "learning_rate=0.005", "--set", "exclude_seen_negatives=true",
-         "--set", "negative_sampling=popularity", "--set", "tensorboard=false", "--set", "eval_every=3",
+         "--set", "negative_sampling=popularity", "--set", "tensorboard=false", "--set", "jit_compile=false", "--set", "eval_every=3",
          "--set", "eval_max_users=5000"]
 
 

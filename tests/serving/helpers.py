@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,14 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 def item_names(num_items: int) -> list[str]:
     return [f"item-{i:04d}" for i in range(num_items)]
+
+
+def publish_copy(version_dir: Path, model_base: Path, version: int) -> Path:
+    """A copy of an exported version published as ``model_base/version`` the way `sasrec export` publishes
+    (a hidden folder, then a rename): a new version for the server without the cost of another export."""
+    staging = Path(model_base) / f".{version}.tmp-copy"
+    shutil.copytree(version_dir, staging)
+    return staging.rename(Path(model_base) / str(version))
 
 
 def make_run(run: Path, *, num_items: int = 40, maxlen: int = 12, hidden_units: int = 16, seed: int = 0,

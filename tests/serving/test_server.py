@@ -12,7 +12,7 @@ import pytest
 
 from sasrec.v1 import recommender_pb2
 from tests.serving.conftest import start_server
-from tests.serving.helpers import item_names
+from tests.serving.helpers import item_names, publish_copy
 
 NAMES = item_names(40)
 
@@ -184,14 +184,14 @@ def test_health_transitions_and_hot_reload_with_zero_errors(run_dir, tmp_path):
         threads = [threading.Thread(target=load) for _ in range(8)]
         for t in threads:
             t.start()
-        export_run(run_dir, base)  # version 2
+        publish_copy(base / "1", base, 2)
         _wait(lambda: srv.store.version == 2)
         broken = base / "3"
         broken.mkdir()
         (broken / "saved_model.pb").write_bytes(b"not a saved model")
         time.sleep(1.0)  # a few polls: version 3 fails to load and is skipped
         assert srv.store.version == 2
-        export_run(run_dir, base)  # version 4, above the broken one
+        publish_copy(base / "1", base, 4)  # above the broken one
         _wait(lambda: srv.store.version == 4)
         time.sleep(0.3)
         stop.set()

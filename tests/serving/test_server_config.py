@@ -152,12 +152,11 @@ def test_warming_a_new_version_does_not_stall_calls_to_the_serving_one(tmp_path,
     keep completing all through it. With an XLA export (one compile per batch size and width) that
     needs a second inter-op thread, as the flag's help says; a default export needs nothing."""
     from sasrec.export import export_run
-    from tests.serving.helpers import make_run
+    from tests.serving.helpers import make_run, publish_copy
 
     # ML-1M-sized (XLA compiles take ~0.5 s each); three batch sizes keep the test short.
     run = make_run(tmp_path / "run", num_items=3416, maxlen=200, hidden_units=50)
-    export_run(run, tmp_path / "m", version=1, jit_compile=xla)
-    export_run(run, tmp_path / "m", version=2, jit_compile=xla)
+    publish_copy(export_run(run, tmp_path / "m", version=1, jit_compile=xla), tmp_path / "m", 2)
     script = textwrap.dedent(
         """
         import json, os, sys, threading, time
