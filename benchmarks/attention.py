@@ -3,6 +3,7 @@
     python -m benchmarks.attention [--dataset DIR] [--epochs 4] [--eval-max-users 1000] [--variants a,b]
     python -m benchmarks.attention --long-histories [--maxlens 200,1000,2000] [--steps 5]
     python -m benchmarks.attention --full --variants a,b [--seeds 42,1,2] [--work runs/attention] [--dataset DIR]
+    python -m benchmarks.attention --serving-cost [--variants a,b] [--seconds 3] [--rounds 3]
 
 Each variant trains the ``dense`` preset (configs/dense.toml) with its attention fields changed and
 nothing else, from scratch, for a fixed small number of epochs (``--epochs``), validating on a
@@ -23,6 +24,10 @@ peak RSS), into section ``attention-long``. It needs no data.
 ``WORK/<variant>-s<seed>``, which an interrupted benchmark resumes (a finished run is only read back);
 reported are each run's test HR@10 / NDCG@10 (full ranking, all users) and, per variant, the mean and
 the spread (max - min) over its seeds, into section ``attention-full`` (other variants' rows are kept).
+
+``--serving-cost`` exports each variant at the dense preset's shape with random weights and measures its
+in-process cost per user (batches of 64, and single users) in rounds taken in turn over the variants,
+into section ``attention-serving``. It needs no data.
 
 ``--dataset`` is a prepared ML-1M folder (``sasrec prepare --format pairs`` of ml-1m.txt.gz, no
 k-core); without it the script prepares ``../shared/data/ml-1m/ml-1m.txt.gz`` (or
@@ -57,6 +62,8 @@ VARIANTS = {
     "relative bias": dict(position_bias="relative"),
     "rotary (no absolute)": dict(position_bias="rotary", absolute_positions=False),
     "linear": dict(attention_normalisation="linear"),
+    # Depth, with a learning-rate warm-up (about 4 epochs of ML-1M) so the deeper stack starts stably.
+    "4 blocks": dict(num_blocks=4, warmup_steps=200),
 }
 # --long-histories: the model and batch of the step timing; the catalog is ML-1M's size.
 LONG_BATCH, LONG_HIDDEN, LONG_BLOCKS, LONG_ITEMS = 32, 64, 2, 3416
@@ -227,6 +234,53 @@ def full_runs(names: list[str], data: Path, args) -> int:
     return 0
 
 
+def serving_costs(names: list[str], args) -> int:
+    """In-process serving cost of each variant at the dense preset's shape (random weights: the cost does not
+    depend on them), measured in interleaved rounds so a noisy neighbour hits every variant alike."""
+    import inspect
+
+    from benchmarks.serving import ceiling, export_ml1m_sized, histories
+    from sasrec.config import SASRecConfig
+    from sasrec.model import SASRec
+
+    model_fields = set(inspect.signature(SASRec.__init__).parameters) - {"self", "vocab_size", "kwargs"}
+    dense = SASRecConfig.preset("dense").to_dict()
+    users = histories(2000)
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="attention-serving-") as tmp:
+        bases = {}
+        for name in names:
+            bases[name] = Path(tmp) / run_name(name)
+            export_ml1m_sized(bases[name], **{k: v for k, v in {**dense, **VARIANTS[name]}.items() if k in model_fields})
+        for _ in range(args.rounds):
+            for name in names:
+                got = ceiling(bases[name], users, seconds=args.seconds, rounds=1)
+                if name not in best or got["users_per_s"] > best[name]["users_per_s"]:
+                    best[name] = got
+    reference = best.get("default")
+    rows = []
+    for name in names:
+        got = best[name]
+        row = {"variant": name, "fields": " ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "(dense preset)",
+               "users/s (batch 64)": got["users_per_s"], "CPU ms / user": got["cpu_ms"],
+               "one user p50 ms": got["single_p50_ms"]}
+        if reference:
+            row["cost x default"] = reference["users_per_s"] / got["users_per_s"]
+        print(row, flush=True)
+        rows.append(row)
+    notes = (
+        f"Serving cost per user of each variant, in process (`Recommender`, the SavedModel's serving_default): the "
+        f"dense preset's shape (3,416 items, maxlen 200, d 128, 2 blocks unless the variant says otherwise) with "
+        f"random weights, ML-1M-like history lengths (median ~96, many cut to 200). users/s: batches of 64 for "
+        f"{args.seconds:g} s, best of {args.rounds} rounds taken in turn over the variants; CPU ms / user: the "
+        "process's CPU time per user in that round; one user p50: 300 single-user calls. cost x default: "
+        "default's users/s over the variant's (above 1: dearer to serve). Same 2 cores for every variant, so "
+        "compare the ratios; a gRPC server adds its own cost per request (section serving)."
+    )
+    write_section("attention-serving", "Attention variants: serving cost per user", rows, notes=notes)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, help="prepared ML-1M dataset folder")
@@ -244,16 +298,22 @@ def main(argv=None) -> int:
                         help="--full: comma-separated training seeds")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "attention",
                         help="--full: where the run folders are kept (and resumed from)")
+    parser.add_argument("--serving-cost", action="store_true",
+                        help="measure each of --variants' in-process serving cost per user instead (no data needed)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="--serving-cost: seconds per round and variant")
+    parser.add_argument("--rounds", type=int, default=3, help="--serving-cost: rounds over the variants")
     args = parser.parse_args(argv)
-    if args.long_histories:
-        return long_histories(args)
-    if not SHARED_DATA.is_dir() or not (args.dataset or args.data.is_file()):
-        print(f"skipped: {SHARED_DATA} (ML-1M, ml-1m/ml-1m.txt.gz) is absent; this benchmark needs it", file=sys.stderr)
-        return 0
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if args.long_histories:
+        return long_histories(args)
+    if args.serving_cost:
+        return serving_costs(names, args)
+    if not SHARED_DATA.is_dir() or not (args.dataset or args.data.is_file()):
+        print(f"skipped: {SHARED_DATA} (ML-1M, ml-1m/ml-1m.txt.gz) is absent; this benchmark needs it", file=sys.stderr)
+        return 0
     if args.full:
         # Kept with the runs: a resumed run must find the dataset it started on.
         data = args.dataset or args.work / "ml-1m"
