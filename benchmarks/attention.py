@@ -3,6 +3,7 @@
     python -m benchmarks.attention [--dataset DIR] [--epochs 4] [--eval-max-users 1000] [--variants a,b]
     python -m benchmarks.attention --long-histories [--maxlens 200,1000,2000] [--steps 5]
     python -m benchmarks.attention --full --variants a,b [--seeds 42,1,2] [--work runs/attention] [--dataset DIR]
+                                   [--preset dense|sparse]
     python -m benchmarks.attention --serving-cost [--variants a,b] [--seconds 3] [--rounds 3]
 
 Each variant trains the ``dense`` preset (configs/dense.toml) with its attention fields changed and
@@ -24,6 +25,8 @@ peak RSS), into section ``attention-long``. It needs no data.
 ``WORK/<variant>-s<seed>``, which an interrupted benchmark resumes (a finished run is only read back);
 reported are each run's test HR@10 / NDCG@10 (full ranking, all users) and, per variant, the mean and
 the spread (max - min) over its seeds, into section ``attention-full`` (other variants' rows are kept).
+``--preset sparse`` does the same with the sparse preset on Beauty (``Beauty.txt``, run folders
+``WORK/<variant>-sparse-s<seed>``, section ``attention-full-beauty``).
 
 ``--serving-cost`` exports each variant at the dense preset's shape with random weights and measures its
 in-process cost per user (batches of 64, and single users) in rounds taken in turn over the variants,
@@ -53,6 +56,13 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import SHARED_DATA, accelerator, section_rows, write_section  # noqa: E402
 
 DATA = SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"
+# --full --preset: the data set each preset is measured on (file, `sasrec prepare` format), the section
+# and the run folders' suffix (dense runs keep their original names, so earlier runs still resume).
+FULL_PRESETS = {
+    "dense": dict(data_name="ML-1M", data=DATA, format="pairs", section="attention-full", suffix=""),
+    "sparse": dict(data_name="Beauty", data=SHARED_DATA / "beauty" / "Beauty.txt", format="sequences",
+                   section="attention-full-beauty", suffix="-sparse"),
+}
 # name -> config overrides on top of the dense preset; "default" is today's attention.
 VARIANTS = {
     "default": {},
@@ -182,17 +192,17 @@ def long_histories(args) -> int:
     return 0
 
 
-def full_run(name: str, seed: int, data: Path, work: Path) -> dict:
-    """Train (or resume, or read back) one variant and seed with the dense preset's stopping rule: its row."""
+def full_run(name: str, seed: int, data: Path, work: Path, preset: str) -> dict:
+    """Train (or resume, or read back) one variant and seed with the preset's stopping rule: its row."""
     import json
     import subprocess
 
     from sasrec.run import RunFolder
 
-    run = work / f"{run_name(name)}-s{seed}"
+    run = work / f"{run_name(name)}{FULL_PRESETS[preset]['suffix']}-s{seed}"
     overrides = [a for key, value in {**VARIANTS[name], "seed": seed}.items() for a in ("--set", f"{key}={json.dumps(value)}")]
     subprocess.run([sys.executable, "-m", "sasrec", "train", "--data", str(data), "--out", str(run),
-                    "--config", str(ROOT / "configs" / "dense.toml"), "--quiet", *overrides], cwd=ROOT, check=True)
+                    "--config", str(ROOT / "configs" / f"{preset}.toml"), "--quiet", *overrides], cwd=ROOT, check=True)
     folder = RunFolder(run)
     test = folder.test_metrics("full")
     training = folder.read_metrics()["training"]
@@ -206,10 +216,14 @@ def full_run(name: str, seed: int, data: Path, work: Path) -> dict:
 def full_runs(names: list[str], data: Path, args) -> int:
     import statistics
 
-    earlier, _ = section_rows("attention-full")
+    from pipelines.dataset import read_manifest
+    from sasrec.config import SASRecConfig
+
+    where = FULL_PRESETS[args.preset]
+    earlier, _ = section_rows(where["section"])
     rows = [row for row in earlier if row["variant"] not in names]
     for name in names:
-        runs = [full_run(name, seed, data, args.work) for seed in args.seeds]
+        runs = [full_run(name, seed, data, args.work, args.preset) for seed in args.seeds]
         for row in runs:
             print(row, flush=True)
         rows += runs
@@ -220,17 +234,20 @@ def full_runs(names: list[str], data: Path, args) -> int:
             values = [row[metric] for row in runs]
             summary[metric] = f"{statistics.mean(values):.4f} (spread {max(values) - min(values):.4f})"
         rows.append(summary)
+    config = SASRecConfig.preset(args.preset)
+    users = read_manifest(data)["statistics"]["users"]
     notes = (
-        f"The issue's protocol: the dense preset (configs/dense.toml) with only the variant's attention fields "
-        f"changed, each seed trained with `sasrec train` to the preset's own early stop (validation NDCG@10 on all "
-        f"6,040 users every 2 epochs, patience 5), then evaluated once on the test split: full ranking over all "
-        f"items, the user's seen items removed, all users; device {accelerator()}. Spread: max - min over the "
-        "seeds; a variant's gain counts only when it is larger than the spreads. s / epoch includes epochs that "
-        "shared the 2 cores with other jobs. Rows of variants not in the latest run are kept from earlier runs; "
-        "section quality holds the dense preset's own runs (variant default) under the same protocol."
+        f"The issue's protocol: the {args.preset} preset (configs/{args.preset}.toml) with only the variant's "
+        f"fields changed, each seed trained with `sasrec train` to the preset's own early stop (validation "
+        f"NDCG@10 on all {users:,} users every {config.eval_every} epochs, patience {config.patience}), then "
+        f"evaluated once on the test split: full ranking over all items, the user's seen items removed, all "
+        f"users; device {accelerator()}. Spread: max - min over the seeds; a variant's gain counts only when it "
+        "is larger than the spreads. s / epoch includes epochs that shared the 2 cores with other jobs. Rows of "
+        "variants not in the latest run are kept from earlier runs; the quality sections hold the preset's own "
+        "runs (variant default) under the same protocol."
     )
-    write_section("attention-full", "Attention variants: full runs on ML-1M (dense preset, test split)",
-                  rows, notes=notes)
+    write_section(where["section"], f"Attention variants: full runs on {where['data_name']} ({args.preset} preset, "
+                  "test split)", rows, notes=notes)
     return 0
 
 
@@ -298,6 +315,8 @@ def main(argv=None) -> int:
                         help="--full: comma-separated training seeds")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "attention",
                         help="--full: where the run folders are kept (and resumed from)")
+    parser.add_argument("--preset", choices=sorted(FULL_PRESETS), default="dense",
+                        help="--full: dense (ML-1M, ml-1m.txt.gz) or sparse (Beauty, Beauty.txt)")
     parser.add_argument("--serving-cost", action="store_true",
                         help="measure each of --variants' in-process serving cost per user instead (no data needed)")
     parser.add_argument("--seconds", type=float, default=3.0, help="--serving-cost: seconds per round and variant")
@@ -315,12 +334,17 @@ def main(argv=None) -> int:
         print(f"skipped: {SHARED_DATA} (ML-1M, ml-1m/ml-1m.txt.gz) is absent; this benchmark needs it", file=sys.stderr)
         return 0
     if args.full:
+        where = FULL_PRESETS[args.preset]
+        source = args.data if args.preset == "dense" else where["data"]
         # Kept with the runs: a resumed run must find the dataset it started on.
-        data = args.dataset or args.work / "ml-1m"
+        data = args.dataset or args.work / where["data_name"].lower()
         if not (data / "manifest.json").exists():
+            if not source.is_file():
+                print(f"skipped: {source} is absent; --full --preset {args.preset} needs it", file=sys.stderr)
+                return 0
             from pipelines.prepare import prepare_file
 
-            prepare_file("pairs", args.data, data, kcore="none")
+            prepare_file(where["format"], source, data, kcore="none")
         return full_runs(names, data, args)
     notes = (
         f"Screen, not the full protocol: each variant is the dense preset with only its attention fields changed, "
