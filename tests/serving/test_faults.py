@@ -158,24 +158,31 @@ def test_broken_version_folders_are_logged_skipped_and_health_stays_serving(fres
     try:
         assert srv.wait_ready(60)
         client = RecommenderClient(f"127.0.0.1:{srv.port}", timeout=10)
-        broken = {}
-        garbage = fresh_base / "2"
-        garbage.mkdir()
-        (garbage / "saved_model.pb").write_bytes(os.urandom(4096))
-        (garbage / "assets").mkdir()
-        (garbage / "assets" / "model_card.json").write_text("{}")
-        broken[2] = garbage
-        (fresh_base / "3").mkdir()  # empty
-        broken[3] = fresh_base / "3"
-        bad_card = shutil.copytree(fresh_base / "1", fresh_base / "4")
-        (bad_card / "assets" / "model_card.json").write_bytes(b"\xff\xfe not json")
-        broken[4] = bad_card
-        _incompatible_savedmodel(fresh_base / "5")
-        broken[5] = fresh_base / "5"
-        truncated = shutil.copytree(fresh_base / "1", fresh_base / "6")
-        pb = truncated / "saved_model.pb"
-        pb.write_bytes(pb.read_bytes()[: pb.stat().st_size // 3])
-        broken[6] = truncated
+        # Each broken version is built beside the base and renamed in, as a publisher does: a poll that
+        # caught one half-built would see it change, retry it and log it twice.
+        staging = tmp_path / "staging"
+        staging.mkdir()
+
+        def publish(version: int, build) -> Path:
+            build(staging / str(version))
+            return (staging / str(version)).rename(fresh_base / str(version))
+
+        def garbage(folder: Path) -> None:
+            (folder / "assets").mkdir(parents=True)
+            (folder / "saved_model.pb").write_bytes(os.urandom(4096))
+            (folder / "assets" / "model_card.json").write_text("{}")
+
+        def bad_card(folder: Path) -> None:
+            shutil.copytree(fresh_base / "1", folder)
+            (folder / "assets" / "model_card.json").write_bytes(b"\xff\xfe not json")
+
+        def truncated(folder: Path) -> None:
+            shutil.copytree(fresh_base / "1", folder)
+            pb = folder / "saved_model.pb"
+            pb.write_bytes(pb.read_bytes()[: pb.stat().st_size // 3])
+
+        broken = {2: publish(2, garbage), 3: publish(3, Path.mkdir), 4: publish(4, bad_card),
+                  5: publish(5, _incompatible_savedmodel), 6: publish(6, truncated)}
         outside = tmp_path / "outside"
         shutil.copytree(fresh_base / "1", outside)  # a *good* model, but outside the base
         (fresh_base / "7").symlink_to(outside, target_is_directory=True)
