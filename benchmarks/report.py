@@ -119,6 +119,8 @@ def section_rows(name: str) -> tuple[list[dict], str]:
 def write_section(name: str, title: str, rows: list[dict], notes: str = "", command: str | None = None) -> str:
     """Replace section ``name`` of BENCHMARKS.md with ``rows``; returns the section text."""
     command = command or run_command()
+    if name.endswith("-quick"):  # the quick run of a section sits beside the full one: tell them apart
+        title += " (quick run)"
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     body = (
         f"<!-- section:{name} -->\n## {title}\n\n"
