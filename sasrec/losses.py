@@ -51,13 +51,22 @@ def _not_target(seen, pos):
     return ops.logical_and(ops.expand_dims(seen, 1), ops.logical_not(target))
 
 
+def _position_logits(h, table):
+    """``h`` (B, W, d) against every row of ``table`` (N, d): (B, W, N), as one 2-D matmul over all B*W
+    positions. Written as a batched (B, W, d) matmul, its gradient for the table made XLA on CPU copy the
+    whole (B*W, N) gradient into a transposed layout first (JAX, BENCHMARKS.md section train-speed)."""
+    shape = ops.shape(h)
+    flat = ops.matmul(ops.reshape(h, (-1, shape[-1])), ops.transpose(table))
+    return ops.reshape(flat, (shape[0], shape[1], -1))
+
+
 def ce_loss(h, E, pos, normaliser=None, seen=None):
     """Full softmax cross-entropy over the whole catalog ("SASRec+"); padding/OOV excluded.
 
     ``seen`` (B, V) bool: items left out of each row's softmax (the user's other items; each
     position's own target always stays in).
     """
-    logits = ops.matmul(h, ops.transpose(E))
+    logits = _position_logits(h, E)
     vocab = ops.shape(E)[0]
     reserved = ops.arange(vocab) < FIRST_ITEM_ID
     logits = ops.where(reserved, MASKED_LOGIT, logits)
@@ -70,7 +79,7 @@ def ce_loss(h, E, pos, normaliser=None, seen=None):
 def _shared_negative_logits(h, E, pos, neg):
     """Positive logit (B, W) and logits of the shared negatives (B, W, N), accidental hits masked."""
     pos_logit = _dot(h, E, pos)
-    neg_logits = ops.matmul(h, ops.transpose(ops.take(E, neg, axis=0)))
+    neg_logits = _position_logits(h, ops.take(E, neg, axis=0))
     hit = ops.equal(ops.expand_dims(pos, -1), ops.reshape(neg, (1, 1, -1)))
     return pos_logit, neg_logits, hit
 
