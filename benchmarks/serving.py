@@ -77,7 +77,7 @@ def ceiling(base: Path, users: list[list[str]], batch: int = 64, seconds: float 
         rec.recommend(h, k=10)
         single.append(time.perf_counter() - t)
     best = None
-    for _ in range(rounds):  # best of 3: a noisy neighbour must not lower the ceiling (and flatter the ratio)
+    for _ in range(rounds):  # best of several: a noisy neighbour must not lower the ceiling (and flatter the ratio)
         done, start, cpu, i = 0, time.perf_counter(), time.process_time(), 0
         while time.perf_counter() - start < seconds:
             rec.recommend_batch(users[i : i + batch], k=10)
