@@ -254,13 +254,9 @@ def full_runs(names: list[str], data: Path, args) -> int:
 def serving_costs(names: list[str], args) -> int:
     """In-process serving cost of each variant at the dense preset's shape (random weights: the cost does not
     depend on them), measured in interleaved rounds so a noisy neighbour hits every variant alike."""
-    import inspect
-
     from benchmarks.serving import ceiling, export_ml1m_sized, histories
     from sasrec.config import SASRecConfig
-    from sasrec.model import SASRec
 
-    model_fields = set(inspect.signature(SASRec.__init__).parameters) - {"self", "vocab_size", "kwargs"}
     dense = SASRecConfig.preset("dense").to_dict()
     users = histories(2000)
     best: dict[str, dict] = {}
@@ -268,7 +264,7 @@ def serving_costs(names: list[str], args) -> int:
         bases = {}
         for name in names:
             bases[name] = Path(tmp) / run_name(name)
-            export_ml1m_sized(bases[name], **{k: v for k, v in {**dense, **VARIANTS[name]}.items() if k in model_fields})
+            export_ml1m_sized(bases[name], config=SASRecConfig(**{**dense, **VARIANTS[name]}))
         for _ in range(args.rounds):
             for name in names:
                 got = ceiling(bases[name], users, seconds=args.seconds, rounds=1)

@@ -41,20 +41,24 @@ NUM_ITEMS, MAXLEN, D = 3416, 200, 50
 P99_BUDGET_MS = 25.0  # the throughput target is stated at this tail latency
 
 
-def export_ml1m_sized(base: Path, xla: bool = False, **model_fields) -> None:
-    """A randomly initialised SASRec over 3,416 items (maxlen 200, d 50, 2 blocks unless ``model_fields``,
-    keyword arguments of :class:`sasrec.model.SASRec`, say otherwise) exported to ``base``."""
+def export_ml1m_sized(base: Path, xla: bool = False, config=None, **model_fields) -> None:
+    """A randomly initialised SASRec over 3,416 items exported to ``base``: maxlen 200, d 50, 2 blocks unless
+    ``model_fields`` (keyword arguments of :class:`sasrec.model.SASRec`) say otherwise, or the model of a
+    :class:`sasrec.config.SASRecConfig` ``config``."""
     from pipelines.dataset import FIRST_ITEM_ID
     from sasrec.export import export_model
-    from sasrec.model import SASRec
+    from sasrec.model import SASRec, build_model
 
     vocab = np.array(["", "<oov>"] + [str(i) for i in range(1, NUM_ITEMS + 1)], dtype=object)
     rng = np.random.default_rng(0)
     counts = np.zeros(len(vocab), np.int64)
     counts[FIRST_ITEM_ID:] = rng.zipf(1.3, NUM_ITEMS).clip(1, 10_000)
     fields = dict(maxlen=MAXLEN, hidden_units=D, num_blocks=2, num_heads=1, dropout=0.2, positions="from_end")
-    model = SASRec(vocab_size=len(vocab), **{**fields, **model_fields})
-    model.build((None, model.maxlen))
+    if config:
+        model = build_model(config, len(vocab))  # built
+    else:
+        model = SASRec(vocab_size=len(vocab), **{**fields, **model_fields})
+        model.build((None, model.maxlen))
     export_model(model, base, item_ids=vocab, train_counts=counts, source_run="benchmarks/serving.py",
                  jit_compile=xla)
 
