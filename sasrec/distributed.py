@@ -84,14 +84,30 @@ def _jax_devices(num_devices: int):
     return devices[:num_devices]
 
 
+def _tensorflow_strategy() -> bool:
+    """Whether a TensorFlow distribution strategy (``--devices N``, ``--multi-worker``) is in scope."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow" or "tensorflow" not in sys.modules:
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy()
+
+
 def xla_supported() -> bool:
     """XLA cannot place MirroredStrategy's per-replica variables (TensorFlow known issue), so compiled
     steps are plain tf.functions inside a strategy scope."""
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow" or "tensorflow" not in sys.modules:
-        return True
-    import tensorflow as tf
+    return not _tensorflow_strategy()
 
-    return not tf.distribute.has_strategy()
+
+def prepare_for_strategy(model) -> None:
+    """Ready a compiled model for ``fit`` under a TensorFlow strategy. Before the first step Keras 3
+    reduces a whole input batch with ``strategy.reduce`` only to build what is still unbuilt, which fails
+    on a nested batch (keras-team/keras#20585, open) and on bool inputs such as the ``seen`` masks (AddN
+    has no bool kernel): the one thing our model leaves unbuilt, the optimizer, is built here and that
+    step skipped. Nothing to do without a strategy."""
+    if _tensorflow_strategy():
+        model.optimizer.build(model.trainable_variables)
+        model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
 
 
 COORDINATOR_ENV = "SASREC_COORDINATOR"
@@ -127,20 +143,19 @@ class Cluster:
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
     def prepare(self, model) -> None:
-        """Ready a compiled model for ``fit`` (inside :meth:`scope`). TensorFlow: Keras 3's ``fit`` fails
-        twice under MultiWorkerMirroredStrategy (keras-team/keras#20585, open). Before the first step it
-        reduces a whole input batch with ``strategy.reduce`` only to build what is still unbuilt, which
-        fails on a nested batch: the one thing our model leaves unbuilt, the optimizer, is built here and
-        that step skipped. After each step it averages every worker's logs along axis 0, which fails on
-        scalars: each step's logs become 1-element vectors, so ``logs["loss"]`` is the mean over all
-        workers, the same on each (and TerminateOnNaN stops them all at the same batch)."""
-        model.optimizer.build(model.trainable_variables)
-        if self.strategy is not None:
-            import tensorflow as tf
+        """Ready a compiled model for ``fit`` (inside :meth:`scope`). TensorFlow: besides
+        :func:`prepare_for_strategy`, Keras 3's ``fit`` under MultiWorkerMirroredStrategy averages every
+        worker's logs along axis 0 after each step, which fails on scalars (keras-team/keras#20585): each
+        step's logs become 1-element vectors, so ``logs["loss"]`` is the mean over all workers, the same on
+        each (and TerminateOnNaN stops them all at the same batch)."""
+        if self.strategy is None:  # JAX
+            model.optimizer.build(model.trainable_variables)
+            return
+        import tensorflow as tf
 
-            model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
-            step = model.train_step
-            model.train_step = lambda data: {name: tf.reshape(value, [1]) for name, value in step(data).items()}
+        prepare_for_strategy(model)
+        step = model.train_step
+        model.train_step = lambda data: {name: tf.reshape(value, [1]) for name, value in step(data).items()}
 
     @contextlib.contextmanager
     def local(self):

@@ -213,15 +213,17 @@ class TrainingFeed(keras.utils.PyDataset):
                 neg = self._sampling_cdf.searchsorted(rng.random(self.num_negatives), side="right")
             else:
                 neg = rng.integers(FIRST_ITEM_ID, self.vocab_size, size=self.num_negatives)
-            y["neg"] = neg.astype(np.int32)
+            # Repeated on every row: a batch split over devices (--devices N) then carries them to each.
+            rows = len(batch)
+            y["neg"] = np.repeat(neg.astype(np.int32)[None], rows, axis=0)
             if self._logq is not None:
-                y["neg_logq"] = self._logq[neg]
+                y["neg_logq"] = np.repeat(self._logq[neg][None], rows, axis=0)
                 y["pos_logq"] = np.where(pos != 0, self._logq[pos], 0).astype(np.float32)
         if self.exclude_seen_negatives and self.loss == "ce":
             y["seen"] = self._seen_matrix(self.window_users[batch])
         elif self.exclude_seen_negatives:
             users = self.window_users[batch]
-            y["neg_seen"] = self._seen(users, np.broadcast_to(y["neg"], (len(users), len(y["neg"]))))
+            y["neg_seen"] = self._seen(users, y["neg"])
         return x, y
 
     def _seen_matrix(self, users: np.ndarray) -> np.ndarray:

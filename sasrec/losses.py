@@ -3,9 +3,10 @@
 Each loss takes hidden states ``h`` (B, W, d), the item table ``E`` (V, d) and the targets from the
 training feed: ``pos`` (B, W) next item per position (0 where there is no target) and ``neg``
 (negatives: (B, W) one per position for ``bce``, (N,) shared by the batch for ``sampled-softmax`` and
-``gbce``). With ``exclude_seen_negatives`` the feed also gives ``seen`` (B, V) bool for ``ce``, whose
-logits are (B, W, V) anyway, and ``neg_seen`` (B, N) bool for ``sampled-softmax``, which never builds
-anything the size of the catalog per row. Positions without a target do not count. The loss is the
+``gbce``, which the feed repeats on every row as (B, N) so that a batch split over devices carries them
+to each, and :class:`SequenceLoss` takes back). With ``exclude_seen_negatives`` the feed also gives
+``seen`` (B, V) bool for ``ce``, whose logits are (B, W, V) anyway, and ``neg_seen`` (B, N) bool for
+``sampled-softmax``, which never builds anything the size of the catalog per row. Positions without a target do not count. The loss is the
 mean over counted positions, or, with ``normaliser``, their sum divided by it: training passes the
 epoch's mean number of targets per batch, so that every position weighs the same whether its batch
 holds long or short (length-bucketed) histories, as in the paper's randomly mixed batches. All
@@ -57,7 +58,7 @@ def _position_logits(h, table):
     whole (B*W, N) gradient into a transposed layout first (JAX, BENCHMARKS.md section train-speed)."""
     shape = ops.shape(h)
     flat = ops.matmul(ops.reshape(h, (-1, shape[-1])), ops.transpose(table))
-    return ops.reshape(flat, (shape[0], shape[1], -1))
+    return ops.reshape(flat, (shape[0], shape[1], ops.shape(table)[0]))  # not -1: a batch can have no rows
 
 
 def ce_loss(h, E, pos, normaliser=None, seen=None):
@@ -115,6 +116,18 @@ def gbce_loss(h, E, pos, neg, beta: float, normaliser=None):
     return _masked_mean(beta * ops.softplus(-pos_logit) + neg_term, pos, normaliser)
 
 
+def _shared(neg, neg_logq=None):
+    """The batch's shared negatives (N,) and their log q (N,) back from the feed's copies on every row (B, N).
+    Rows padded for a worker (ProcessShare) hold id 0 and are skipped; a device that a split batch left with
+    no rows gets id 0 (padding), harmless since it has no position to count."""
+    neg = ops.pad(neg, [[0, 1], [0, 0]])  # one padding row more: never a max over no rows
+    shared = ops.max(neg, axis=0)
+    if neg_logq is None:
+        return shared, None
+    real = ops.greater(neg[:, :1], 0)
+    return shared, ops.max(ops.where(real, ops.pad(neg_logq, [[0, 1], [0, 0]]), MASKED_LOGIT), axis=0)
+
+
 @dataclass(frozen=True)
 class SequenceLoss:
     """The configured training loss, called by ``SASRec.compute_loss`` as ``loss(model, h, y)``."""
@@ -135,9 +148,9 @@ class SequenceLoss:
             return bce_loss(h, E, pos, ops.cast(y["neg"], "int32"), normaliser=norm)
         if self.name == "ce":
             return ce_loss(h, E, pos, normaliser=norm, seen=y.get("seen"))
-        neg = ops.cast(y["neg"], "int32")
+        neg, neg_logq = _shared(ops.cast(y["neg"], "int32"), y.get("neg_logq"))
         if self.name == "sampled-softmax":
-            return sampled_softmax_loss(h, E, pos, neg, y.get("pos_logq"), y.get("neg_logq"), normaliser=norm,
+            return sampled_softmax_loss(h, E, pos, neg, y.get("pos_logq"), neg_logq, normaliser=norm,
                                         neg_seen=y.get("neg_seen"))
         if self.name == "gbce":
             beta = gbce_beta(self.num_negatives, self.num_items, self.gbce_t)

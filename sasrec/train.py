@@ -23,7 +23,7 @@ import numpy as np
 from pipelines.dataset import SequenceDataset, read_dataset, read_manifest
 from pipelines.errors import InputError
 from sasrec.config import SASRecConfig
-from sasrec.distributed import Cluster, xla_supported
+from sasrec.distributed import Cluster, prepare_for_strategy, xla_supported
 from sasrec.evaluate import Protocol, evaluate_run, evaluate_scores, evaluation_set, model_scorer
 from sasrec.feed import TrainingFeed
 from sasrec.losses import SequenceLoss
@@ -31,7 +31,6 @@ from sasrec.model import build_model
 from sasrec.run import RunFolder
 
 VALIDATION_METRIC = "ndcg@10"
-SHARED_NEGATIVES = ("sampled-softmax", "gbce")  # one set of negatives for the whole batch (1-D arrays)
 
 
 class TrainingDiverged(InputError):
@@ -78,8 +77,7 @@ class ProcessShare(keras.utils.PyDataset):
     into one global batch (``DataParallel`` with ``auto_shard_dataset=False``), so the global batch stays
     ``batch_size``. Every process builds the same global batch (same seed) and keeps one contiguous
     block of it: rows are first padded to a multiple of the worker count with empty histories (no
-    targets, so the loss and its gradient do not change), and 1-D arrays (negatives shared by the whole
-    batch) are cut into blocks too, which the loss takes in any order."""
+    targets, so the loss and its gradient do not change)."""
 
     def __init__(self, feed: TrainingFeed, cluster: Cluster):
         super().__init__()
@@ -94,9 +92,8 @@ class ProcessShare(keras.utils.PyDataset):
         return self._share(ids), {name: self._share(array) for name, array in y.items()}
 
     def _share(self, array: np.ndarray) -> np.ndarray:
-        if array.ndim > 1:
-            rows = -(-len(array) // self.cluster.size) * self.cluster.size
-            array = np.pad(array, [(0, rows - len(array))] + [(0, 0)] * (array.ndim - 1))
+        rows = -(-len(array) // self.cluster.size) * self.cluster.size
+        array = np.pad(array, [(0, rows - len(array))] + [(0, 0)] * (array.ndim - 1))
         block = len(array) // self.cluster.size
         return array[self.cluster.index * block : (self.cluster.index + 1) * block]
 
@@ -231,13 +228,6 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
     loss_name = config.resolved_loss(ds.num_items)
     run.create_or_check(data_dir, config, {"backend": keras.backend.backend(), "loss": loss_name,
                                            "data": str(data_dir.resolve())}, create=writes)
-    if cluster is not None and loss_name in SHARED_NEGATIVES:
-        if cluster.splits_batches:
-            raise InputError(f"loss {loss_name} with --multi-worker needs --backend jax: tensorflow would split the "
-                             "negatives that the whole batch shares among the workers; or use loss=ce or bce")
-        if config.num_negatives % cluster.size:
-            raise InputError(f"num_negatives {config.num_negatives}: with --multi-worker it must be a multiple of the "
-                             f"number of workers ({cluster.size})")
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -258,6 +248,8 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
         state = run.restore_checkpoint(model)  # every worker: each holds the whole model
         if cluster is not None:
             cluster.prepare(model)
+        else:
+            prepare_for_strategy(model)  # --devices N on TensorFlow
     if state is not None:
         print(f"Resuming {run.path} after epoch {state['epoch']} (best {VALIDATION_METRIC} {state['best']:.4f})")
     else:

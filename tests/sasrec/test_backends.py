@@ -72,7 +72,11 @@ def test_jax_data_parallel_over_two_host_devices(tiny_dataset, tmp_path):
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("XLA_FLAGS", None)
     done = subprocess.run([sys.executable, "-m", "sasrec", "train", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"),
-                           "--epochs", "1", "--devices", "2", "--set", "maxlen=32", "--set", "tensorboard=false", "--quiet"],
+                           "--epochs", "1", "--devices", "2", "--set", "maxlen=32", "--set", "tensorboard=false", "--quiet",
+                           # 17 negatives shared by the batch: JAX refused to shard them over 2 devices when they
+                           # came as one (17,) array; they now travel on every row.
+                           "--set", "loss=sampled-softmax", "--set", "num_negatives=17",
+                           "--set", "exclude_seen_negatives=true"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Training on 2 device(s) (DataParallel)" in done.stdout

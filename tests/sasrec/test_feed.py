@@ -76,8 +76,10 @@ def test_shared_negatives_for_sampled_losses(tiny_dataset):
     feed = TrainingFeed(ds, maxlen=40, batch_size=64, loss="sampled-softmax", num_negatives=17,
                         negative_sampling="popularity", logq_correction=True, seed=1)
     ids, y = feed[0]
-    assert y["neg"].shape == (17,) and (y["neg"] >= 2).all()
-    assert y["neg_logq"].shape == (17,) and y["pos_logq"].shape == ids.shape
+    # The same 17 on every row, so that a batch split over devices carries them to each.
+    assert y["neg"].shape == y["neg_logq"].shape == (len(ids), 17) and (y["neg"] >= 2).all()
+    assert (y["neg"] == y["neg"][0]).all() and (y["neg_logq"] == y["neg_logq"][0]).all()
+    assert y["pos_logq"].shape == ids.shape
 
 
 def test_seen_matrix_holds_each_users_training_items(tiny_dataset):
@@ -100,7 +102,7 @@ def test_sampled_softmax_marks_seen_negatives_per_row_without_a_catalog_matrix(t
     assert "seen" not in y and y["neg_seen"].shape == (len(ids), 300) and y["neg_seen"].dtype == bool
     for row, user in enumerate(feed.window_users[feed._epoch_batches()[1]]):
         train_items = set(ds.user_items(user)[: ds.train_end[user]].tolist())
-        assert y["neg_seen"][row].tolist() == [int(n) in train_items for n in y["neg"]]
+        assert y["neg_seen"][row].tolist() == [int(n) in train_items for n in y["neg"][0]]
     assert y["neg_seen"].any() and not y["neg_seen"].all()
     gbce = TrainingFeed(ds, maxlen=5, batch_size=16, loss="gbce", num_negatives=30, exclude_seen_negatives=True)
     assert "neg_seen" not in gbce[0][1]  # gbce ignores the setting, as documented in the config
@@ -114,4 +116,4 @@ def test_popularity_negatives_are_the_draws_of_generator_choice(tiny_dataset):
     counts = ds.train_counts.astype(np.float64)
     counts[:2] = 0
     rng = np.random.default_rng([4, 0, 3])
-    assert np.array_equal(feed[2][1]["neg"], rng.choice(ds.vocab_size, size=50, p=counts / counts.sum()))
+    assert np.array_equal(feed[2][1]["neg"][0], rng.choice(ds.vocab_size, size=50, p=counts / counts.sum()))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from sasrec.losses import bce_loss, ce_loss, gbce_beta, gbce_loss, sampled_softmax_loss
+from sasrec.losses import SequenceLoss, bce_loss, ce_loss, gbce_beta, gbce_loss, sampled_softmax_loss
 
 rng = np.random.default_rng(0)
 B, W, D, V = 2, 4, 3, 9
@@ -113,3 +113,31 @@ def test_sampled_softmax_drops_negatives_the_user_has_seen():
     neg_seen = SEEN[:, SHARED]  # (B, N): what the feed computes from sorted keys, never a (B, V) matrix
     assert value(sampled_softmax_loss(H, E, POS, SHARED, neg_seen=neg_seen)) == pytest.approx(
         reference(per_position), rel=1e-5)
+
+
+class _Table:
+    """Stands in for the model in ``SequenceLoss(model, h, y)``: only its item table is read."""
+
+    class item_embedding:
+        embeddings = E
+
+
+@pytest.mark.parametrize("name", ["sampled-softmax", "gbce"])
+def test_sequence_loss_takes_the_shared_negatives_back_from_every_row(name):
+    # The feed repeats the batch's negatives on every row, so a batch split over devices carries them to each;
+    # rows padded for a worker (ProcessShare: zeros) must not change them or their log q.
+    log_q = np.log(np.linspace(0.05, 0.2, V)).astype("float32")  # all negative: zeros would win a plain max
+    y = {"pos": POS, "neg": np.repeat(SHARED[None], B, axis=0)}
+    if name == "sampled-softmax":
+        y.update(pos_logq=np.where(MASK, log_q[POS], 0).astype("float32"), neg_logq=np.repeat(log_q[SHARED][None], B, 0))
+        expected = sampled_softmax_loss(H, E, POS, SHARED, y["pos_logq"], log_q[SHARED], normaliser=5.0)
+    else:
+        expected = gbce_loss(H, E, POS, SHARED, gbce_beta(3, V - 2, 0.75), normaliser=5.0)
+    loss = SequenceLoss(name, num_items=V - 2, num_negatives=3, targets_per_batch=5.0)
+    assert value(loss(_Table, H, y)) == pytest.approx(value(expected), rel=1e-6)
+    padded = {key: np.concatenate([a, np.zeros((1, *a.shape[1:]), a.dtype)]) for key, a in y.items()}
+    h_padded = np.concatenate([H, np.zeros((1, W, D), "float32")])
+    assert value(loss(_Table, h_padded, padded)) == pytest.approx(value(expected), rel=1e-6)
+    # A device that a split batch left with no rows adds nothing.
+    empty = {key: a[:0] for key, a in y.items()}
+    assert value(loss(_Table, H[:0], empty)) == 0.0
