@@ -14,6 +14,13 @@ The ratio to the reference is against SASRec.pytorch measured side by side on th
 (TARGETS.md: 340-367 windows/s on full windows; it always pads to full windows, so its ML-1M epoch
 is 6,040 of them).
 FLOPs are counted analytically (matmuls only, backward = 2 x forward).
+
+    python -m benchmarks.train_speed --ce-floor
+
+times, in one TensorFlow process, what a full-softmax CE step cannot go below on this machine: the
+loss's three (B*W, d) x (d, V) matmuls alone (with XLA and with TensorFlow's own oneDNN kernels), the
+loss alone forward and backward (``sasrec.losses.ce_loss``, XLA), and whole BCE and CE train steps.
+Section ``train-speed-ce-floor``.
 """
 
 from __future__ import annotations
@@ -157,6 +164,54 @@ def row(backend: str, loss: str, xla: bool, result: dict, peak: float) -> dict:
     return out
 
 
+def ce_floor(steps: int) -> list[dict]:
+    """Rows of the CE floor (see the module docstring), all timed on full 128 x 200 windows."""
+    import numpy as np
+    import tensorflow as tf
+
+    from sasrec.losses import ce_loss
+
+    n, rng = BATCH * MAXLEN, np.random.default_rng(0)
+    h = tf.constant(rng.normal(size=(BATCH, MAXLEN, D)).astype("float32"))
+    table = tf.constant(rng.normal(size=(VOCAB, D)).astype("float32"))
+    grad = tf.constant(rng.normal(size=(n, VOCAB)).astype("float32"))
+    pos = tf.constant(rng.integers(2, VOCAB, (BATCH, MAXLEN)).astype("int32"))
+
+    def matmuls(h, table, grad):
+        flat = tf.reshape(h, (n, D))
+        logits = tf.matmul(flat, table, transpose_b=True)  # forward, then the two gradients
+        return [tf.reduce_sum(logits[:, :1]), tf.reduce_sum(tf.matmul(grad, table)[:1]),
+                tf.reduce_sum(tf.matmul(grad, flat, transpose_a=True)[:1])]
+
+    def loss_and_gradients(h, table, pos):
+        with tf.GradientTape() as tape:
+            tape.watch([h, table])
+            loss = ce_loss(h, table, pos)
+        return tape.gradient(loss, [h, table])
+
+    def ms(fn, *args) -> float:
+        fn(*args)
+        started = time.perf_counter()
+        for _ in range(steps):
+            tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+        return 1000 * (time.perf_counter() - started) / steps
+
+    gemm_flop = 3 * 2 * n * D * VOCAB
+    rows = []
+    for label, fn, args, flop in [
+        ("the loss's 3 matmuls, XLA", tf.function(matmuls, jit_compile=True), (h, table, grad), gemm_flop),
+        ("the loss's 3 matmuls, TensorFlow kernels (oneDNN)", tf.function(matmuls), (h, table, grad), gemm_flop),
+        ("CE loss alone, forward + backward, XLA", tf.function(loss_and_gradients, jit_compile=True), (h, table, pos),
+         gemm_flop),
+    ]:
+        t = ms(fn, *args)
+        rows.append({"what": label, "ms per 128x200 step": t, "GFLOP/s": flop / t / 1e6})
+    for loss in ("bce", "ce"):
+        rows.append({"what": f"whole {loss.upper()} train step (TensorFlow, XLA)",
+                     "ms per 128x200 step": child(loss, steps, True, 0)["ms_per_step"], "GFLOP/s": ""})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="tensorflow,jax")
@@ -167,8 +222,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="few steps, no ML-1M epoch (CI-sized)")
     parser.add_argument("--epoch-backends", default="tensorflow,jax",
                         help="backends whose ML-1M epoch is timed too (the others: full windows only)")
+    parser.add_argument("--ce-floor", action="store_true",
+                        help="time what a full-softmax CE step cannot go below (its own section)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.ce_floor:
+        return report_ce_floor(args.steps)
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.steps, not args.no_xla, 0 if args.quick else args.epochs)))
         return 0
@@ -199,6 +258,27 @@ def main(argv=None) -> int:
             write_section("train-speed" + ("-gpu" if gpu else "") + ("-quick" if args.quick else ""),
                           "Training speed (paper configuration)" + (f" on {device}" if gpu else ""), rows,
                           notes=notes)
+    return 0
+
+
+def report_ce_floor(steps: int) -> int:
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if os.environ["KERAS_BACKEND"] != "tensorflow":
+        raise SystemExit("--ce-floor times TensorFlow: run it with KERAS_BACKEND=tensorflow")
+    rows = ce_floor(steps)
+    t = {row["what"]: row["ms per 128x200 step"] for row in rows}
+    matmuls = min(t["the loss's 3 matmuls, XLA"], t["the loss's 3 matmuls, TensorFlow kernels (oneDNN)"])
+    bce_step, ce_step = t["whole BCE train step (TensorFlow, XLA)"], t["whole CE train step (TensorFlow, XLA)"]
+    text = (f"With the logits materialised, a CE step is the BCE step (the same model) plus at least the loss's "
+            f"matmuls: {bce_step:.0f} + {matmuls:.0f} ms, so at most {1000 * BATCH / (bce_step + matmuls):.0f} "
+            f"sequences/s; measured {ce_step:.0f} ms ({1000 * BATCH / ce_step:.0f} sequences/s). 400 sequences/s "
+            f"needs {1000 * BATCH / 400:.0f} ms per step.")
+    print(text, flush=True)
+    notes = (f"Paper configuration (maxlen {MAXLEN}, d {D}, {BLOCKS} blocks, batch {BATCH}, {VOCAB - 2} items), full "
+             f"windows, {steps} timed steps after one that compiles, one TensorFlow process. The loss's matmuls: the "
+             f"({BATCH * MAXLEN:,} x {D}) x ({D} x {VOCAB:,}) logits and the two gradient matmuls that read the "
+             f"({BATCH * MAXLEN:,} x {VOCAB:,}) logits gradient (350 MB in float32). " + text)
+    write_section("train-speed-ce-floor", "Training speed: what a full-softmax CE step cannot go below", rows, notes=notes)
     return 0
 
 
