@@ -38,6 +38,7 @@ from benchmarks.report import SHARED_DATA
 from benchmarks.serving import (
     MAXLEN,
     P99_BUDGET_MS,
+    POOLS_NOTE,
     export_ml1m_sized,
     free_port,
     histories,
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "stored events). `sasrec serve` with one process and its defaults; live servers add "
             f"`--history-store URL --state-cache-mb {args.state_cache_mb:g}` and get every state built before "
             "the load. Closed loop as in the serving section (`grpc.aio` clients in the benchmark process on the "
-            f"same 2 cores, {args.channels} connections). SQLite: WAL, synchronous=FULL (fsync per commit); Redis: "
+            f"same 2 cores, {args.channels} connections). {POOLS_NOTE} SQLite: WAL, synchronous=FULL (fsync per commit); Redis: "
             "AOF appendfsync everysec. " + text
             + " Targets: RecommendForUser with one new event >= 2x the stateless req/s, both within p99 <= 25 ms; "
             "unloaded p50 <= 2 ms.")

@@ -103,16 +103,27 @@ def process_tree(pid: int) -> list[int]:
     return [pid] + [p for child in children for p in process_tree(child)]
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its live descendants (Linux /proc)."""
+def process_cpu_seconds(pid: int, tensorflow_pools: bool = False) -> float:
+    """User + system CPU time of a process and its live descendants (Linux /proc); with
+    ``tensorflow_pools``, only their TensorFlow thread-pool threads (named ``tf_*``), whose work the
+    Python threads (gRPC handlers, batchers) hand over, apart from what those run inline themselves."""
     total = 0
     for p in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
+        tasks = sorted(Path(f"/proc/{p}/task").glob("*")) if tensorflow_pools else [Path(f"/proc/{p}")]
+        for task in tasks:
+            try:
+                if tensorflow_pools and not (task / "comm").read_text().startswith("tf_"):
+                    continue
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+POOLS_NOTE = ("Of which TensorFlow pools: the server's CPU in TensorFlow's thread-pool threads (named tf_*); the rest "
+              "ran in Python threads (gRPC handlers, batchers, history-store calls and the TensorFlow work they run "
+              "inline).")
 
 
 def free_port() -> int:
@@ -203,16 +214,19 @@ async def closed_loop(target: str, call, concurrency: int, seconds: float,
 
         start, client_cpu = time.perf_counter(), time.process_time()
         server_cpu = process_cpu_seconds(server_pid) if server_pid else 0.0
+        pools_cpu = process_cpu_seconds(server_pid, tensorflow_pools=True) if server_pid else 0.0
         await asyncio.gather(*(client(c) for c in range(concurrency)))
         elapsed = time.perf_counter() - start
         client_cpu = time.process_time() - client_cpu
         server_cpu = process_cpu_seconds(server_pid) - server_cpu if server_pid else float("nan")
+        pools_cpu = process_cpu_seconds(server_pid, tensorflow_pools=True) - pools_cpu if server_pid else float("nan")
     finally:
         for channel in opened:
             await channel.close()
     lat = np.array(latencies) * 1000
     return {
         "server_cpu_ms": 1000 * server_cpu / max(len(lat), 1),
+        "server_pools_cpu_ms": 1000 * pools_cpu / max(len(lat), 1),
         "client_cpu_ms": 1000 * client_cpu / max(len(lat), 1),
         "rps": len(lat) / elapsed,
         "p50": float(np.percentile(lat, 50)),
@@ -241,7 +255,8 @@ def measure(cmd: list[str], port: int, users, levels: list[int], seconds: float,
                   f"CPU ms/req server {r['server_cpu_ms']:.3f} client {r['client_cpu_ms']:.3f}", flush=True)
             rows.append({"setting": setting, "clients": c, "throughput (req/s)": r["rps"], "p50 ms": r["p50"],
                          "p95 ms": r["p95"], "p99 ms": r["p99"], "% of ceiling": share, "errors": r["errors"],
-                         "server CPU ms/req": r["server_cpu_ms"], "client CPU ms/req": r["client_cpu_ms"]})
+                         "server CPU ms/req": r["server_cpu_ms"],
+                         "of which TensorFlow pools": r["server_pools_cpu_ms"], "client CPU ms/req": r["client_cpu_ms"]})
         if finish is not None:
             finish(f"127.0.0.1:{port}")
     finally:
@@ -277,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [{"setting": "in-process SavedModel, batch 64 (ceiling)", "clients": "-",
                  "throughput (req/s)": ceil["users_per_s"], "p50 ms": ceil["single_p50_ms"],
                  "p95 ms": "", "p99 ms": "", "% of ceiling": 100.0, "errors": 0,
-                 "server CPU ms/req": ceil["cpu_ms"], "client CPU ms/req": ""}]
+                 "server CPU ms/req": ceil["cpu_ms"], "of which TensorFlow pools": "", "client CPU ms/req": ""}]
         port = free_port()
         served = {}
         for n in pools:
@@ -339,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             f"clients run in the benchmark process on the same cores as the server, over {args.channels} "
             "connections. CPU ms/req: CPU time of the "
             "server's processes (ceiling row: of the in-process model calls, per user) and of the clients per answered "
-            "request. Floor rows (`benchmarks/serving_floor.py`, same clients and port): the `sasrec serve` stack "
+            f"request. {POOLS_NOTE} Floor rows (`benchmarks/serving_floor.py`, same clients and port): the `sasrec serve` stack "
             "with a model that answers at once (its own cost: validation, batching, threads, metrics), and a "
             "bare thread-pool gRPC server returning a fixed 10-item answer (the cost of a Python gRPC call)."
             f"{best_line}{bound} Targets: unloaded (1 client) p50 <= 3 ms; served throughput as measured before "
