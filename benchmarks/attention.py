@@ -3,7 +3,7 @@
     python -m benchmarks.attention [--dataset DIR] [--epochs 4] [--eval-max-users 1000] [--variants a,b]
     python -m benchmarks.attention --long-histories [--maxlens 200,1000,2000] [--steps 5]
     python -m benchmarks.attention --full --variants a,b [--seeds 42,1,2] [--work runs/attention] [--dataset DIR]
-                                   [--preset dense|sparse]
+                                   [--preset dense|sparse] [--on ml-1m|beauty|ml-100k]
     python -m benchmarks.attention --serving-cost [--variants a,b] [--seconds 3] [--rounds 3]
 
 Each variant trains the ``dense`` preset (configs/dense.toml) with its attention fields changed and
@@ -26,7 +26,9 @@ peak RSS), into section ``attention-long``. It needs no data.
 reported are each run's test HR@10 / NDCG@10 (full ranking, all users) and, per variant, the mean and
 the spread (max - min) over its seeds, into section ``attention-full`` (other variants' rows are kept).
 ``--preset sparse`` does the same with the sparse preset on Beauty (``Beauty.txt``, run folders
-``WORK/<variant>-sparse-s<seed>``, section ``attention-full-beauty``).
+``WORK/<variant>-sparse-s<seed>``, section ``attention-full-beauty``). ``--on ml-100k`` runs a preset on
+another data set (ML-100K's ``u.data``; run folders ``WORK/<variant>-ml-100k-<preset>-s<seed>``, section
+``attention-full-ml-100k-<preset>``), to see whether what won on the preset's own data generalises.
 
 ``--serving-cost`` exports each variant at the dense preset's shape with random weights and measures its
 in-process cost per user (batches of 64, and single users) in rounds taken in turn over the variants,
@@ -56,13 +58,24 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import SHARED_DATA, accelerator, section_rows, write_section  # noqa: E402
 
 DATA = SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"
-# --full --preset: the data set each preset is measured on (file, `sasrec prepare` format), the section
-# and the run folders' suffix (dense runs keep their original names, so earlier runs still resume).
-FULL_PRESETS = {
-    "dense": dict(data_name="ML-1M", data=DATA, format="pairs", section="attention-full", suffix=""),
-    "sparse": dict(data_name="Beauty", data=SHARED_DATA / "beauty" / "Beauty.txt", format="sequences",
-                   section="attention-full-beauty", suffix="-sparse"),
+# --full --on: the data sets (file, `sasrec prepare` format) and the preset each is measured with by default.
+FULL_DATA = {
+    "ml-1m": dict(data_name="ML-1M", data=DATA, format="pairs", preset="dense"),
+    "beauty": dict(data_name="Beauty", data=SHARED_DATA / "beauty" / "Beauty.txt", format="sequences", preset="sparse"),
+    "ml-100k": dict(data_name="ML-100K", data=SHARED_DATA / "ml-100k" / "u.data", format="movielens", preset="dense"),
 }
+
+
+def full_setting(preset: str, on: str | None) -> dict:
+    """Where ``--full`` runs of ``preset`` on data set ``on`` (default: the preset's own) go: the data set's
+    entry with its section and run-folder suffix (the first two settings keep their original names, so their
+    earlier runs still resume)."""
+    on = on or next(key for key, where in FULL_DATA.items() if where["preset"] == preset)
+    named = {("dense", "ml-1m"): ("attention-full", ""), ("sparse", "beauty"): ("attention-full-beauty", "-sparse")}
+    section, suffix = named.get((preset, on), (f"attention-full-{on}-{preset}", f"-{on}-{preset}"))
+    return {**FULL_DATA[on], "key": on, "section": section, "suffix": suffix}
+
+
 # name -> config overrides on top of the dense preset; "default" is today's attention.
 VARIANTS = {
     "default": {},
@@ -192,14 +205,14 @@ def long_histories(args) -> int:
     return 0
 
 
-def full_run(name: str, seed: int, data: Path, work: Path, preset: str) -> dict:
+def full_run(name: str, seed: int, data: Path, work: Path, preset: str, suffix: str) -> dict:
     """Train (or resume, or read back) one variant and seed with the preset's stopping rule: its row."""
     import json
     import subprocess
 
     from sasrec.run import RunFolder
 
-    run = work / f"{run_name(name)}{FULL_PRESETS[preset]['suffix']}-s{seed}"
+    run = work / f"{run_name(name)}{suffix}-s{seed}"
     overrides = [a for key, value in {**VARIANTS[name], "seed": seed}.items() for a in ("--set", f"{key}={json.dumps(value)}")]
     subprocess.run([sys.executable, "-m", "sasrec", "train", "--data", str(data), "--out", str(run),
                     "--config", str(ROOT / "configs" / f"{preset}.toml"), "--quiet", *overrides], cwd=ROOT, check=True)
@@ -219,11 +232,11 @@ def full_runs(names: list[str], data: Path, args) -> int:
     from pipelines.dataset import read_manifest
     from sasrec.config import SASRecConfig
 
-    where = FULL_PRESETS[args.preset]
+    where = full_setting(args.preset, args.on)
     earlier, _ = section_rows(where["section"])
     rows = [row for row in earlier if row["variant"] not in names]
     for name in names:
-        runs = [full_run(name, seed, data, args.work, args.preset) for seed in args.seeds]
+        runs = [full_run(name, seed, data, args.work, args.preset, where["suffix"]) for seed in args.seeds]
         for row in runs:
             print(row, flush=True)
         rows += runs
@@ -311,8 +324,11 @@ def main(argv=None) -> int:
                         help="--full: comma-separated training seeds")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "attention",
                         help="--full: where the run folders are kept (and resumed from)")
-    parser.add_argument("--preset", choices=sorted(FULL_PRESETS), default="dense",
-                        help="--full: dense (ML-1M, ml-1m.txt.gz) or sparse (Beauty, Beauty.txt)")
+    parser.add_argument("--preset", choices=["dense", "sparse"], default="dense",
+                        help="--full: the preset the variants change: dense (run on ML-1M) or sparse (on Beauty)")
+    parser.add_argument("--on", choices=sorted(FULL_DATA),
+                        help="--full: another data set for the preset (ml-100k: u.data), e.g. to see that a change "
+                        "generalises")
     parser.add_argument("--serving-cost", action="store_true",
                         help="measure each of --variants' in-process serving cost per user instead (no data needed)")
     parser.add_argument("--seconds", type=float, default=3.0, help="--serving-cost: seconds per round and variant")
@@ -330,8 +346,8 @@ def main(argv=None) -> int:
         print(f"skipped: {SHARED_DATA} (ML-1M, ml-1m/ml-1m.txt.gz) is absent; this benchmark needs it", file=sys.stderr)
         return 0
     if args.full:
-        where = FULL_PRESETS[args.preset]
-        source = args.data if args.preset == "dense" else where["data"]
+        where = full_setting(args.preset, args.on)
+        source = args.data if where["key"] == "ml-1m" else where["data"]
         # Kept with the runs: a resumed run must find the dataset it started on.
         data = args.dataset or args.work / where["data_name"].lower()
         if not (data / "manifest.json").exists():
