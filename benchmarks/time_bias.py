@@ -8,7 +8,7 @@ Data (raw MovieLens, never copied into the repository): ``ml-100k/u.data`` and
 with ``sasrec prepare --format movielens`` defaults (leave-one-out) into a temporary folder. ``ml-1m.txt.gz``
 has no timestamps (file order), so it cannot show the bias.
 
-Both arms train the ``dense`` preset (configs/dense.toml: full softmax, 2 blocks, d 128, maxlen 200)
+Both arms train the ``dense`` preset (configs/dense.toml: full softmax, d 128, maxlen 200)
 from scratch, identical but for ``time_bias``; validation on every user every ``eval_every`` epochs
 with early stopping, the best validation model tested on every user (full ranking, seen items
 removed). ML-100K: ``--seeds`` seeds per arm, at most ``--epochs`` epochs; users1-2999: one seed per
@@ -98,11 +98,14 @@ def main(argv=None) -> int:
         print(f"skipped: {', '.join(missing)} absent; this benchmark needs raw MovieLens with timestamps", file=sys.stderr)
         return 0
     from pipelines.prepare import prepare_file
+    from sasrec.config import SASRecConfig
 
+    dense = SASRecConfig.preset("dense")
     earlier, earlier_date = section_rows("time-bias")
     rows = [{**row, "measured": row.get("measured") or earlier_date} for row in earlier if row["data"] not in names]
     notes = (
-        f"Dense preset (full softmax CE, 2 blocks, d 128, maxlen 200, dropout 0.2, positions from_start), the two arms "
+        f"Dense preset (full softmax CE, {dense.num_blocks} blocks, d {dense.hidden_units}, maxlen {dense.maxlen}, dropout "
+        f"{dense.dropout}, positions {dense.positions}), the two arms "
         f"identical but for time_bias (per-head bias by bucket floor(log2(1 + gap seconds)) of query and key event). "
         f"Data: raw MovieLens with timestamps, `sasrec prepare --format movielens` defaults, leave-one-out. "
         f"Validation every eval_every=2 epochs on every user (full ranking, seen items removed), early stopping "
