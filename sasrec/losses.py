@@ -6,11 +6,11 @@ training feed: ``pos`` (B, W) next item per position (0 where there is no target
 ``gbce``, which the feed repeats on every row as (B, N) so that a batch split over devices carries them
 to each, and :class:`SequenceLoss` takes back). With ``exclude_seen_negatives`` the feed also gives
 ``seen`` (B, V) bool for ``ce``, whose logits are (B, W, V) anyway, and ``neg_seen`` (B, N) bool for
-``sampled-softmax``, which never builds anything the size of the catalog per row. Positions without a target do not count. The loss is the
-mean over counted positions, or, with ``normaliser``, their sum divided by it: training passes the
-epoch's mean number of targets per batch, so that every position weighs the same whether its batch
-holds long or short (length-bucketed) histories, as in the paper's randomly mixed batches. All
-functions use ``keras.ops`` only.
+``sampled-softmax``, which never builds anything the size of the catalog per row. Positions without a
+target do not count. The loss is the mean over counted positions, or, with ``normaliser``, their sum
+divided by it: training passes the epoch's mean number of targets per batch, so that every position
+weighs the same whether its batch holds long or short (length-bucketed) histories, as in the paper's
+randomly mixed batches. All functions use ``keras.ops`` only.
 """
 
 from __future__ import annotations
