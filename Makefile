@@ -24,8 +24,9 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[test,jax]"
 	touch $@ $(VENV)/.installed-run
 
+# Two workers, one test file each at a time (module fixtures are built once): 8.5 min instead of 13 on 2 cores.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(VENV)/.installed-run
 	TF_CPP_MIN_LOG_LEVEL=3 PATH="$(CURDIR)/$(BIN):$$PATH" bash demo.sh $(DEMO) $(PORT)
