@@ -61,10 +61,16 @@ plus ``timestamps`` int64 ``[B, L]``)
     unknown, and a pair of events with an unknown time gets no bias. TensorFlow signatures have no
     optional inputs, so ``serving_default`` stays the call without times (every time unknown: the bias
     off, the model still answers). Only gaps matter: the graph rebases the window's times to its
-    earliest known one (as :func:`sasrec.feed.rebase_times` does in training). ``encode_state``,
-    ``advance_state`` and ``explain`` take no timestamps: they answer a time-bias model with the bias
-    off, so the server answers its stored histories through ``recommend_timed`` (no cached state) and
-    refuses explanations of requests with timestamps.
+    earliest known one (as :func:`sasrec.feed.rebase_times` does in training). ``explain`` takes no
+    timestamps (it answers with the bias off), so the server refuses explanations of requests with
+    timestamps.
+
+``encode_state_timed`` / ``advance_state_timed`` (only a ``time_bias`` model)
+    ``encode_state`` with ``timestamps`` int64 ``[B, L]`` aligned with ``history``, and ``advance_state``
+    with ``timestamps`` int64 ``[B, N]`` aligned with ``items`` and ``state_times`` int64 ``[B, S]`` (the
+    cached items' times, aligned with the state's slots; negative: unknown). Only gaps matter, so
+    the graph rebases the cached and the new times to their earliest known one, as the stateless
+    window does: a state advanced event by event answers as ``recommend_timed`` on the whole history.
 
 The SavedModel needs neither this project's code nor Keras to load: ``tf.saved_model.load`` is enough.
 The model card ``assets/model_card.json`` holds the config, the data manifest, the metrics with their
@@ -97,8 +103,10 @@ from sasrec.explain import (
 )
 from sasrec.model_base import (
     ADVANCE_SIGNATURE,
+    ADVANCE_TIMED_SIGNATURE,
     CARD_FORMAT,
     ENCODE_SIGNATURE,
+    ENCODE_TIMED_SIGNATURE,
     EXPLAIN_SIGNATURE,
     MODEL_CARD,
     SIGNATURE,
@@ -187,10 +195,11 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
         known = ids >= FIRST_ITEM_ID
         return ids, known, tf.reduce_sum(tf.cast(present & ~known, tf.int32), axis=1)
 
-    def recent_known(ids, width, timestamps=None):
+    def recent_known(ids, width, timestamps=None, origin=None):
         """The most recent ``width`` known items of ``ids`` ``[B, L]``, left-padded: rank positions with a
         known item by recency (top_k over position indices, -1 elsewhere), then put them back in time order.
-        With ``timestamps`` (int64, aligned with ``ids``): also the model's timestamps of those items."""
+        With ``timestamps`` (int64, aligned with ``ids``): also the model's timestamps of those items (gaps
+        from ``origin`` ``[B, 1]``, default their earliest known time)."""
         short = tf.maximum(width - tf.shape(ids)[1], 0)
         padded = tf.pad(ids, [[0, 0], [short, 0]])
         positions = tf.range(tf.shape(padded)[1], dtype=tf.int32)[None, :]
@@ -202,13 +211,16 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
         if timestamps is None:
             return seq
         times = tf.gather(tf.pad(timestamps, [[0, 0], [short, 0]], constant_values=-1), top_idx, batch_dims=1)
-        return seq, model_times(seq, times)
-
-    def model_times(seq, times):
-        """:func:`sasrec.feed.rebase_times` in the graph: int64 seconds of window ``seq`` as int32 gaps from
-        the row's earliest known time; unknown (negative) times and padding become -1."""
         known = (seq != PADDING_ID) & (times >= 0)
-        origin = tf.reduce_min(tf.where(known, times, tf.int64.max), axis=1, keepdims=True)
+        return seq, model_times(known, times, earliest(known, times) if origin is None else origin)
+
+    def earliest(known, times):
+        """Each row's earliest known time ``[B, 1]`` (int64 max where none is known)."""
+        return tf.reduce_min(tf.where(known, times, tf.int64.max), axis=1, keepdims=True)
+
+    def model_times(known, times, origin):
+        """:func:`sasrec.feed.rebase_times` in the graph: int64 seconds as int32 gaps from ``origin``
+        ``[B, 1]``; unknown (negative) times and padding (``known`` false) become -1."""
         gaps = tf.cast(tf.clip_by_value(times - origin, 0, tf.int32.max), tf.int32)
         return tf.where(known, gaps, -1)
 
@@ -262,35 +274,71 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
     def logits_of(hidden):
         return tf.cast(model.item_logits(hidden), tf.float32)
 
-    @tf.function(input_signature=[string_matrix("history")] + ranking_inputs)
-    def encode_state(history, k, exclude_seen, exclude_item_ids):
+    def encode(history, k, exclude_seen, exclude_item_ids, timestamps=None):
         ids, known, unknown_count = lookup(history)
         cold_start = tf.logical_not(tf.reduce_any(known, axis=1))
-        hidden, keys, values, valid = model.encode_state(window(ids, known))
+        if timestamps is None:
+            hidden, keys, values, valid = model.encode_state(window(ids, known))
+        else:
+            hidden, keys, values, valid = model.encode_state(*window(ids, known, timestamps))
         out = rank(logits_of(hidden), cold_start, ids, k, exclude_seen, exclude_item_ids)
         return {
             **out, "unknown_count": unknown_count, "history_ids": ids, "state_hidden": tf.cast(hidden, tf.float32),
             "state_keys": tf.cast(keys, tf.float32), "state_values": tf.cast(values, tf.float32), "state_valid": valid,
         }
 
-    @tf.function(
-        input_signature=[
-            string_matrix("items"),
-            tf.TensorSpec([None], tf.int32, name="offset"),
-            tf.TensorSpec([None, None, None, None, None], tf.float32, name="state_keys"),
-            tf.TensorSpec([None, None, None, None, None], tf.float32, name="state_values"),
-            tf.TensorSpec([None, None], tf.float32, name="state_hidden"),
-            tf.TensorSpec([None, None], tf.int32, name="seen_ids"),
-        ] + ranking_inputs
-    )
+    @tf.function(input_signature=[string_matrix("history")] + ranking_inputs)
+    def encode_state(history, k, exclude_seen, exclude_item_ids):
+        return encode(history, k, exclude_seen, exclude_item_ids)
+
+    @tf.function(input_signature=[string_matrix("history"), tf.TensorSpec([None, None], tf.int64, name="timestamps")]
+                 + ranking_inputs)
+    def encode_state_timed(history, timestamps, k, exclude_seen, exclude_item_ids):
+        return encode(history, k, exclude_seen, exclude_item_ids, timestamps)
+
+    state_inputs = [
+        string_matrix("items"),
+        tf.TensorSpec([None], tf.int32, name="offset"),
+        tf.TensorSpec([None, None, None, None, None], tf.float32, name="state_keys"),
+        tf.TensorSpec([None, None, None, None, None], tf.float32, name="state_values"),
+        tf.TensorSpec([None, None], tf.float32, name="state_hidden"),
+        tf.TensorSpec([None, None], tf.int32, name="seen_ids"),
+    ]
+
+    @tf.function(input_signature=state_inputs + ranking_inputs)
     def advance_state(items, offset, state_keys, state_values, state_hidden, seen_ids, k, exclude_seen,
                       exclude_item_ids):
+        return advance(items, offset, state_keys, state_values, state_hidden, seen_ids, k, exclude_seen,
+                       exclude_item_ids)
+
+    @tf.function(input_signature=state_inputs + ranking_inputs + [
+        tf.TensorSpec([None, None], tf.int64, name="timestamps"),
+        tf.TensorSpec([None, None], tf.int64, name="state_times"),
+    ])
+    def advance_state_timed(items, offset, state_keys, state_values, state_hidden, seen_ids, k, exclude_seen,
+                            exclude_item_ids, timestamps, state_times):
+        return advance(items, offset, state_keys, state_values, state_hidden, seen_ids, k, exclude_seen,
+                       exclude_item_ids, (timestamps, state_times))
+
+    def advance(items, offset, state_keys, state_values, state_hidden, seen_ids, k, exclude_seen, exclude_item_ids,
+                times=None):
+        """``times``: None, or the new items' and the cached items' int64 times (a time_bias model)."""
         ids, known, unknown_count = lookup(items)
         # States are right-padded to one length: the first `offset` slots of each row are its cached items.
         state_valid = tf.range(tf.shape(state_keys)[2])[None, :] < offset[:, None]
         count = tf.reduce_sum(tf.cast(known, tf.int32), axis=1)
-        new = recent_known(ids, tf.maximum(tf.reduce_max(count), 1))  # one column even when nothing is new
-        hidden, new_keys, new_values = model.advance_state(new, offset, state_keys, state_values, state_valid)
+        width = tf.maximum(tf.reduce_max(count), 1)  # one column even when nothing is new
+        if times is None:
+            new = recent_known(ids, width)
+            hidden, new_keys, new_values = model.advance_state(new, offset, state_keys, state_values, state_valid)
+        else:
+            timestamps, state_times = times
+            # One origin for the cached and the new items, the earliest known of both: the stateless window's.
+            cached_known = state_valid & (state_times >= 0)
+            origin = tf.minimum(earliest(cached_known, state_times), earliest(known & (timestamps >= 0), timestamps))
+            new, new_times = recent_known(ids, width, timestamps, origin)
+            hidden, new_keys, new_values = model.advance_state(new, offset, state_keys, state_values, state_valid,
+                                                               new_times, model_times(cached_known, state_times, origin))
         hidden = tf.where((count > 0)[:, None], tf.cast(hidden, tf.float32), state_hidden)
         # The state cannot be continued exactly when the window would slide or positions count from the end.
         overflow = offset + count > maxlen
@@ -336,6 +384,8 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
     module.advance_state = advance_state
     if getattr(model, "time_bias", False):
         module.recommend_timed = recommend_timed
+        module.encode_state_timed = encode_state_timed
+        module.advance_state_timed = advance_state_timed
     return module
 
 
@@ -423,6 +473,8 @@ def export_model(
             }
             if hasattr(module, "recommend_timed"):
                 signatures[TIMED_SIGNATURE] = module.recommend_timed.get_concrete_function()
+                signatures[ENCODE_TIMED_SIGNATURE] = module.encode_state_timed.get_concrete_function()
+                signatures[ADVANCE_TIMED_SIGNATURE] = module.advance_state_timed.get_concrete_function()
             tf.saved_model.save(
                 module,
                 str(tmp),

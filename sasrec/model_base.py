@@ -34,6 +34,9 @@ ADVANCE_SIGNATURE = "advance_state"
 EXPLAIN_SIGNATURE = "explain"
 # serving_default with the events' timestamps: exported only by time_bias models (card: "time_bias").
 TIMED_SIGNATURE = "recommend_timed"
+# encode_state / advance_state with the events' timestamps: likewise only time_bias models.
+ENCODE_TIMED_SIGNATURE = "encode_state_timed"
+ADVANCE_TIMED_SIGNATURE = "advance_state_timed"
 MODEL_CARD = "model_card.json"
 CARD_FORMAT = "sasrec-model-card/1"
 _VERSION_RE = re.compile(r"^[0-9]+$")

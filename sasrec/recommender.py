@@ -31,7 +31,9 @@ from pipelines.errors import InputError
 from sasrec.catalog import bounded_rows
 from sasrec.model_base import (
     ADVANCE_SIGNATURE,
+    ADVANCE_TIMED_SIGNATURE,
     ENCODE_SIGNATURE,
+    ENCODE_TIMED_SIGNATURE,
     EXPLAIN_SIGNATURE,
     SIGNATURE,
     TIMED_SIGNATURE,
@@ -136,7 +138,8 @@ class AttentionState:
     (blocks, M, heads, d/heads); ``hidden``: the state after the last one (d,); ``seen_ids``: internal
     ids of every known item of the history (``exclude_seen`` covers the whole history, not the window);
     ``unknown_count``: history ids not in the vocabulary; ``version``: the model version that made it
-    (a state never answers for another version).
+    (a state never answers for another version); ``times``: a time_bias model's state items' times in
+    seconds (int64, aligned with ``keys``, negative: unknown), else None.
     """
 
     version: int | None
@@ -145,6 +148,7 @@ class AttentionState:
     hidden: np.ndarray
     seen_ids: np.ndarray
     unknown_count: int
+    times: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -152,11 +156,26 @@ class AttentionState:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.hidden.nbytes + self.seen_ids.nbytes
+        return (self.keys.nbytes + self.values.nbytes + self.hidden.nbytes + self.seen_ids.nbytes
+                + (0 if self.times is None else self.times.nbytes))
 
 
 def _known(ids: np.ndarray) -> np.ndarray:
     return ids[ids >= FIRST_ITEM_ID].astype(np.int32)
+
+
+def _known_times(times: np.ndarray | None, row: int, ids: np.ndarray, count: int) -> np.ndarray | None:
+    """The times of the last ``count`` known items of row ``row`` (``ids``: its internal ids, aligned with
+    ``times``), or None without times."""
+    if times is None:
+        return None
+    known = times[row][ids >= FIRST_ITEM_ID]
+    return known[len(known) - count:]
+
+
+def _times_of(state: AttentionState) -> np.ndarray:
+    """A state's item times (unknown when it kept none)."""
+    return state.times if state.times is not None else np.full(state.length, UNKNOWN_TIMESTAMP, np.int64)
 
 
 def _stack_padded(arrays: list[np.ndarray], axis: int, dtype=None) -> np.ndarray:
@@ -351,8 +370,12 @@ class Recommender:
 
     @property
     def keeps_state(self) -> bool:
-        """The export has the live-history signatures (:meth:`encode_states`, :meth:`advance_states`)."""
-        return ENCODE_SIGNATURE in self._loaded.signatures and ADVANCE_SIGNATURE in self._loaded.signatures
+        """The export has the live-history signatures (:meth:`encode_states`, :meth:`advance_states`); a
+        time_bias model needs their timed forms (exports before them keep no state)."""
+        needed = [ENCODE_SIGNATURE, ADVANCE_SIGNATURE]
+        if self.reads_timestamps:
+            needed += [ENCODE_TIMED_SIGNATURE, ADVANCE_TIMED_SIGNATURE]
+        return all(name in self._loaded.signatures for name in needed)
 
     @property
     def advances_state(self) -> bool:
@@ -366,31 +389,48 @@ class Recommender:
         return dict(k=tf.constant(k, tf.int32), exclude_seen=tf.constant(bool(exclude_seen)),
                     exclude_item_ids=tf.convert_to_tensor(_pad(exclude_item_ids, num_rows=n), tf.string))
 
+    def _state_times(self, rows: Sequence[Sequence[str]], timestamps, padded: np.ndarray) -> np.ndarray | None:
+        """A time_bias model's ``timestamps`` matrix for ``rows`` (None given: every time unknown), else None."""
+        if not self.reads_timestamps:
+            if timestamps is not None:
+                raise InputError("timestamps: the model has no time_bias and reads none")
+            return None
+        return _timestamp_rows([None] * len(rows) if timestamps is None else timestamps, rows, padded.shape)
+
     def encode_states(self, histories: Sequence[Sequence[str]], k: int, exclude_seen: bool,
-                      exclude_item_ids: Sequence[Sequence[str]]) -> tuple[BatchResult, list[AttentionState]]:
-        """:meth:`recommend_batch` (one exclusion list per row) and each history's attention state."""
+                      exclude_item_ids: Sequence[Sequence[str]],
+                      timestamps: Sequence[Sequence[int] | None] | None = None) -> tuple[BatchResult, list[AttentionState]]:
+        """:meth:`recommend_batch` (one exclusion list per row) and each history's attention state;
+        ``timestamps`` as in :meth:`recommend_batch` (a time_bias model keeps them with the state)."""
         import tensorflow as tf
 
-        fn = self._loaded.signatures[ENCODE_SIGNATURE]
-        out = fn(history=tf.convert_to_tensor(_pad(histories), tf.string),
+        padded = _pad(histories)
+        times = self._state_times(histories, timestamps, padded)
+        timed = {} if times is None else {"timestamps": tf.constant(times)}
+        fn = self._loaded.signatures[ENCODE_TIMED_SIGNATURE if timed else ENCODE_SIGNATURE]
+        out = fn(history=tf.convert_to_tensor(padded, tf.string), **timed,
                  **self._ranking_inputs(len(histories), k, exclude_seen, exclude_item_ids))
         out = {name: value.numpy() for name, value in out.items()}
-        states = [
-            AttentionState(
+        states = []
+        for i in range(len(histories)):
+            valid = out["state_valid"][i]
+            states.append(AttentionState(
                 version=self.version,
-                keys=out["state_keys"][i][:, out["state_valid"][i]],
-                values=out["state_values"][i][:, out["state_valid"][i]],
+                keys=out["state_keys"][i][:, valid],
+                values=out["state_values"][i][:, valid],
                 hidden=out["state_hidden"][i],
                 seen_ids=_known(out["history_ids"][i]),
                 unknown_count=int(out["unknown_count"][i]),
-            )
-            for i in range(len(histories))
-        ]
+                # The window holds the most recent known items: the last `valid.sum()` known times.
+                times=_known_times(times, i, out["history_ids"][i], int(valid.sum())),
+            ))
         return BatchResult.of(out), states
 
     def advance_states(self, states: Sequence[AttentionState], new_items: Sequence[Sequence[str]], k: int,
-                       exclude_seen: bool, exclude_item_ids: Sequence[Sequence[str]]):
-        """Continue each state by its new items (oldest first) and recommend for the longer history.
+                       exclude_seen: bool, exclude_item_ids: Sequence[Sequence[str]],
+                       timestamps: Sequence[Sequence[int] | None] | None = None):
+        """Continue each state by its new items (oldest first) and recommend for the longer history;
+        ``timestamps``: the new items' times (a time_bias model).
 
         Returns ``(BatchResult, new states)``; a row whose state cannot be continued exactly (the
         window would slide past ``maxlen``, or positions count from the end) has ``None`` as its state
@@ -400,14 +440,19 @@ class Recommender:
 
         if any(state.version != self.version for state in states):
             raise ValueError("an attention state of another model version")
-        fn = self._loaded.signatures[ADVANCE_SIGNATURE]
+        padded = _pad(new_items)
+        times = self._state_times(new_items, timestamps, padded)
+        timed = {} if times is None else {"timestamps": tf.constant(times), "state_times": tf.constant(
+            _stack_padded([_times_of(s) for s in states], axis=0, dtype=np.int64))}
+        fn = self._loaded.signatures[ADVANCE_TIMED_SIGNATURE if timed else ADVANCE_SIGNATURE]
         out = fn(
-            items=tf.convert_to_tensor(_pad(new_items), tf.string),
+            items=tf.convert_to_tensor(padded, tf.string),
             offset=tf.constant([state.length for state in states], tf.int32),
             state_keys=tf.constant(_stack_padded([s.keys for s in states], axis=1)),
             state_values=tf.constant(_stack_padded([s.values for s in states], axis=1)),
             state_hidden=tf.constant(np.stack([s.hidden for s in states])),
             seen_ids=tf.constant(_stack_padded([s.seen_ids for s in states], axis=0, dtype=np.int32)),
+            **timed,
             **self._ranking_inputs(len(states), k, exclude_seen, exclude_item_ids),
         )
         out = {name: value.numpy() for name, value in out.items()}
@@ -418,6 +463,7 @@ class Recommender:
                 advanced.append(None)
                 continue
             new = out["state_valid"][i]
+            new_times = _known_times(times, i, out["history_ids"][i], int(new.sum()))
             advanced.append(AttentionState(
                 version=self.version,
                 keys=np.concatenate([state.keys, out["state_keys"][i][:, new]], axis=1),
@@ -425,6 +471,7 @@ class Recommender:
                 hidden=out["state_hidden"][i],
                 seen_ids=np.concatenate([state.seen_ids, _known(out["history_ids"][i])]),
                 unknown_count=int(out["unknown_count"][i]),
+                times=None if new_times is None else np.concatenate([_times_of(state), new_times]),
             ))
         return BatchResult.of(out), advanced
 

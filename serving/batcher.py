@@ -69,6 +69,15 @@ class Result:
     explain_method: str = ""
 
 
+def _times(items: list[Pending], times_of) -> dict:
+    """The ``timestamps`` keyword of a model call for ``items`` (``times_of(item)`` per row, None where a row
+    has none), or none at all when no row has times: a model (or stand-in) without time_bias is called
+    as before."""
+    if all(item.timestamps is None for item in items):
+        return {}
+    return {"timestamps": [None if item.timestamps is None else times_of(item) for item in items]}
+
+
 class MicroBatcher:
     def __init__(
         self,
@@ -227,24 +236,24 @@ class MicroBatcher:
                 continued.append(item)
         if stateless:
             items = [item for item, _ in stateless]
-            # Times only when a row has some: a model (or stand-in) without time_bias is called as before.
-            timed = any(item.timestamps is not None for item in items)
             self._run_model(model, items, lambda: (model.recommend_batch(
                 [item.history for item in items], k=k, exclude_seen=exclude_seen,
                 exclude_item_ids=[item.exclude_item_ids for item in items],
-                **({"timestamps": [item.timestamps for item in items]} if timed else {})), [None] * len(items)),
+                **_times(items, lambda item: item.timestamps)), [None] * len(items)),
                 outcome=[reason for _, reason in stateless])
         if continued:
             answered = self._run_model(model, continued, lambda: model.advance_states(
                 [item.state for item in continued], [item.new_events for item in continued], k, exclude_seen,
-                [item.exclude_item_ids for item in continued]), outcome="continued")
+                [item.exclude_item_ids for item in continued],
+                **_times(continued, lambda item: item.timestamps[len(item.timestamps) - len(item.new_events):])),
+                outcome="continued")
             # Rows the model could not continue exactly (the window would slide): re-encoded below.
             encoded += [(item, "window_full") for item, done in zip(continued, answered) if not done]
         if encoded:
             items = [item for item, _ in encoded]
             self._run_model(model, items, lambda: model.encode_states(
-                [item.history for item in items], k, exclude_seen, [item.exclude_item_ids for item in items]),
-                outcome=[reason for _, reason in encoded])
+                [item.history for item in items], k, exclude_seen, [item.exclude_item_ids for item in items],
+                **_times(items, lambda item: item.timestamps)), outcome=[reason for _, reason in encoded])
 
     def _run_model(self, model, group: list[Pending], call, outcome: str | list | None = None) -> list[bool]:
         """Answer ``group`` with ``call()`` -> (BatchResult, states). ``outcome``: the label for

@@ -3,8 +3,8 @@
 Live histories (AppendEvents, RecommendForUser, GetHistory, DeleteUser) go to the
 :class:`~serving.history_store.HistoryStore` the server opened (FAILED_PRECONDITION without one);
 RecommendForUser scores the stored history through the same path as Recommend, continuing the
-user's cached attention state (:mod:`serving.state_cache`) when the model exports one; a time_bias
-model (which reads the events' timestamps) answers from the stored events and times without one. History rules (vocabulary, unknown ids, truncation, seen items, cold start) live in the SavedModel
+user's cached attention state (:mod:`serving.state_cache`) when the model exports one (a time_bias
+model's state keeps the stored events' times). History rules (vocabulary, unknown ids, truncation, seen items, cold start) live in the SavedModel
 signature and are reached through the micro-batcher and :class:`sasrec.recommender.Recommender`.
 Every outcome is a deliberate status code: INVALID_ARGUMENT names the field, UNAVAILABLE means no
 model yet, shutting down or the history store failing, DEADLINE_EXCEEDED when the caller's deadline
@@ -263,19 +263,19 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             if request.item_ids or request.timestamps or request.idempotency_key:
                 response.append.CopyFrom(self._append("RecommendForUser", request))
             history, times = self._stored("RecommendForUser", "history", request.user_id)
-            if timed:
-                # A time_bias model answers from the stored events and their times, without a cached state:
-                # its state signatures read no timestamps.
-                answer, _ = self._score(history, k, exclude_seen, exclude, context,
-                                        timestamps=times if any(t is not None for t in times) else None)
-            elif states is None or explained:
-                answer, _ = self._score(history, k, exclude_seen, exclude, context, explain_items=explained)
+            # A time_bias model reads the stored events' times (none stored: the bias is off).
+            times = times if timed and any(t is not None for t in times) else None
+            if states is None or explained:
+                answer, _ = self._score(history, k, exclude_seen, exclude, context, explain_items=explained,
+                                        timestamps=times)
             else:
-                state, new_events = states.continuation(request.user_id, history)
+                # With times, a state is tied to the events and their times.
+                events = history if times is None else list(zip(history, times))
+                state, unseen = states.continuation(request.user_id, events)
                 answer, result = self._score(history, k, exclude_seen, exclude, context, live=True, state=state,
-                                             new_events=new_events)
+                                             new_events=history[len(history) - len(unseen):], timestamps=times)
                 if result.state is not None:
-                    states.put(request.user_id, result.state, history, token)
+                    states.put(request.user_id, result.state, events, token)
             response.recommendation.CopyFrom(answer)
             response.history_length = len(history)
             return response

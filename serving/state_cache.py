@@ -26,7 +26,8 @@ RECENT_EVICTIONS_KEPT = 100_000  # evictions remembered to refuse states of call
 
 
 def history_digest(events) -> int:
-    """Digest of stored events (item ids, oldest first); in-process only (str hashes are salted)."""
+    """Digest of stored events (item ids, or (item id, time) pairs for a time_bias model; oldest first);
+    in-process only (str hashes are salted)."""
     return hash(tuple(events))
 
 

@@ -205,3 +205,41 @@ def test_training_refuses_the_time_bias_on_file_order_timestamps(tmp_path):
     prepare_file("pairs", pairs, tmp_path / "data", kcore="none")
     with pytest.raises(InputError, match="time_bias"):
         train(tmp_path / "data", tmp_path / "run", SASRecConfig(time_bias=True, tensorboard=False))
+
+
+def test_exported_states_with_timestamps_continue_as_recommend_timed(tmp_path):
+    """encode_state_timed / advance_state_timed: a state advanced a few events at a time, with unknown
+    ids, unknown times and a time earlier than the cached ones (a new origin), answers as
+    recommend_timed on the whole history, and keeps its items' times."""
+    from sasrec.export import export_model
+    from sasrec.recommender import Recommender
+
+    items = np.array(["<pad>", "<oov>"] + [f"i{i}" for i in range(2, VOCAB)], dtype=object)
+    rec = Recommender.load(export_model(time_model(seed=4), tmp_path, item_ids=items, train_counts=np.arange(VOCAB)))
+    assert rec.keeps_state and rec.advances_state
+    rng = np.random.default_rng(5)
+    histories, stamps = [], []
+    for n in (9, 11):
+        histories.append([f"i{i}" for i in rng.integers(2, VOCAB, n)])
+        stamps.append((1_700_000_000 + np.cumsum(rng.integers(1, 10**6, n))).tolist())
+    histories[0][3] = "unknown"
+    stamps[0][4] = None
+    stamps[1][7] = stamps[1][0] - 86_400  # earlier than every cached event when it arrives
+    cuts = [(0, 2, 3, 6, 9), (1, 5, 6, 8, 11)]
+    result, states = rec.encode_states([h[:c[0]] for h, c in zip(histories, cuts)], 5, True, [[], []],
+                                       timestamps=[t[:c[0]] for t, c in zip(stamps, cuts)])
+    for step in range(1, 5):
+        ends = [c[step] for c in cuts]
+        starts = [c[step - 1] for c in cuts]
+        result, states = rec.advance_states(
+            states, [h[s:e] for h, s, e in zip(histories, starts, ends)], 5, True, [[], []],
+            timestamps=[t[s:e] for t, s, e in zip(stamps, starts, ends)])
+        expected = rec.recommend_batch([h[:e] for h, e in zip(histories, ends)], 5, True,
+                                       timestamps=[t[:e] for t, e in zip(stamps, ends)])
+        np.testing.assert_array_equal(result.item_ids, expected.item_ids)
+        np.testing.assert_allclose(result.scores, expected.scores, atol=1e-4)
+    # The state's times are its known items' own; the timed answer differs from the untimed one.
+    assert states[0].times.tolist() == [-1 if t is None else t for h, t in zip(histories[0], stamps[0]) if h != "unknown"]
+    assert np.abs(rec.recommend_batch(histories, 5, True).scores - result.scores).max() > 1e-3
+    with pytest.raises(InputError, match=r"timestamps\[1\]"):
+        rec.advance_states(states, [["i3"], ["i4"]], 5, True, [[], []], timestamps=[[1], [1, 2]])

@@ -1,5 +1,5 @@
 """A time_bias model over gRPC: Recommend reads the request's timestamps, RecommendForUser the stored
-ones (recomputed from the stored history, never from a cached state that read no times)."""
+ones, continuing the user's cached state (which keeps its events' times) as Recommend would answer."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def served(tmp_path_factory):
     rec = Recommender.load(export_model(time_model(seed=3), base, item_ids=items, train_counts=np.arange(VOCAB)))
     # Batches of 4 at most: a short warm-up (one signature call per batch size and width).
     srv = start_server(base, history_store=f"sqlite:///{tmp_path_factory.mktemp('histories') / 'h.db'}",
-                       max_batch_size=4)
+                       max_batch_size=4, state_cache_mb=8)
     assert srv.wait_ready(60)
     with RecommenderClient(f"127.0.0.1:{srv.port}", timeout=10) as client:
-        yield rec, client
+        yield rec, client, srv
     srv.stop(1)
 
 
@@ -38,7 +38,7 @@ def answer(response):
 
 
 def test_recommend_reads_the_request_timestamps(served):
-    rec, client = served
+    rec, client, _ = served
     expected = rec.recommend(HISTORY, k=5, timestamps=STAMPS)
     ids, scores = answer(client.recommend(HISTORY, 5, timestamps=STAMPS))
     assert ids == expected.item_ids
@@ -50,7 +50,7 @@ def test_recommend_reads_the_request_timestamps(served):
 
 
 def test_bad_timestamps_are_refused_naming_the_field(served):
-    _, client = served
+    _, client, _ = served
     with pytest.raises(grpc.RpcError) as err:
         client.recommend(HISTORY, 5, timestamps=STAMPS[:-1])
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "timestamps" in err.value.details()
@@ -60,11 +60,21 @@ def test_bad_timestamps_are_refused_naming_the_field(served):
 
 
 def test_recommend_for_user_reads_the_stored_timestamps(served):
-    rec, client = served
+    rec, client, srv = served
+    continued = lambda: srv.metrics.registry.get_sample_value(  # noqa: E731
+        "sasrec_state_requests_total", {"outcome": "continued"}) or 0
     client.append_events("u1", HISTORY[:5], timestamps=STAMPS[:5])
-    for end in (5, 9):  # the second call adds events: nothing stale from the first
-        reply = client.recommend_for_user("u1", 5, item_ids=HISTORY[5:end], timestamps=STAMPS[5:end])
-        expected = rec.recommend(HISTORY[:end], k=5, timestamps=STAMPS[:end])
+    # Then events with times, events without (unknown: no bias for their pairs), and one earlier than
+    # every stored event: each call continues the state built by the first and answers as Recommend.
+    calls = [([], []), (HISTORY[5:9], STAMPS[5:9]), (["i14", "i15"], None), (["i16"], [STAMPS[0] - 3_600])]
+    items, times = list(HISTORY[:5]), list(STAMPS[:5])
+    for new_items, new_times in calls:
+        before = continued()
+        reply = client.recommend_for_user("u1", 5, item_ids=new_items, timestamps=new_times or ())
+        items += new_items
+        times += new_times or [None] * len(new_items)
+        expected = rec.recommend(items, k=5, timestamps=times)
         ids, scores = answer(reply.recommendation)
         assert ids == expected.item_ids
-        np.testing.assert_allclose(scores, [s for _, s in expected], atol=1e-5)
+        np.testing.assert_allclose(scores, [s for _, s in expected], atol=1e-4)
+        assert continued() == before + (1 if new_items else 0)
