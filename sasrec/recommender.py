@@ -390,12 +390,12 @@ class Recommender:
                     exclude_item_ids=tf.convert_to_tensor(_pad(exclude_item_ids, num_rows=n), tf.string))
 
     def _state_times(self, rows: Sequence[Sequence[str]], timestamps, padded: np.ndarray) -> np.ndarray | None:
-        """A time_bias model's ``timestamps`` matrix for ``rows`` (None given: every time unknown), else None."""
-        if not self.reads_timestamps:
-            if timestamps is not None:
-                raise InputError("timestamps: the model has no time_bias and reads none")
+        """A time_bias model's ``timestamps`` matrix for ``rows`` (None given: every time unknown), else None
+        (given times are checked, but a model without time_bias has no use for them: as recommend_batch)."""
+        if timestamps is None and not self.reads_timestamps:
             return None
-        return _timestamp_rows([None] * len(rows) if timestamps is None else timestamps, rows, padded.shape)
+        times = _timestamp_rows([None] * len(rows) if timestamps is None else timestamps, rows, padded.shape)
+        return times if self.reads_timestamps else None
 
     def encode_states(self, histories: Sequence[Sequence[str]], k: int, exclude_seen: bool,
                       exclude_item_ids: Sequence[Sequence[str]],

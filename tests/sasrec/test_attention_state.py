@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from pipelines.errors import InputError
 from sasrec.config import SASRecConfig
 from sasrec.export import export_model
 from sasrec.model import build_model
@@ -153,6 +154,18 @@ def test_cold_starts_and_unknown_only_events(exported):
         np.testing.assert_allclose(result.scores, expected.scores, atol=1e-4)
     else:
         assert state is None
+
+
+def test_a_model_without_time_bias_checks_timestamps_and_answers_without_them(exported):
+    """As recommend_batch: a hot swap can hand a plain model a request with times."""
+    plain = exported.encode_states([["i3", "i4"]], 5, True, [[]])
+    timed = exported.encode_states([["i3", "i4"]], 5, True, [[]], timestamps=[[100, 200]])
+    np.testing.assert_array_equal(timed[0].scores, plain[0].scores)
+    assert timed[1][0].times is None
+    advanced = exported.advance_states(plain[1], [["i5"]], 5, True, [[]], timestamps=[[300]])
+    np.testing.assert_array_equal(advanced[0].scores, exported.advance_states(plain[1], [["i5"]], 5, True, [[]])[0].scores)
+    with pytest.raises(InputError, match=r"timestamps\[0\]"):
+        exported.advance_states(plain[1], [["i5"]], 5, True, [[]], timestamps=[[1, 2]])
 
 
 def test_a_state_of_another_version_is_refused(exported):
