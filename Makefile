@@ -24,7 +24,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[test,jax]"
 	touch $@ $(VENV)/.installed-run
 
-# Two workers, one test file each at a time (module fixtures are built once): 8.5 min instead of 13 on 2 cores.
+# Two workers, one test file each at a time (module fixtures built once per file): waits and process starts overlap.
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 

@@ -328,17 +328,18 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
         state_valid = tf.range(tf.shape(state_keys)[2])[None, :] < offset[:, None]
         count = tf.reduce_sum(tf.cast(known, tf.int32), axis=1)
         width = tf.maximum(tf.reduce_max(count), 1)  # one column even when nothing is new
+        new_times = cached_times = None
         if times is None:
             new = recent_known(ids, width)
-            hidden, new_keys, new_values = model.advance_state(new, offset, state_keys, state_values, state_valid)
         else:
             timestamps, state_times = times
             # One origin for the cached and the new items, the earliest known of both: the stateless window's.
             cached_known = state_valid & (state_times >= 0)
             origin = tf.minimum(earliest(cached_known, state_times), earliest(known & (timestamps >= 0), timestamps))
             new, new_times = recent_known(ids, width, timestamps, origin)
-            hidden, new_keys, new_values = model.advance_state(new, offset, state_keys, state_values, state_valid,
-                                                               new_times, model_times(cached_known, state_times, origin))
+            cached_times = model_times(cached_known, state_times, origin)
+        hidden, new_keys, new_values = model.advance_state(new, offset, state_keys, state_values, state_valid,
+                                                           new_times, cached_times)
         hidden = tf.where((count > 0)[:, None], tf.cast(hidden, tf.float32), state_hidden)
         # The state cannot be continued exactly when the window would slide or positions count from the end.
         overflow = offset + count > maxlen

@@ -173,11 +173,6 @@ def _known_times(times: np.ndarray | None, row: int, ids: np.ndarray, count: int
     return known[len(known) - count:]
 
 
-def _times_of(state: AttentionState) -> np.ndarray:
-    """A state's item times (unknown when it kept none)."""
-    return state.times if state.times is not None else np.full(state.length, UNKNOWN_TIMESTAMP, np.int64)
-
-
 def _stack_padded(arrays: list[np.ndarray], axis: int, dtype=None) -> np.ndarray:
     """``arrays`` stacked on a new first axis, zero-padded at the end of ``axis`` to the longest."""
     longest = max(a.shape[axis] for a in arrays)
@@ -342,9 +337,7 @@ class Recommender:
         else:
             excl = np.tile(_pad([list(exclude_item_ids)]), (rows, 1))
         hist = _pad(histories, num_rows=rows)
-        times = _timestamp_rows(timestamps, histories, hist.shape) if timestamps is not None else None
-        if times is not None and not self.reads_timestamps:
-            times = None  # checked, but a model without time_bias has no use for them
+        times = self._times_read(histories, timestamps, hist.shape)
         return BatchResult.of(self._call_rows(hist, excl, k, exclude_seen, n=n, explain_items=explain_items,
                                               times=times))
 
@@ -389,12 +382,13 @@ class Recommender:
         return dict(k=tf.constant(k, tf.int32), exclude_seen=tf.constant(bool(exclude_seen)),
                     exclude_item_ids=tf.convert_to_tensor(_pad(exclude_item_ids, num_rows=n), tf.string))
 
-    def _state_times(self, rows: Sequence[Sequence[str]], timestamps, padded: np.ndarray) -> np.ndarray | None:
-        """A time_bias model's ``timestamps`` matrix for ``rows`` (None given: every time unknown), else None
-        (given times are checked, but a model without time_bias has no use for them: as recommend_batch)."""
-        if timestamps is None and not self.reads_timestamps:
+    def _times_read(self, rows: Sequence[Sequence[str]], timestamps, shape: tuple, always: bool = False):
+        """``timestamps`` (checked against ``rows``) as the int64 matrix of ``shape`` a time_bias model reads,
+        or None: none given (``always``: every time unknown instead, for the timed state signatures), or a
+        model without time_bias, which has no use for them."""
+        if timestamps is None and not (always and self.reads_timestamps):
             return None
-        times = _timestamp_rows([None] * len(rows) if timestamps is None else timestamps, rows, padded.shape)
+        times = _timestamp_rows([None] * len(rows) if timestamps is None else timestamps, rows, shape)
         return times if self.reads_timestamps else None
 
     def encode_states(self, histories: Sequence[Sequence[str]], k: int, exclude_seen: bool,
@@ -405,7 +399,7 @@ class Recommender:
         import tensorflow as tf
 
         padded = _pad(histories)
-        times = self._state_times(histories, timestamps, padded)
+        times = self._times_read(histories, timestamps, padded.shape, always=True)
         timed = {} if times is None else {"timestamps": tf.constant(times)}
         fn = self._loaded.signatures[ENCODE_TIMED_SIGNATURE if timed else ENCODE_SIGNATURE]
         out = fn(history=tf.convert_to_tensor(padded, tf.string), **timed,
@@ -441,9 +435,10 @@ class Recommender:
         if any(state.version != self.version for state in states):
             raise ValueError("an attention state of another model version")
         padded = _pad(new_items)
-        times = self._state_times(new_items, timestamps, padded)
+        times = self._times_read(new_items, timestamps, padded.shape, always=True)
+        # A time_bias model's states always carry their times (encode_states reads them the same way).
         timed = {} if times is None else {"timestamps": tf.constant(times), "state_times": tf.constant(
-            _stack_padded([_times_of(s) for s in states], axis=0, dtype=np.int64))}
+            _stack_padded([s.times for s in states], axis=0, dtype=np.int64))}
         fn = self._loaded.signatures[ADVANCE_TIMED_SIGNATURE if timed else ADVANCE_SIGNATURE]
         out = fn(
             items=tf.convert_to_tensor(padded, tf.string),
@@ -471,7 +466,7 @@ class Recommender:
                 hidden=out["state_hidden"][i],
                 seen_ids=np.concatenate([state.seen_ids, _known(out["history_ids"][i])]),
                 unknown_count=int(out["unknown_count"][i]),
-                times=None if new_times is None else np.concatenate([_times_of(state), new_times]),
+                times=None if new_times is None else np.concatenate([state.times, new_times]),
             ))
         return BatchResult.of(out), advanced
 
