@@ -90,6 +90,12 @@ VARIANTS = {
     # 2-block model it replaced.
     "4 blocks": dict(num_blocks=4, warmup_steps=200),
     "2 blocks": dict(num_blocks=2, warmup_steps=0),
+    # A fixed budget with the learning rate annealed to 0 instead of a constant rate and early stopping: the
+    # constant-rate 4-block runs peaked at epochs 50-62.
+    "cosine lr 70 epochs": dict(lr_decay="cosine", epochs=70),
+    # The two changes that lifted the dense preset's full softmax on ML-1M, for the sparse preset (a no-op on
+    # the dense one, which has both).
+    "seen negatives out + beta_2 0.999": dict(exclude_seen_negatives=True, beta_2=0.999),
 }
 # --long-histories: the model and batch of the step timing; the catalog is ML-1M's size.
 LONG_BATCH, LONG_HIDDEN, LONG_BLOCKS, LONG_ITEMS = 32, 64, 2, 3416
