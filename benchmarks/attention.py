@@ -91,6 +91,7 @@ VARIANTS = {
     # 2-block model it replaced.
     "4 blocks": dict(num_blocks=4, warmup_steps=200),
     "2 blocks": dict(num_blocks=2, warmup_steps=0),
+    "6 blocks": dict(num_blocks=6),
     # A fixed budget with the learning rate annealed to 0 instead of a constant rate and early stopping: the
     # constant-rate 4-block runs peaked at epochs 50-62.
     "cosine lr 70 epochs": dict(lr_decay="cosine", epochs=70),
