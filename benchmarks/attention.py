@@ -55,7 +55,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.report import SHARED_DATA, accelerator, section_rows, write_section  # noqa: E402
+from benchmarks.report import SHARED_DATA, accelerator, write_section, write_section_keeping  # noqa: E402
 
 DATA = SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"
 # --full --on: the data sets (file, `sasrec prepare` format) and the preset each is measured with by default.
@@ -244,8 +244,7 @@ def full_runs(names: list[str], data: Path, args) -> int:
     from sasrec.config import SASRecConfig
 
     where = full_setting(args.preset, args.on)
-    earlier, _ = section_rows(where["section"])
-    rows = [row for row in earlier if row["variant"] not in names]
+    rows = []
     for name in names:
         runs = [full_run(name, seed, data, args.work, args.preset, where["suffix"]) for seed in args.seeds]
         for row in runs:
@@ -270,8 +269,8 @@ def full_runs(names: list[str], data: Path, args) -> int:
         "variants not in the latest run are kept from earlier runs; the quality sections hold the preset's own "
         "runs (variant default) under the same protocol."
     )
-    write_section(where["section"], f"Attention variants: full runs on {where['data_name']} ({args.preset} preset, "
-                  "test split)", rows, notes=notes)
+    write_section_keeping(where["section"], f"Attention variants: full runs on {where['data_name']} ({args.preset} "
+                          "preset, test split)", rows, key="variant", notes=notes)
     return 0
 
 
@@ -378,9 +377,7 @@ def main(argv=None) -> int:
         "all users, the test split and 3 seeds may change the presets (none has yet). Rows of variants not in the "
         "latest run are kept from earlier runs (measured: each row's date; the command above is the latest run's)."
     )
-    earlier, earlier_date = section_rows("attention")
-    kept = {row["variant"]: {**row, "measured": row.get("measured") or earlier_date}
-            for row in earlier if row["variant"] not in names}
+    order = list(VARIANTS)
     rows = []
     with tempfile.TemporaryDirectory(prefix="attention-") as tmp:
         data = args.dataset
@@ -393,9 +390,9 @@ def main(argv=None) -> int:
             row = screen(name, VARIANTS[name], data, Path(tmp), args)
             print(row, flush=True)
             rows.append(row)
-            merged = {**kept, **{r["variant"]: r for r in rows}}
-            ordered = [merged[n] for n in VARIANTS if n in merged] + [r for n, r in merged.items() if n not in VARIANTS]
-            write_section("attention", "Attention variants: short screen on ML-1M (dense preset)", ordered, notes=notes)
+            write_section_keeping("attention", "Attention variants: short screen on ML-1M (dense preset)", rows,
+                                  key="variant", notes=notes, measured=True,
+                                  order=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
     return 0
 
 

@@ -116,6 +116,20 @@ def section_rows(name: str) -> tuple[list[dict], str]:
     return [dict(zip(cells[0], row)) for row in cells[2:]], date.group(1) if date else ""
 
 
+def write_section_keeping(name: str, title: str, rows: list[dict], key: str, notes: str = "", measured: bool = False,
+                          order=None) -> str:
+    """``write_section`` with the section's earlier rows whose ``key`` none of ``rows`` has kept. They are read
+    now, when writing, not when the run started: a run of hours must not drop rows that another run wrote
+    meanwhile. ``measured``: a kept row without a "measured" cell gets its section's date line there;
+    ``order``: a sort key for the merged rows (default: kept rows first)."""
+    earlier, date = section_rows(name)
+    fresh = {row[key] for row in rows}
+    kept = [{**row, "measured": row.get("measured") or date} if measured else row
+            for row in earlier if row[key] not in fresh]
+    merged = kept + rows
+    return write_section(name, title, merged if order is None else sorted(merged, key=order), notes=notes)
+
+
 def write_section(name: str, title: str, rows: list[dict], notes: str = "", command: str | None = None) -> str:
     """Replace section ``name`` of BENCHMARKS.md with ``rows``; returns the section text."""
     command = command or run_command()
