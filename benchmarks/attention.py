@@ -24,7 +24,8 @@ peak RSS), into section ``attention-long``. It needs no data.
 ``sasrec train`` to the preset's own early stop (validation on all users) in run folder
 ``WORK/<variant>-s<seed>``, which an interrupted benchmark resumes (a finished run is only read back);
 reported are each run's test HR@10 / NDCG@10 (full ranking, all users) and, per variant, the mean and
-the spread (max - min) over its seeds, into section ``attention-full`` (other variants' rows are kept).
+the spread (max - min) over its seeds, into section ``attention-full`` (other variants' rows are kept, and
+so are a variant's seeds that this run did not train: seeds run in parallel processes count together).
 ``--preset sparse`` does the same with the sparse preset on Beauty (``Beauty.txt``, run folders
 ``WORK/<variant>-sparse-s<seed>``, section ``attention-full-beauty``). ``--on ml-100k`` runs a preset on
 another data set (ML-100K's ``u.data``; run folders ``WORK/<variant>-ml-100k-<preset>-s<seed>``, section
@@ -55,7 +56,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.report import SHARED_DATA, accelerator, write_section, write_section_keeping  # noqa: E402
+from benchmarks.report import SHARED_DATA, accelerator, section_rows, write_section, write_section_keeping  # noqa: E402
 
 DATA = SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"
 # --full --on: the data sets (file, `sasrec prepare` format) and the preset each is measured with by default.
@@ -237,26 +238,40 @@ def full_run(name: str, seed: int, data: Path, work: Path, preset: str, suffix: 
     }
 
 
-def full_runs(names: list[str], data: Path, args) -> int:
+def with_seed_means(runs: list[dict], earlier: list[dict]) -> list[dict]:
+    """Each variant's seed rows, this run's and the earlier ones (cells as text) of seeds it did not rerun,
+    then, for a variant with 2 seeds or more, the mean and spread over all of them: seeds run apart (in
+    parallel processes, in another session) count together."""
     import statistics
 
+    fresh = {(row["variant"], str(row["seed"])) for row in runs}
+    names = list(dict.fromkeys(row["variant"] for row in runs))
+    rows = []
+    for name in names:
+        seeds = [row for row in earlier if row["variant"] == name and row["seed"].isdigit()
+                 and (name, row["seed"]) not in fresh] + [row for row in runs if row["variant"] == name]
+        seeds.sort(key=lambda row: int(row["seed"]))
+        rows += seeds
+        if len(seeds) < 2:
+            continue
+        summary = {"variant": name, "seed": f"mean of {len(seeds)}"}
+        for metric in ("test HR@10", "test NDCG@10", "best val NDCG@10"):
+            values = [float(row[metric]) for row in seeds]
+            summary[metric] = f"{statistics.mean(values):.4f} (spread {max(values) - min(values):.4f})"
+        rows.append(summary)
+    return rows
+
+
+def full_runs(names: list[str], data: Path, args) -> int:
     from pipelines.dataset import read_manifest
     from sasrec.config import SASRecConfig
 
     where = full_setting(args.preset, args.on)
-    rows = []
+    runs = []
     for name in names:
-        runs = [full_run(name, seed, data, args.work, args.preset, where["suffix"]) for seed in args.seeds]
-        for row in runs:
-            print(row, flush=True)
-        rows += runs
-        if len(runs) < 2:
-            continue
-        summary = {"variant": name, "seed": f"mean of {len(runs)}"}
-        for metric in ("test HR@10", "test NDCG@10", "best val NDCG@10"):
-            values = [row[metric] for row in runs]
-            summary[metric] = f"{statistics.mean(values):.4f} (spread {max(values) - min(values):.4f})"
-        rows.append(summary)
+        for seed in args.seeds:
+            runs.append(full_run(name, seed, data, args.work, args.preset, where["suffix"]))
+            print(runs[-1], flush=True)
     config = SASRecConfig.preset(args.preset)
     users = read_manifest(data)["statistics"]["users"]
     notes = (
@@ -266,9 +281,11 @@ def full_runs(names: list[str], data: Path, args) -> int:
         f"evaluated once on the test split: full ranking over all items, the user's seen items removed, all "
         f"users; device {accelerator()}. Spread: max - min over the seeds; a variant's gain counts only when it "
         "is larger than the spreads. s / epoch includes epochs that shared the 2 cores with other jobs. Rows of "
-        "variants not in the latest run are kept from earlier runs; the quality sections hold the preset's own "
+        "variants and seeds not in the latest run are kept from earlier runs (a variant's mean counts them); the quality sections hold the preset's own "
         "runs (variant default) under the same protocol."
     )
+    # Read now, after hours of training: another process may have written seeds of the same variant meanwhile.
+    rows = with_seed_means(runs, section_rows(where["section"])[0])
     write_section_keeping(where["section"], f"Attention variants: full runs on {where['data_name']} ({args.preset} "
                           "preset, test split)", rows, key="variant", notes=notes)
     return 0
