@@ -209,6 +209,7 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
 def test_a_mixed_precision_model_serves_float32_scores(tmp_path):
     """Trained with mixed_precision, the SavedModel still ranks by float32 scores: no bfloat16 ties."""
     import keras
+    import ml_dtypes
 
     from sasrec.config import SASRecConfig
     from sasrec.export import export_model
@@ -225,7 +226,11 @@ def test_a_mixed_precision_model_serves_float32_scores(tmp_path):
         keras.mixed_precision.set_global_policy("float32")
     rec = Recommender.load(base)
     for history in (list(vocab[2:8]), list(vocab[100:112])):
-        got = rec.recommend(history, k=20)
+        got = np.array([score for _, score in rec.recommend(history, k=20)])
         expected, scores = reference_topk(model, vocab, history, 20)
-        assert len({score for _, score in got}) == 20
-        np.testing.assert_allclose([score for _, score in got], scores, rtol=1e-4, atol=1e-4)
+        assert len(set(got)) == 20
+        # float32 scores, not bfloat16 values widened: most are not representable in bfloat16.
+        assert np.mean(got.astype(ml_dtypes.bfloat16).astype(np.float32) != got) > 0.5
+        # The graph and the eager Keras model run different bfloat16 kernels (oneDNN's native bfloat16
+        # on CPUs that have it): they agree to bfloat16's precision (2^-8 relative), not to float32's.
+        np.testing.assert_allclose(got, scores, rtol=2e-2, atol=1e-3)
