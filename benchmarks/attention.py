@@ -325,7 +325,7 @@ def serving_costs(names: list[str], args) -> int:
         f"Serving cost per user of each variant, in process (`Recommender`, the SavedModel's serving_default): the "
         f"dense preset's shape (3,416 items, maxlen {dense['maxlen']}, d {dense['hidden_units']}, "
         f"{dense['num_blocks']} blocks unless the variant says otherwise) with "
-        f"random weights, ML-1M-like history lengths (median ~96, many cut to 200). users/s: batches of 64 for "
+        f"random weights, ML-1M-like history lengths (median ~96, many cut to {dense['maxlen']}). users/s: batches of 64 for "
         f"{args.seconds:g} s, best of {args.rounds} rounds taken in turn over the variants; CPU ms / user: the "
         "process's CPU time per user in that round; one user p50: 300 single-user calls. cost x default: "
         "default's users/s over the variant's (above 1: dearer to serve). Same 2 cores for every variant, so "

@@ -209,7 +209,7 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
 def test_a_mixed_precision_model_serves_float32_scores(tmp_path):
     """Trained with mixed_precision, the SavedModel still ranks by float32 scores: no bfloat16 ties."""
     import keras
-    import ml_dtypes
+    import tensorflow as tf
 
     from sasrec.config import SASRecConfig
     from sasrec.export import export_model
@@ -230,7 +230,7 @@ def test_a_mixed_precision_model_serves_float32_scores(tmp_path):
         expected, scores = reference_topk(model, vocab, history, 20)
         assert len(set(got)) == 20
         # float32 scores, not bfloat16 values widened: most are not representable in bfloat16.
-        assert np.mean(got.astype(ml_dtypes.bfloat16).astype(np.float32) != got) > 0.5
+        assert np.mean(got.astype(tf.bfloat16.as_numpy_dtype).astype(np.float32) != got) > 0.5
         # The graph and the eager Keras model run different bfloat16 kernels (oneDNN's native bfloat16
         # on CPUs that have it): they agree to bfloat16's precision (2^-8 relative), not to float32's.
         np.testing.assert_allclose(got, scores, rtol=2e-2, atol=1e-3)
