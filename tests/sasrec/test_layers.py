@@ -1,0 +1,63 @@
+"""sasrec.layers.Dropout: the byte-per-element masks of the XLA paths (TensorFlow + XLA, JAX)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHAPE = (64, 50, 50)  # 160,000 elements: the kept share's standard error is ~0.001
+JAX_SCRIPT = """
+import json, numpy as np, keras
+from sasrec.layers import Dropout
+layer = Dropout(0.2, seed=3)
+x = np.ones((64, 50, 50), "float32")
+first, second = (keras.ops.convert_to_numpy(layer(x, training=True)) for _ in range(2))
+print(json.dumps({"kept": float((first != 0).mean()), "values": sorted(set(first[first != 0].tolist())),
+                  "same_mask": bool(((first != 0) == (second != 0)).all())}))
+"""
+
+
+def dropped_below(rate: float) -> int:
+    return min(max(round(rate * 256), 1), 255)
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.5])
+def test_tensorflow_xla_dropout_keeps_the_rounded_share_and_preserves_the_mean(rate):
+    import tensorflow as tf
+
+    from sasrec.layers import Dropout
+
+    layer = Dropout(rate, seed=7)
+    x = tf.ones(SHAPE)
+    step = tf.function(lambda: layer(x, training=True), jit_compile=True)
+    first, second = step().numpy(), step().numpy()
+    keep = (256 - dropped_below(rate)) / 256
+    assert abs((first != 0).mean() - keep) < 0.005
+    np.testing.assert_allclose(np.unique(first[first != 0]), [1 / keep], rtol=1e-6)
+    assert abs(first.mean() - 1.0) < 0.01
+    assert ((first != 0) != (second != 0)).any()  # each call draws a new mask
+    # Not training, or without XLA: the input as it is / Keras's own dropout at the exact rate.
+    np.testing.assert_array_equal(layer(x, training=False).numpy(), x.numpy())
+    eager = layer(x, training=True).numpy()
+    np.testing.assert_allclose(np.unique(eager[eager != 0]), [1 / (1 - rate)], rtol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed (pip install '.[jax]')")
+def test_jax_dropout_keeps_the_rounded_share():
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", JAX_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    keep = (256 - dropped_below(0.2)) / 256
+    assert abs(got["kept"] - keep) < 0.005
+    np.testing.assert_allclose(got["values"], [1 / keep], rtol=1e-6)
+    assert not got["same_mask"]
