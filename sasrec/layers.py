@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 # Score of a masked key before the softmax: its weight underflows to exactly 0.
@@ -29,15 +30,16 @@ UNKNOWN_TIME = -1  # model-level timestamps below 0 are unknown: no time bias fo
 @keras.saving.register_keras_serializable(package="sasrec")
 class Dropout(keras.layers.Dropout):
     """``keras.layers.Dropout`` whose masks come from XLA's ThreeFry bit generator on TensorFlow (when
-    compiled with XLA) and JAX, one byte per element.
+    compiled with XLA) and JAX, with as few random bits per element as the rate allows.
 
     The backends' default generators (TensorFlow's Philox, JAX's ``jax.random`` ThreeFry written in
     array ops) ran 5-7x slower on CPU than XLA's own ThreeFry: with SASRec's (B, L, L) attention
-    weights that made dropout 40-50% of a training step. Each 32-bit word then serves four elements
-    (an element is dropped when its byte is below ``round(rate * 256)``), since even XLA's ThreeFry was
-    still ~13% of a step's CPU time at 32 bits per element: on these paths the rate is rounded to a
-    multiple of 1/256 (0.2 drops 51/256 = 0.199) and kept elements are scaled by the rounded rate's
-    inverse keep probability. TensorFlow without XLA and torch use Keras's dropout.
+    weights that made dropout 40-50% of a training step, and even XLA's ThreeFry was still ~13% of a
+    step's CPU time at 32 bits per element. So each 32-bit word serves four elements (8 bits each) when
+    the rate rounded to 1/256 is within 1% of itself (0.2 -> 51/256, 0.5 exactly), else two (16 bits;
+    0.1 -> 6554/65536), else one; an element is dropped when its bits are below the rounded rate, and
+    kept elements are scaled by the rounded keep probability's inverse. TensorFlow without XLA and
+    torch use Keras's dropout.
     """
 
     def call(self, inputs, training=False):
@@ -48,36 +50,47 @@ class Dropout(keras.layers.Dropout):
                 return self._tensorflow_dropout(inputs)
         return super().call(inputs, training=training)
 
-    def _dropped_below(self) -> int:
-        """Bytes below this drop their element: the rate in 1/256ths, at least 1, at most 255."""
-        return min(max(round(self.rate * 256), 1), 255)
+    @property
+    def bits_per_element(self) -> int:
+        """8 or 16 when the rate rounded to that many bits is within 1% of it, else 32."""
+        for bits in (8, 16):
+            dropped = round(self.rate * 2**bits)
+            if 0 < dropped < 2**bits and abs(dropped / 2**bits - self.rate) <= 0.01 * self.rate:
+                return bits
+        return 32
 
-    def _keep(self, inputs, byte_values):
-        """``inputs`` with elements whose random byte is below :meth:`_dropped_below` zeroed, the rest
-        scaled by 1 / keep probability; ``byte_values``: one uint8 per element, flat."""
-        below = self._dropped_below()
-        keep = ops.reshape(byte_values, ops.shape(inputs)) >= ops.cast(below, "uint8")
-        return ops.where(keep, inputs * ops.cast(256 / (256 - below), inputs.dtype), ops.zeros_like(inputs))
+    def _keep(self, inputs, values, bits: int):
+        """``inputs`` with elements whose random value (``bits`` wide, one per element, flat) is below the
+        rounded rate zeroed, the rest scaled by 1 / the rounded keep probability."""
+        dropped = min(max(round(self.rate * 2**bits), 1), 2**bits - 1)
+        keep = ops.reshape(values, ops.shape(inputs)) >= ops.convert_to_tensor(np.array(dropped, f"uint{bits}"))
+        return ops.where(keep, inputs * ops.cast(2**bits / (2**bits - dropped), inputs.dtype), ops.zeros_like(inputs))
 
     def _tensorflow_dropout(self, inputs):
         import tensorflow as tf
 
+        bits = self.bits_per_element
+        per_word = 32 // bits
         seed = tf.cast(self.seed_generator.next(), "int64")
         size = tf.size(inputs)
-        words = tf.random.stateless_uniform([(size + 3) // 4], seed=seed, minval=None, maxval=None, dtype=tf.uint32,
-                                            alg="threefry")
-        return self._keep(inputs, tf.reshape(tf.bitcast(words, tf.uint8), [-1])[:size])
+        words = tf.random.stateless_uniform([(size + per_word - 1) // per_word], seed=seed, minval=None, maxval=None,
+                                            dtype=tf.uint32, alg="threefry")
+        values = words if bits == 32 else tf.reshape(tf.bitcast(words, f"uint{bits}"), [-1])[:size]
+        return self._keep(inputs, values, bits)
 
     def _jax_dropout(self, inputs):
         import jax
 
+        bits = self.bits_per_element
+        per_word = 32 // bits
         size = math.prod(inputs.shape)
         seed = ops.cast(self.seed_generator.next(), "uint32")
         _, words = jax.lax.rng_bit_generator(
-            ops.concatenate([seed, seed[::-1]]), ((size + 3) // 4,), dtype="uint32",
+            ops.concatenate([seed, seed[::-1]]), ((size + per_word - 1) // per_word,), dtype="uint32",
             algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY,
         )
-        return self._keep(inputs, ops.reshape(jax.lax.bitcast_convert_type(words, "uint8"), (-1,))[:size])
+        values = words if bits == 32 else ops.reshape(jax.lax.bitcast_convert_type(words, f"uint{bits}"), (-1,))[:size]
+        return self._keep(inputs, values, bits)
 
 
 def _tensorflow_xla() -> bool:
