@@ -59,9 +59,17 @@ class Dropout(keras.layers.Dropout):
                 return bits
         return 32
 
-    def _keep(self, inputs, values, bits: int):
-        """``inputs`` with elements whose random value (``bits`` wide, one per element, flat) is below the
-        rounded rate zeroed, the rest scaled by 1 / the rounded keep probability."""
+    def _words(self, size):
+        """How many 32-bit random words ``size`` elements take (``size``: an int or a scalar tensor)."""
+        per_word = 32 // self.bits_per_element
+        return (size + per_word - 1) // per_word
+
+    def _keep(self, inputs, words, size, bitcast):
+        """``inputs`` with elements whose random bits (``words`` split by ``bitcast(words, dtype)`` into
+        :attr:`bits_per_element`-wide values, the first ``size`` one per element) are below the rounded
+        rate zeroed, the rest scaled by 1 / the rounded keep probability."""
+        bits = self.bits_per_element
+        values = words if bits == 32 else ops.reshape(bitcast(words, f"uint{bits}"), (-1,))[:size]
         dropped = min(max(round(self.rate * 2**bits), 1), 2**bits - 1)
         keep = ops.reshape(values, ops.shape(inputs)) >= ops.convert_to_tensor(np.array(dropped, f"uint{bits}"))
         return ops.where(keep, inputs * ops.cast(2**bits / (2**bits - dropped), inputs.dtype), ops.zeros_like(inputs))
@@ -69,28 +77,22 @@ class Dropout(keras.layers.Dropout):
     def _tensorflow_dropout(self, inputs):
         import tensorflow as tf
 
-        bits = self.bits_per_element
-        per_word = 32 // bits
         seed = tf.cast(self.seed_generator.next(), "int64")
         size = tf.size(inputs)
-        words = tf.random.stateless_uniform([(size + per_word - 1) // per_word], seed=seed, minval=None, maxval=None,
-                                            dtype=tf.uint32, alg="threefry")
-        values = words if bits == 32 else tf.reshape(tf.bitcast(words, f"uint{bits}"), [-1])[:size]
-        return self._keep(inputs, values, bits)
+        words = tf.random.stateless_uniform([self._words(size)], seed=seed, minval=None, maxval=None, dtype=tf.uint32,
+                                            alg="threefry")
+        return self._keep(inputs, words, size, tf.bitcast)
 
     def _jax_dropout(self, inputs):
         import jax
 
-        bits = self.bits_per_element
-        per_word = 32 // bits
         size = math.prod(inputs.shape)
         seed = ops.cast(self.seed_generator.next(), "uint32")
         _, words = jax.lax.rng_bit_generator(
-            ops.concatenate([seed, seed[::-1]]), ((size + per_word - 1) // per_word,), dtype="uint32",
+            ops.concatenate([seed, seed[::-1]]), (self._words(size),), dtype="uint32",
             algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY,
         )
-        values = words if bits == 32 else ops.reshape(jax.lax.bitcast_convert_type(words, f"uint{bits}"), (-1,))[:size]
-        return self._keep(inputs, values, bits)
+        return self._keep(inputs, words, size, jax.lax.bitcast_convert_type)
 
 
 def _tensorflow_xla() -> bool:

@@ -65,7 +65,6 @@ def test_tensorflow_xla_dropout_keeps_the_rounded_share_and_preserves_the_mean(r
     np.testing.assert_allclose(np.unique(eager[eager != 0]), [1 / (1 - rate)], rtol=1e-6)
 
 
-
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed (pip install '.[jax]')")
 def test_jax_dropout_keeps_the_rounded_share():
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
