@@ -99,6 +99,10 @@ VARIANTS = {
     # The two changes that lifted the dense preset's full softmax on ML-1M, for the sparse preset (a no-op on
     # the dense one, which has both).
     "seen negatives out + beta_2 0.999": dict(exclude_seen_negatives=True, beta_2=0.999),
+    # For the sparse preset (the dense one has both already): positions counted from the start, which
+    # let live histories continue cached states (issue 18), and twice the width.
+    "positions from start": dict(positions="from_start"),
+    "d 128": dict(hidden_units=128),
 }
 # --long-histories: the model and batch of the step timing; the catalog is ML-1M's size.
 LONG_BATCH, LONG_HIDDEN, LONG_BLOCKS, LONG_ITEMS = 32, 64, 2, 3416

@@ -15,6 +15,12 @@ The ratio to the reference is against SASRec.pytorch measured side by side on th
 is 6,040 of them).
 FLOPs are counted analytically (matmuls only, backward = 2 x forward).
 
+    python -m benchmarks.train_speed --sparse [--epochs 4]
+
+times Beauty epochs of the sparse preset (its full softmax over 12,101 items, length bucketing on) in one
+TensorFlow process: seconds per epoch after one that compiles, and how many of the positions the batches
+compute carry a target (the rest is padding). Section ``train-speed-sparse``.
+
     python -m benchmarks.train_speed --ce-floor
 
 times, in one TensorFlow process, what a full-softmax CE step cannot go below on this machine: the
@@ -37,6 +43,7 @@ from benchmarks.report import SHARED_DATA, accelerator, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 ML1M = SHARED_DATA / "ml-1m" / "ml-1m.txt.gz"
+BEAUTY = SHARED_DATA / "beauty" / "Beauty.txt"
 MAXLEN, D, BLOCKS, BATCH, VOCAB = 200, 50, 2, 128, 3418
 
 
@@ -110,20 +117,31 @@ def child(loss: str, steps: int, jit: bool, epochs: int) -> dict:
     return out
 
 
-def ml1m_epochs(model, config, loss: str, bucketing: bool, epochs: int) -> dict:
-    """Seconds of each of ``epochs`` ML-1M epochs, after one that compiles every batch shape."""
+def prepared(source: Path, file_format: str):
+    """The dataset of raw file ``source`` (``sasrec prepare``'s defaults but no k-core), read into memory."""
     import tempfile
-
-    import keras
 
     from pipelines.dataset import read_dataset
     from pipelines.prepare import prepare_file
-    from sasrec.feed import TrainingFeed
 
     with tempfile.TemporaryDirectory() as tmp:
-        prepare_file("pairs", ML1M, Path(tmp) / "ml1m", kcore="none")
-        ds = read_dataset(Path(tmp) / "ml1m")
-    feed = TrainingFeed(ds, maxlen=config.maxlen, batch_size=BATCH, loss=loss, seed=0, length_bucketing=bucketing)
+        prepare_file(file_format, source, Path(tmp) / "data", kcore="none")
+        return read_dataset(Path(tmp) / "data")
+
+
+def ml1m_epochs(model, config, loss: str, bucketing: bool, epochs: int) -> dict:
+    """Seconds of each of ``epochs`` ML-1M epochs, after one that compiles every batch shape."""
+    from sasrec.feed import TrainingFeed
+
+    feed = TrainingFeed(prepared(ML1M, "pairs"), maxlen=config.maxlen, batch_size=BATCH, loss=loss, seed=0,
+                        length_bucketing=bucketing)
+    return timed_epochs(model, feed, epochs)
+
+
+def timed_epochs(model, feed, epochs: int) -> dict:
+    """Seconds of each of ``epochs`` epochs of ``feed``, after one that compiles every batch shape."""
+    import keras
+
     seconds = []
 
     class EpochClock(keras.callbacks.Callback):
@@ -139,6 +157,54 @@ def ml1m_epochs(model, config, loss: str, bucketing: bool, epochs: int) -> dict:
     median = timed[len(timed) // 2] if len(timed) % 2 else (timed[len(timed) // 2 - 1] + timed[len(timed) // 2]) / 2
     return {"windows": len(feed.windows), "median_s": median, "min_s": timed[0], "max_s": timed[-1],
             "epochs_s": [round(t, 2) for t in seconds[1:]]}
+
+
+def sparse_child(epochs: int) -> dict:
+    """Beauty epochs of the sparse preset (TensorFlow + XLA, seed 0): :func:`timed_epochs` plus the positions the
+    batches compute per epoch and the share of them with a target."""
+    from sasrec.config import PRESETS, SASRecConfig
+    from sasrec.feed import TrainingFeed
+    from sasrec.losses import SequenceLoss
+    from sasrec.model import build_model
+    from sasrec.train import make_optimizer
+
+    ds = prepared(BEAUTY, "sequences")
+    config = SASRecConfig(**PRESETS["sparse"])
+    loss = config.resolved_loss(ds.num_items)
+    feed = TrainingFeed(ds, maxlen=config.maxlen, batch_size=config.batch_size, loss=loss, seed=0)
+    model = build_model(config, ds.vocab_size)
+    model.training_loss = SequenceLoss(loss, ds.num_items, targets_per_batch=feed.targets_per_batch)
+    model.compile(optimizer=make_optimizer(config, len(feed)), jit_compile=True)
+    positions = sum(len(batch) * feed._width(batch) for batch in feed._epoch_batches())
+    targets = round(feed.targets_per_batch * len(feed))
+    return {**timed_epochs(model, feed, epochs), "loss": loss, "positions": positions, "targets": targets,
+            "widths": sorted({feed._width(batch) for batch in feed._epoch_batches()})}
+
+
+def report_sparse(epochs: int) -> int:
+    if not BEAUTY.is_file():
+        print(f"skipped: {BEAUTY} is absent; --sparse needs it", file=sys.stderr)
+        return 0
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.train_speed", "--child-sparse", "--epochs", str(epochs)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"--sparse failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    result = json.loads(lines[-1][7:])
+    rows = [{"data": "Beauty", "loss": result["loss"], "windows": result["windows"],
+             "epoch s (median [min-max])": f"{result['median_s']:.1f} [{result['min_s']:.1f}-{result['max_s']:.1f}]",
+             "windows/s": result["windows"] / result["median_s"], "positions computed per epoch": result["positions"],
+             "share with a target": result["targets"] / result["positions"],
+             "batch widths": " ".join(map(str, result["widths"]))}]
+    print(json.dumps(rows[0]), flush=True)
+    config_text = "the sparse preset (maxlen 50, d 64, 2 blocks, dropout 0.5, batch 128)"
+    notes = (f"{config_text}, Beauty (`Beauty.txt`, leave-one-out, 22,363 users, 12,101 items), TensorFlow + XLA, "
+             f"seed 0, length bucketing on; {epochs} timed epochs after one that compiles every batch width, "
+             "training only (no validation). Positions computed: the batches' rows x widths; share with a target: "
+             "the positions the loss counts (the rest is left padding, which the full softmax pays for all the same).")
+    write_section("train-speed-sparse", "Training speed: Beauty epochs of the sparse preset", rows, notes=notes)
+    return 0
 
 
 def row(backend: str, loss: str, xla: bool, result: dict, peak: float) -> dict:
@@ -224,10 +290,18 @@ def main(argv=None) -> int:
                         help="backends whose ML-1M epoch is timed too (the others: full windows only)")
     parser.add_argument("--ce-floor", action="store_true",
                         help="time what a full-softmax CE step cannot go below (its own section)")
+    parser.add_argument("--sparse", action="store_true",
+                        help="time Beauty epochs of the sparse preset instead (its own section)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-sparse", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ce_floor:
         return report_ce_floor(args.steps)
+    if args.sparse:
+        return report_sparse(args.epochs)
+    if args.child_sparse:
+        print("RESULT " + json.dumps(sparse_child(args.epochs)))
+        return 0
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.steps, not args.no_xla, 0 if args.quick else args.epochs)))
         return 0

@@ -127,8 +127,8 @@ class SASRecConfig:
     """0: one window per user, the last maxlen+1 training items (paper). N > 0: also earlier windows
     every N items for histories longer than the window."""
     length_bucketing: bool = True
-    """Cut each batch to its longest history (rounded up to 16) instead of always maxlen: the same
-    result (positions count from the end, padding is masked) with less work on short histories."""
+    """Cut each batch to its longest history (rounded up to 4, 8, 16 or a multiple of 16) instead of always
+    maxlen: the same result (padding is masked and positions do not move) with less work on short histories."""
     seed: int = 42
 
     # --- evaluation during training

@@ -15,7 +15,8 @@ import numpy as np
 from pipelines.dataset import FIRST_ITEM_ID, SequenceDataset
 from sasrec.layers import UNKNOWN_TIME
 
-BUCKET = 16  # batch widths are rounded up to a multiple of this, bounding the number of compiled shapes
+BUCKET = 16  # wider batches are rounded up to a multiple of this, bounding the number of compiled shapes
+MIN_WIDTH = 4  # narrower ones to a power of two from this: short (sparse) histories pay little padding
 
 
 def left_pad(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, maxlen: int, dtype=np.int32) -> np.ndarray:
@@ -51,6 +52,19 @@ def rebase_times(timestamps: np.ndarray, ids: np.ndarray) -> np.ndarray:
     origin = np.where(real, timestamps, np.iinfo(np.int64).max).min(axis=1, keepdims=True)
     gaps = np.clip(np.asarray(timestamps, np.int64) - origin, 0, np.iinfo(np.int32).max)
     return np.where(real, gaps, UNKNOWN_TIME).astype(np.int32)
+
+
+def bucket_width(longest: int, maxlen: int) -> int:
+    """Padded width of a batch whose longest input has ``longest`` items: the next power of two from
+    :data:`MIN_WIDTH` up to :data:`BUCKET`, the next multiple of :data:`BUCKET` above, at most ``maxlen``.
+    Every position of the width costs the full softmax a row of logits, so the small widths matter on
+    sparse data, where most histories are a few items long."""
+    width = MIN_WIDTH
+    while width < min(longest, BUCKET):
+        width *= 2
+    if longest > BUCKET:
+        width = -(-longest // BUCKET) * BUCKET
+    return min(maxlen, width)
 
 
 def training_windows(ds: SequenceDataset, maxlen: int, step: int = 0, timestamps: bool = False) -> tuple:
@@ -192,8 +206,7 @@ class TrainingFeed(keras.utils.PyDataset):
     def _width(self, batch: np.ndarray) -> int:
         if not self.length_bucketing:
             return self.maxlen
-        longest = int(self.window_lengths[batch].max()) - 1  # inputs are one shorter than the window
-        return min(self.maxlen, max(BUCKET, -(-longest // BUCKET) * BUCKET))
+        return bucket_width(int(self.window_lengths[batch].max()) - 1, self.maxlen)  # inputs: one shorter than the window
 
     def __getitem__(self, index: int):
         batch = self._epoch_batches()[index]

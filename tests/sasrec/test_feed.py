@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipelines.dataset import read_dataset
-from sasrec.feed import TrainingFeed, left_pad, pad_histories, training_windows
+from sasrec.feed import TrainingFeed, bucket_width, left_pad, pad_histories, training_windows
 
 
 def test_left_pad_keeps_most_recent_items_right_aligned():
@@ -46,9 +46,39 @@ def test_batches_are_reproducible_by_epoch_and_cut_to_their_width(tiny_dataset):
         (xa, ya), (xb, yb) = a[i], b[i]
         assert np.array_equal(xa, xb) and np.array_equal(ya["neg"], yb["neg"])
     widths = {a[i][0].shape[1] for i in range(len(a))}
-    assert max(widths) <= 40 and all(w % 16 == 0 or w == 40 for w in widths)
+    assert max(widths) <= 40 and all(w in (4, 8, 16, 32, 40) for w in widths)
+    for i in range(len(a)):
+        ids = a[i][0]
+        assert ids.shape[1] == bucket_width(int(np.count_nonzero(ids, axis=1).max()), 40)
     a.set_epoch(1)
     assert not np.array_equal(a[0][0][:, -1], b[0][0][:, -1])  # another epoch, another order
+
+
+def test_bucket_widths_are_powers_of_two_then_multiples_of_sixteen():
+    assert [bucket_width(n, 200) for n in (1, 4, 5, 8, 9, 16, 17, 32, 33, 190, 199)] == [
+        4, 4, 8, 8, 16, 16, 32, 32, 48, 192, 200]
+    assert bucket_width(30, 20) == 20 and bucket_width(3, 2) == 2
+
+
+def test_short_histories_get_narrow_batches_with_the_same_loss(tmp_path):
+    from sasrec.config import SASRecConfig
+    from sasrec.losses import SequenceLoss
+    from sasrec.model import build_model
+    from tests.conftest import make_synthetic_dataset
+
+    ds = read_dataset(make_synthetic_dataset(tmp_path, users=300, items=40, chains=4, min_length=4, max_length=12,
+                                             noise=0.1, seed=5))
+    feed = TrainingFeed(ds, maxlen=50, batch_size=32, loss="ce", seed=2)
+    widths = [feed[i][0].shape[1] for i in range(len(feed))]
+    assert min(widths) < 16 and set(widths) <= {4, 8, 16}
+    # Narrower than the old floor of 16: the loss on the batch is the same as on it padded to 16.
+    model = build_model(SASRecConfig(maxlen=50, hidden_units=16, num_blocks=2, dropout=0.0), ds.vocab_size)
+    loss = SequenceLoss("ce", ds.vocab_size - 2)
+    ids, y = feed[widths.index(min(widths))]
+    pad = lambda a: np.pad(a, [(0, 0), (16 - a.shape[1], 0)])  # noqa: E731
+    narrow = loss(model, model(ids), y)
+    padded = loss(model, model(pad(ids)), {"pos": pad(y["pos"])})
+    assert float(narrow) > 0 and float(narrow) == pytest.approx(float(padded), rel=1e-5)
 
 
 def test_targets_per_batch_is_the_epoch_mean(tiny_dataset):
