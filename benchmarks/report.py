@@ -27,14 +27,19 @@ HEADER = (
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """CPUs (model and widest vector extension: hosts named alike differ, e.g. AMD EPYC with or without
+    AVX-512, and XLA's speed with them), memory and kernel."""
+    model, flags = "", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].split()
     except OSError:
         pass
+    vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "")
+    cpu = ", ".join(filter(None, [model or platform.processor() or platform.machine(), vector]))
     mem = ""
     try:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
