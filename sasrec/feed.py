@@ -206,7 +206,8 @@ class TrainingFeed(keras.utils.PyDataset):
     def _width(self, batch: np.ndarray) -> int:
         if not self.length_bucketing:
             return self.maxlen
-        return bucket_width(int(self.window_lengths[batch].max()) - 1, self.maxlen)  # inputs: one shorter than the window
+        longest = int(self.window_lengths[batch].max()) - 1  # inputs are one shorter than the window
+        return bucket_width(longest, self.maxlen)
 
     def __getitem__(self, index: int):
         batch = self._epoch_batches()[index]
