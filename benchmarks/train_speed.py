@@ -175,10 +175,9 @@ def sparse_child(epochs: int) -> dict:
     model = build_model(config, ds.vocab_size)
     model.training_loss = SequenceLoss(loss, ds.num_items, targets_per_batch=feed.targets_per_batch)
     model.compile(optimizer=make_optimizer(config, len(feed)), jit_compile=True)
-    positions = sum(len(batch) * feed._width(batch) for batch in feed._epoch_batches())
-    targets = round(feed.targets_per_batch * len(feed))
-    return {**timed_epochs(model, feed, epochs), "loss": loss, "positions": positions, "targets": targets,
-            "widths": sorted({feed._width(batch) for batch in feed._epoch_batches()})}
+    shapes = feed.batch_shapes()
+    return {**timed_epochs(model, feed, epochs), "loss": loss, "positions": sum(rows * width for rows, width in shapes),
+            "targets": round(feed.targets_per_batch * len(feed)), "widths": sorted({width for _, width in shapes})}
 
 
 def report_sparse(epochs: int) -> int:

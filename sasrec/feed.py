@@ -209,6 +209,10 @@ class TrainingFeed(keras.utils.PyDataset):
         longest = int(self.window_lengths[batch].max()) - 1  # inputs are one shorter than the window
         return bucket_width(longest, self.maxlen)
 
+    def batch_shapes(self) -> list[tuple[int, int]]:
+        """(rows, width) of each of this epoch's batches, in order: the positions the model computes."""
+        return [(len(batch), self._width(batch)) for batch in self._epoch_batches()]
+
     def __getitem__(self, index: int):
         batch = self._epoch_batches()[index]
         width = self._width(batch)

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from pipelines.dataset import read_dataset
+from sasrec.config import SASRecConfig
 from sasrec.feed import TrainingFeed, bucket_width, left_pad, pad_histories, training_windows
+from sasrec.losses import SequenceLoss
+from sasrec.model import build_model
+from tests.conftest import make_synthetic_dataset
 
 
 def test_left_pad_keeps_most_recent_items_right_aligned():
@@ -61,15 +65,11 @@ def test_bucket_widths_are_powers_of_two_then_multiples_of_sixteen():
 
 
 def test_short_histories_get_narrow_batches_with_the_same_loss(tmp_path):
-    from sasrec.config import SASRecConfig
-    from sasrec.losses import SequenceLoss
-    from sasrec.model import build_model
-    from tests.conftest import make_synthetic_dataset
-
     ds = read_dataset(make_synthetic_dataset(tmp_path, users=300, items=40, chains=4, min_length=4, max_length=12,
                                              noise=0.1, seed=5))
     feed = TrainingFeed(ds, maxlen=50, batch_size=32, loss="ce", seed=2)
     widths = [feed[i][0].shape[1] for i in range(len(feed))]
+    assert widths == [width for _, width in feed.batch_shapes()]
     assert min(widths) < 16 and set(widths) <= {4, 8, 16}
     # Narrower than the old floor of 16: the loss on the batch is the same as on it padded to 16.
     model = build_model(SASRecConfig(maxlen=50, hidden_units=16, num_blocks=2, dropout=0.0), ds.vocab_size)
