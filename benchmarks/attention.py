@@ -103,6 +103,8 @@ VARIANTS = {
     # let live histories continue cached states (issue 18), and twice the width.
     "positions from start": dict(positions="from_start"),
     "d 128": dict(hidden_units=128),
+    # The two that led on Beauty, together.
+    "cosine d 128": dict(attention_similarity="cosine", hidden_units=128),
 }
 # --long-histories: the model and batch of the step timing; the catalog is ML-1M's size.
 LONG_BATCH, LONG_HIDDEN, LONG_BLOCKS, LONG_ITEMS = 32, 64, 2, 3416
