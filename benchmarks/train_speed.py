@@ -197,7 +197,11 @@ def report_sparse(epochs: int) -> int:
              "share with a target": result["targets"] / result["positions"],
              "batch widths": " ".join(map(str, result["widths"]))}]
     print(json.dumps(rows[0]), flush=True)
-    config_text = "the sparse preset (maxlen 50, d 64, 2 blocks, dropout 0.5, batch 128)"
+    from sasrec.config import PRESETS
+
+    p = PRESETS["sparse"]
+    config_text = (f"the sparse preset (maxlen {p['maxlen']}, d {p['hidden_units']}, {p['num_blocks']} blocks, "
+                   f"dropout {p['dropout']}, batch {p['batch_size']})")
     notes = (f"{config_text}, Beauty (`Beauty.txt`, leave-one-out, 22,363 users, 12,101 items), TensorFlow + XLA, "
              f"seed 0, length bucketing on; {epochs} timed epochs after one that compiles every batch width, "
              "training only (no validation). Positions computed: the batches' rows x widths; share with a target: "
