@@ -105,6 +105,7 @@ VARIANTS = {
     "positions from start": dict(positions="from_start"),
     "d 128": dict(hidden_units=128),
     "d 64": dict(hidden_units=64),
+    "d 256": dict(hidden_units=256),
     # The two that led on Beauty, together.
     "cosine d 128": dict(attention_similarity="cosine", hidden_units=128),
 }
