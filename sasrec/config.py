@@ -36,7 +36,7 @@ PRESETS = {
                   dropout=0.2, positions="from_start", init_std=0.02, batch_size=128, learning_rate=1e-3,
                   beta_2=0.999, warmup_steps=200, epochs=150, eval_every=2, patience=5),
     "sparse": dict(loss="auto", maxlen=50, hidden_units=128, num_blocks=2, num_heads=1, dropout=0.5, batch_size=128,
-                   learning_rate=1e-3, beta_2=0.98, epochs=200, eval_every=5, patience=6),
+                   learning_rate=1e-3, beta_2=0.98, lr_decay="cosine", epochs=40, eval_every=5, patience=6),
 }
 
 # Above this catalog size full softmax logits (batch x positions x items) get too large to be the
