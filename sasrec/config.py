@@ -124,8 +124,9 @@ class SASRecConfig:
     """``none`` or ``cosine`` (to 0 over all epochs)."""
     epochs: int = 200
     sliding_window_step: int = 0
-    """0: one window per user, the last maxlen+1 training items (paper). N > 0: also earlier windows
-    every N items for histories longer than the window."""
+    """0: one window per user, the last maxlen+1 training items (paper). N > 0: also earlier full windows
+    ending every N items before the last one; a history's earliest remainder of fewer than N items is not
+    trained on. At most ``maxlen``, or the events between windows are never trained on either."""
     length_bucketing: bool = True
     """Cut each batch to its longest history (rounded up to 4, 8, 16 or a multiple of 16) instead of always
     maxlen: the same result (padding is masked and positions do not move) with less work on short histories."""

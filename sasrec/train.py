@@ -228,6 +228,9 @@ def train(data_dir: str | Path, run_dir: str | Path, config: SASRecConfig, *, ve
     loss_name = config.resolved_loss(ds.num_items)
     run.create_or_check(data_dir, config, {"backend": keras.backend.backend(), "loss": loss_name,
                                            "data": str(data_dir.resolve())}, create=writes)
+    if writes and config.sliding_window_step > config.maxlen:
+        print(f"note: sliding_window_step {config.sliding_window_step} > maxlen {config.maxlen}: the events between "
+              f"windows are never trained on (set sliding_window_step to at most maxlen)")
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")

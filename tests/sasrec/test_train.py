@@ -121,6 +121,14 @@ def test_stop_at_ndcg_ends_training_once_validation_reaches_it(tiny_dataset, tmp
     assert training["best"] >= 0.3 and training["best_epoch"] == training["epoch"]
 
 
+def test_a_sliding_window_step_longer_than_maxlen_is_pointed_out(tiny_dataset, tmp_path, capsys):
+    code = main(["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--set", "maxlen=8", "--set", "sliding_window_step=12", *FAST])
+    assert code == 0
+    assert "note: sliding_window_step 12 > maxlen 8: the events between windows are never trained on" in (
+        capsys.readouterr().out)
+
+
 def test_a_run_saved_before_a_config_field_existed_still_resumes(tiny_dataset, tmp_path):
     from pipelines.errors import InputError
     from sasrec.config import SASRecConfig
