@@ -34,7 +34,7 @@ DENSE_MIN_MEAN_LENGTH = 30.0
 PRESETS = {
     "dense": dict(loss="auto", exclude_seen_negatives=True, maxlen=200, hidden_units=128, num_blocks=4, num_heads=1,
                   dropout=0.2, positions="from_start", init_std=0.02, batch_size=128, learning_rate=1e-3,
-                  beta_2=0.999, warmup_steps=200, epochs=150, eval_every=2, patience=5),
+                  beta_2=0.999, warmup_steps=200, sliding_window_step=200, epochs=150, eval_every=2, patience=5),
     "sparse": dict(loss="auto", maxlen=50, hidden_units=128, num_blocks=2, num_heads=1, dropout=0.5, batch_size=128,
                    learning_rate=1e-3, beta_2=0.98, lr_decay="cosine", epochs=40, eval_every=5, patience=6),
 }
