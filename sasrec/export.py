@@ -73,6 +73,8 @@ plus ``timestamps`` int64 ``[B, L]``)
     window does: a state advanced event by event answers as ``recommend_timed`` on the whole history.
 
 The SavedModel needs neither this project's code nor Keras to load: ``tf.saved_model.load`` is enough.
+Besides the signatures it tracks ``host_weights`` (the model's own variables by name) and the card has
+``architecture``: what serving's numpy path for live histories reads (:mod:`sasrec.host_model`).
 The model card ``assets/model_card.json`` holds the config, the data manifest, the metrics with their
 protocol, the popularity ranking, ``max_k``, ``maxlen``, the export time and the source run.
 """
@@ -101,6 +103,7 @@ from sasrec.explain import (
     last_position_attention,
     top_positions,
 )
+from sasrec.host_model import architecture, host_weights
 from sasrec.model_base import (
     ADVANCE_SIGNATURE,
     ADVANCE_TIMED_SIGNATURE,
@@ -173,6 +176,8 @@ def build_serving_module(model, item_ids: np.ndarray, train_counts: np.ndarray, 
     module.popularity = tf.Variable(popularity_scores(train_counts), trainable=False, name="popularity")
     # Track the model's weights (not the Keras objects): the SavedModel then loads without Keras.
     module.model_variables = [getattr(v, "value", v) for v in model.variables]
+    # The same variables by name, for serving's numpy path (sasrec.host_model); nothing is stored twice.
+    module.host_weights = host_weights(model)
 
     def score(seq):
         return tf.cast(model.score_last(seq), tf.float32)
@@ -417,6 +422,8 @@ def model_card(
         "incremental_state": model.positions == "from_start",
         # The recommend_timed signature: the model reads the events' timestamps (README, "Attention variants").
         "time_bias": bool(getattr(model, "time_bias", False)),
+        # What serving's numpy path (sasrec.host_model) needs besides the weights in host_weights.
+        "architecture": architecture(model),
         "sequence_widths": sequence_widths(model.maxlen),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source_run": source_run,

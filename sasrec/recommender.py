@@ -28,6 +28,7 @@ import pandas as pd
 
 from pipelines.dataset import FIRST_ITEM_ID
 from pipelines.errors import InputError
+from sasrec import host_model
 from sasrec.catalog import bounded_rows
 from sasrec.model_base import (
     ADVANCE_SIGNATURE,
@@ -213,7 +214,7 @@ def _pad(rows: Sequence[Sequence[str]], min_width: int = 0, num_rows: int = 0) -
 class Recommender:
     """A loaded SavedModel version and its model card."""
 
-    def __init__(self, loaded, path: Path, version: int | None, card: dict):
+    def __init__(self, loaded, path: Path, version: int | None, card: dict, host=None, host_reason: str = ""):
         self._loaded = loaded
         self._fn = loaded.signatures[SIGNATURE]
         self.path = path
@@ -224,9 +225,14 @@ class Recommender:
         self.max_k = int(card.get("max_k", self.num_items))
         # An XLA-compiled signature compiles once per batch size: pad batches to a few bucket sizes.
         self.xla = bool(card.get("xla", False))
+        # States computed in numpy (sasrec.host_model) instead of the state signatures, or None and why not.
+        self.host = host
+        self.host_reason = host_reason
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Recommender:
+    def load(cls, path: str | os.PathLike, host: bool = True) -> Recommender:
+        """``host``: compute attention states (:meth:`encode_states`, :meth:`advance_states`) in numpy when the
+        export allows it (:mod:`sasrec.host_model`); False: always through the state signatures."""
         version_dir, version = resolve_version(path)
         card = read_card(version_dir)
         import tensorflow as tf
@@ -234,7 +240,8 @@ class Recommender:
         loaded = tf.saved_model.load(str(version_dir))
         if SIGNATURE not in loaded.signatures:
             raise InputError(f"{version_dir}: no {SIGNATURE!r} signature")
-        return cls(loaded, version_dir, version, card)
+        model, reason = host_model.load(loaded, card) if host else (None, "turned off")
+        return cls(loaded, version_dir, version, card, model, reason)
 
     def call(self, history: np.ndarray, k: int, exclude_seen: bool, exclude_item_ids: np.ndarray,
              explain_items: int = 0, timestamps: np.ndarray | None = None) -> dict:
@@ -400,6 +407,8 @@ class Recommender:
 
         padded = _pad(histories)
         times = self._times_read(histories, timestamps, padded.shape, always=True)
+        if self.host is not None:
+            return self._host_encode(histories, k, exclude_seen, exclude_item_ids)
         timed = {} if times is None else {"timestamps": tf.constant(times)}
         fn = self._loaded.signatures[ENCODE_TIMED_SIGNATURE if timed else ENCODE_SIGNATURE]
         out = fn(history=tf.convert_to_tensor(padded, tf.string), **timed,
@@ -436,6 +445,8 @@ class Recommender:
             raise ValueError("an attention state of another model version")
         padded = _pad(new_items)
         times = self._times_read(new_items, timestamps, padded.shape, always=True)
+        if self.host is not None:
+            return self._host_advance(states, new_items, k, exclude_seen, exclude_item_ids)
         # A time_bias model's states always carry their times (encode_states reads them the same way).
         timed = {} if times is None else {"timestamps": tf.constant(times), "state_times": tf.constant(
             _stack_padded([s.times for s in states], axis=0, dtype=np.int64))}
@@ -469,6 +480,44 @@ class Recommender:
                 times=None if new_times is None else np.concatenate([state.times, new_times]),
             ))
         return BatchResult.of(out), advanced
+
+    def _host_encode(self, histories, k: int, exclude_seen: bool, exclude_item_ids) -> tuple[BatchResult, list]:
+        """:meth:`encode_states` in numpy, one history at a time."""
+        self._check_k(k)
+        host = self.host
+        rows, states = [], []
+        for history, exclude in zip(histories, exclude_item_ids):
+            known, unknown = host.lookup(history)
+            window = known[max(0, len(known) - self.maxlen):]
+            hidden, keys, values = host.encode(window) if len(window) else host.empty_state()
+            states.append(AttentionState(self.version, keys, values, hidden, known, unknown))
+            rows.append(host.rank(hidden if len(window) else None, known, k, exclude_seen, exclude)
+                        + (unknown, not len(window)))
+        return _host_result(rows, k), states
+
+    def _host_advance(self, states, new_items, k: int, exclude_seen: bool, exclude_item_ids) -> tuple[BatchResult, list]:
+        """:meth:`advance_states` in numpy, one state at a time."""
+        self._check_k(k)
+        host = self.host
+        rows, advanced = [], []
+        for state, new, exclude in zip(states, new_items, exclude_item_ids):
+            known, unknown = host.lookup(new)
+            unknown += state.unknown_count
+            if len(known) and (not host.incremental or state.length + len(known) > self.maxlen):
+                advanced.append(None)  # the window would slide, or positions count from the end: re-encode
+                rows.append((np.full(k, "", object), np.full(k, -np.inf, np.float32), unknown, False))
+                continue
+            if len(known):
+                hidden, keys, values = host.advance(state.keys, state.values, known)
+                keys = np.concatenate([state.keys, keys], axis=1)
+                values = np.concatenate([state.values, values], axis=1)
+            else:
+                hidden, keys, values = state.hidden, state.keys, state.values
+            seen = np.concatenate([state.seen_ids, known])
+            cold = state.length + len(known) == 0
+            advanced.append(AttentionState(self.version, keys, values, hidden, seen, unknown))
+            rows.append(host.rank(None if cold else hidden, seen, k, exclude_seen, exclude) + (unknown, cold))
+        return _host_result(rows, k), advanced
 
     def recommend(
         self,
@@ -625,6 +674,16 @@ class Recommender:
         if self.keeps_state:
             _, states = self.encode_states([popular], k, True, [[]])
             self.advance_states(states, [popular + ["<warm-up-unknown>"]], k, True, [[]])
+
+
+def _host_result(rows: list[tuple], k: int) -> BatchResult:
+    """Rows of (item ids, scores, unknown count, cold start) of :class:`~sasrec.host_model.HostModel` as a
+    :class:`BatchResult`, padded to ``k`` columns (``""``, ``-inf``) as the signatures' are."""
+    ids = np.full((len(rows), k), "", dtype=object)
+    scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
+    for i, (row_ids, row_scores, _, _) in enumerate(rows):
+        ids[i, : len(row_ids)], scores[i, : len(row_scores)] = row_ids, row_scores
+    return BatchResult(ids, scores, np.array([r[2] for r in rows], np.int32), np.array([r[3] for r in rows], bool))
 
 
 def bucket_size(n: int) -> int:

@@ -8,9 +8,7 @@ import pytest
 
 from pipelines.errors import InputError
 from sasrec.config import SASRecConfig
-from sasrec.export import export_model
 from sasrec.model import build_model
-from sasrec.recommender import Recommender
 from tests.sasrec.test_attention_variants import VARIANTS, variant_model
 
 VOCAB = 40
@@ -98,13 +96,13 @@ def test_padding_inside_a_batch_of_states_changes_nothing(variant):
         np.testing.assert_allclose(numpy(model.item_logits(hidden))[i, 2:], expected, atol=1e-4)
 
 
-@pytest.fixture(scope="module", params=SETTINGS, ids=lambda p: "-".join(p))
-def exported(request, tmp_path_factory):
-    model = small_model(*request.param)
-    base = tmp_path_factory.mktemp("models")
-    rec = Recommender.load(export_model(model, base, item_ids=ITEMS, train_counts=np.arange(VOCAB)))
-    assert rec.keeps_state and rec.advances_state == (request.param[1] == "from_start")
-    return rec
+@pytest.fixture
+def exported(state_paths):
+    """The export through its state signatures (tests/sasrec/conftest.py; test_host_model.py checks the
+    numpy path against them)."""
+    (_, positions), (_, signature) = state_paths
+    assert signature.keeps_state and signature.advances_state == (positions == "from_start")
+    return signature
 
 
 def test_the_export_continues_states_exactly_and_says_when_it_cannot(exported):
