@@ -6,16 +6,17 @@
    2 blocks) with positions counted from the start, as the dense preset has them.
 2. Stateless: `sasrec serve` answering Recommend with each user's whole history (4,096 ML-1M-like
    histories, cut to the store's 1,000 events per user).
-3. Live, once per store (SQLite, then a local `redis-server` with AOF everysec): the same histories are
-   stored, every user's state is built by one RecommendForUser call, then each request is one
+3. Live, once per store (SQLite, then a local `redis-server` with AOF everysec) with states computed in
+   numpy (`--live-compute numpy`, the default), then SQLite through the state signatures and SQLite without
+   a state cache: the same histories are stored, every user's state is built by one RecommendForUser call, then each request is one
    RecommendForUser call appending one new event (round robin over users). The share of answers
    continued from a cached state comes from the server's `sasrec_state_requests_total`.
 4. The stores alone: acknowledged appends/s from 1 and 8 threads; memory of a cached state by length.
 5. Share of requests a state can serve when each user's events arrive one at a time (ML-1M, Beauty from
    ../shared/data when present): the first request of a user builds the state, later ones continue it
    while the window has room (positions from the start); positions from the end never continue.
-6. In process, per signature call: continuing 1 and 16 states by one event vs serving_default on the
-   same histories, at d 50 and at d 128 (the dense preset's width): where the state path pays.
+6. In process, per call: continuing 1 and 16 states by one event in numpy and through the advance
+   signature vs serving_default on the same histories, at d 50 and at d 128 (the dense preset's width).
 Results go to the `live-histories` section of BENCHMARKS.md.
 """
 
@@ -143,13 +144,18 @@ def state_bytes(base: Path) -> dict:
     return out
 
 
-def in_process(base: Path, users: list[list[str]], batch: int, calls: int = 100) -> tuple[float, float]:
-    """Milliseconds per call, in process: continuing ``batch`` users' states by one event, and scoring the
-    same users' whole histories with serving_default (histories under maxlen, so every state continues)."""
+def in_process(base: Path, users: list[list[str]], batch: int, calls: int = 100) -> tuple[float, float, float]:
+    """Milliseconds per call, in process: continuing ``batch`` users' states by one event in numpy and through
+    the advance signature, and scoring the same users' whole histories with serving_default (histories under
+    maxlen, so every state continues)."""
+    import threadpoolctl
+
     from sasrec.recommender import Recommender
 
-    rec = Recommender.load(base)
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")  # as `sasrec serve` runs numpy
+    rec, by_signature = Recommender.load(base), Recommender.load(base, host=False)
     rec.warm_up(batch)
+    by_signature.warm_up(batch)
     short = [h for h in users if len(h) < MAXLEN - 1][: 16 * batch]
     _, states = rec.encode_states(short, 10, True, [[]] * len(short))
 
@@ -162,8 +168,10 @@ def in_process(base: Path, users: list[list[str]], batch: int, calls: int = 100)
 
     rows = lambda i: slice((i * batch) % (len(short) - batch), (i * batch) % (len(short) - batch) + batch)  # noqa: E731
     advance = per_call(lambda i: rec.advance_states(states[rows(i)], [["5"]] * batch, 10, True, [[]] * batch))
+    signature = per_call(lambda i: by_signature.advance_states(states[rows(i)], [["5"]] * batch, 10, True,
+                                                               [[]] * batch))
     encode = per_call(lambda i: rec.recommend_batch(short[rows(i)], 10, True, [[]] * batch))
-    return advance, encode
+    return advance, signature, encode
 
 
 def replay_share(lengths: np.ndarray, maxlen: int) -> float:
@@ -214,14 +222,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.redis and shutil.which("redis-server"):
             redis_proc, stores["Redis"] = start_redis(tmp)
         shares = {}
-        # The cache's own effect: the same calls with every stored history re-encoded (--state-cache-mb 0).
-        runs = [(name, url, args.state_cache_mb) for name, url in stores.items()] + [("SQLite", stores["SQLite"], 0)]
-        for name, url, cache_mb in runs:
+        # The numpy path's own effect (--live-compute signature: the state signatures through the micro-batcher)
+        # and the cache's (--state-cache-mb 0: every stored history re-encoded by serving_default).
+        runs = ([(name, url, args.state_cache_mb, "numpy") for name, url in stores.items()]
+                + [("SQLite", stores["SQLite"], args.state_cache_mb, "signature"), ("SQLite", stores["SQLite"], 0, "numpy")])
+        for name, url, cache_mb, compute in runs:
             metrics_port = free_port()
-            cmd = serve_command(base, port, ["--history-store", url, "--state-cache-mb", str(cache_mb)])
+            cmd = serve_command(base, port, ["--history-store", url, "--state-cache-mb", str(cache_mb),
+                                             "--live-compute", compute])
             cmd[cmd.index("--metrics-port") + 1] = str(metrics_port)
             setting = (f"RecommendForUser, one new event ({name} store, "
-                       + ("cached states)" if cache_mb else "no state cache: re-encoded)"))
+                       + (f"cached states in {compute})" if cache_mb else "no state cache: re-encoded)"))
             counts = []
 
             def snapshot(_target, _port=metrics_port, _counts=counts):
@@ -276,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     store_line = "; ".join(f"{name} {r[1]:,.0f} appends/s from 1 thread, {r[8]:,.0f} from 8" for name, r in rates.items())
     size_line = ", ".join(f"{n} items {b / 1024:.1f} KiB" for n, b in sizes.items())
     call_line = "; ".join(
-        f"d {d}, {b} per call: continue {a:.2f} ms, re-encode {e:.2f} ms ({e / a:.2f}x)" for (d, b), (a, e) in calls.items())
+        f"d {d}, {b} per call: continue in numpy {a:.2f} ms, through the advance signature {g:.2f} ms, re-encode "
+        f"{e:.2f} ms ({e / a:.1f}x numpy)" for (d, b), (a, g, e) in calls.items())
     text = (" ".join(summary) + f" Requests a cached state can serve (positions from the start): {'; '.join(shares)};"
             " with positions from the end (the paper's, the sparse preset's) none that carry a new event."
             f" Stores (acknowledged one-event appends): {store_line}. Memory per cached state: {size_line}."
-            f" In process, one event per state vs serving_default on the same histories: {call_line}.")
+            f" In process, one event per state vs serving_default on the same histories (the live servers' "
+            f"`--live-compute numpy` is the first figure): {call_line}.")
     print(text, flush=True)
     if args.report:
         from benchmarks.report import write_section

@@ -481,6 +481,36 @@ class Recommender:
             ))
         return BatchResult.of(out), advanced
 
+    def state_route(self, state: AttentionState | None, new_events: Sequence[str]) -> str:
+        """How a stored history with a cached ``state`` (None: none) and ``new_events`` it has not seen is
+        answered: ``"continue"`` the state; or without it, and why: ``"miss"``, ``"new_version"`` (a state never
+        answers for another version), ``"positions_from_end"`` (every event shifts them), ``"window_full"``
+        (the state fills maxlen: any known event slides the window)."""
+        if state is None:
+            return "miss"
+        if state.version != self.version:
+            return "new_version"
+        if new_events and not self.advances_state:
+            return "positions_from_end"
+        if new_events and state.length >= self.maxlen:
+            return "window_full"
+        return "continue"
+
+    def recommend_stored(self, history: Sequence[str], state: AttentionState | None, new_events: Sequence[str], k: int,
+                         exclude_seen: bool, exclude_item_ids: Sequence[str]) -> tuple[BatchResult, AttentionState, str]:
+        """One stored ``history`` in numpy (:attr:`host`): its cached ``state`` continued by ``new_events`` (the
+        end of ``history`` it has not seen) where that is exact, else the history encoded. Returns the
+        one-row result, the state after ``history`` and how it was obtained (``"continued"`` or a
+        :meth:`state_route` reason for encoding)."""
+        route = self.state_route(state, new_events)
+        if route == "continue":
+            out, (advanced,) = self._host_advance([state], [list(new_events)], k, exclude_seen, [exclude_item_ids])
+            if advanced is not None:
+                return out, advanced, "continued"
+            route = "window_full"  # the new events' known items overflow maxlen
+        out, (encoded,) = self._host_encode([history], k, exclude_seen, [exclude_item_ids])
+        return out, encoded, route
+
     def _host_encode(self, histories, k: int, exclude_seen: bool, exclude_item_ids) -> tuple[BatchResult, list]:
         """:meth:`encode_states` in numpy, one history at a time."""
         self._check_k(k)

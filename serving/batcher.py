@@ -68,6 +68,23 @@ class Result:
     explanations: list | None = None  # explain: per returned item, [(history item id, weight), ...]
     explain_method: str = ""
 
+    @classmethod
+    def of(cls, out, i: int, k: int, model, state=None, explain_items: int = 0) -> Result:
+        """Row ``i`` of a :class:`~sasrec.recommender.BatchResult` that ``model`` computed, cut to ``k`` items."""
+        ids = out.item_ids[i, :k]
+        n = sum(1 for x in ids if x)
+        explanations = out.explanations(i) if explain_items else None
+        return cls(
+            item_ids=list(ids[:n]),
+            scores=out.scores[i, :n].tolist(),
+            unknown_count=int(out.unknown_count[i]),
+            cold_start=bool(out.cold_start[i]),
+            version=model.version,
+            state=state,
+            explanations=None if explanations is None else [e[:explain_items] for e in explanations[:n]],
+            explain_method=str(model.card.get("explain_method", "")) if explain_items else "",
+        )
+
 
 def _times(items: list[Pending], times_of) -> dict:
     """The ``timestamps`` keyword of a model call for ``items`` (``times_of(item)`` per row, None where a row
@@ -220,20 +237,17 @@ class MicroBatcher:
         for item in group:
             if item.explain_items:
                 continue
-            if not (item.live and keeps_state):
+            route = model.state_route(item.state, item.new_events) if item.live and keeps_state else None
+            if route is None:
                 stateless.append((item, None))
-            elif item.state is None:
-                encoded.append((item, "miss"))
-            elif item.state.version != model.version:  # a state never answers for another version
-                encoded.append((item, "new_version"))
-            elif item.new_events and not model.advances_state:
-                encoded.append((item, "positions_from_end"))
-            elif item.new_events and item.state.length >= model.maxlen:
+            elif route == "window_full":
                 # Any known event slides the window: no state would help, so answer without one (cheaper than
                 # encoding); the cached state stays, tied to the history it saw, and sends the next call here too.
-                stateless.append((item, "window_full"))
-            else:
+                stateless.append((item, route))
+            elif route == "continue":
                 continued.append(item)
+            else:
+                encoded.append((item, route))
         if stateless:
             items = [item for item, _ in stateless]
             self._run_model(model, items, lambda: (model.recommend_batch(
@@ -278,20 +292,5 @@ class MicroBatcher:
             label = outcome if isinstance(outcome, str) or outcome is None else outcome[i]
             if label is not None and self._metrics is not None:
                 self._metrics.state_requests.labels(label).inc()
-            ids = out.item_ids[i, : item.k]
-            scores = out.scores[i, : item.k]
-            n = sum(1 for x in ids if x)
-            explanations = out.explanations(i) if item.explain_items else None
-            item.future.set_result(
-                Result(
-                    item_ids=list(ids[:n]),
-                    scores=scores[:n].tolist(),
-                    unknown_count=int(out.unknown_count[i]),
-                    cold_start=bool(out.cold_start[i]),
-                    version=model.version,
-                    state=states[i],
-                    explanations=None if explanations is None else [e[: item.explain_items] for e in explanations[:n]],
-                    explain_method=str(model.card.get("explain_method", "")) if item.explain_items else "",
-                )
-            )
+            item.future.set_result(Result.of(out, i, item.k, model, states[i], item.explain_items))
         return answered

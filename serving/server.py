@@ -21,6 +21,7 @@ and bounds; :func:`add_arguments` and :func:`config_from_args` derive the flags 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -30,6 +31,8 @@ import typing
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+
+import threadpoolctl
 
 from serving.history_store import HistoryOptions, HistoryStoreUnavailable, open_history_store
 from serving.state_cache import StateCache
@@ -136,6 +139,11 @@ class ServerConfig:
         "another writer's lock); beyond it the call answers UNAVAILABLE")
     # Off by default: on 2 cores with an ML-1M-sized model, continuing a state in small batches cost more per
     # call than re-encoding (BENCHMARKS.md, section live-histories); a full state there is ~160 KiB.
+    live_compute: str = option(
+        "numpy", choices=["numpy", "signature"],
+        help="how RecommendForUser computes users' attention states: 'numpy' in the request's thread from the "
+        "exported weights (a time_bias model, or one exported before this option, falls back to 'signature', logged "
+        "when the version loads); 'signature' through the micro-batcher and the SavedModel's state signatures")
     state_cache_mb: float = option(
         0, minimum=0,
         help="memory for users' cached attention states (MiB, least recently used dropped first): RecommendForUser "
@@ -256,6 +264,12 @@ class RecommenderServer:
             set_batch_scheduling()
         if loader is None:
             set_tensorflow_threads(config.intra_op_threads, config.inter_op_threads)
+            # numpy (the live-history path) computes one user per handler thread: a BLAS pool per call would
+            # only spin on the cores the handlers need (BENCHMARKS.md, section live-histories).
+            threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+            from sasrec.recommender import Recommender
+
+            loader = functools.partial(Recommender.load, host=config.live_compute == "numpy")
         import grpc
 
         from sasrec.v1 import recommender_pb2_grpc
@@ -337,6 +351,10 @@ class RecommenderServer:
                         model.version)
         if self.states is not None:
             self.states.clear()  # the old version's states can no longer answer (see serving.batcher)
+        if self.histories is not None and self.config.live_compute == "numpy" and hasattr(model, "host") \
+                and model.host is None:
+            log.warning("model version %s: RecommendForUser computes attention states through the SavedModel's "
+                        "signatures, not in numpy: %s", model.version, model.host_reason)
         if not self._stopped.is_set():
             set_serving(self.health, True)
         self.ready.set()

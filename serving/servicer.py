@@ -2,9 +2,11 @@
 
 Live histories (AppendEvents, RecommendForUser, GetHistory, DeleteUser) go to the
 :class:`~serving.history_store.HistoryStore` the server opened (FAILED_PRECONDITION without one);
-RecommendForUser scores the stored history through the same path as Recommend, continuing the
-user's cached attention state (:mod:`serving.state_cache`) when the model exports one (a time_bias
-model's state keeps the stored events' times). History rules (vocabulary, unknown ids, truncation, seen items, cold start) live in the SavedModel
+RecommendForUser gives Recommend's answer for the stored history, continuing the user's cached attention
+state (:mod:`serving.state_cache`) where that is exact: in the handler's thread in numpy when the model
+allows it (``--live-compute numpy``, :mod:`sasrec.host_model`), else through the micro-batcher and the
+SavedModel's state signatures (a time_bias model's state keeps the stored events' times). Recommend's
+history rules (vocabulary, unknown ids, truncation, seen items, cold start) live in the SavedModel
 signature and are reached through the micro-batcher and :class:`sasrec.recommender.Recommender`.
 Every outcome is a deliberate status code: INVALID_ARGUMENT names the field, UNAVAILABLE means no
 model yet, shutting down or the history store failing, DEADLINE_EXCEEDED when the caller's deadline
@@ -25,7 +27,7 @@ import grpc
 from pipelines.errors import InputError
 from sasrec.recommender import DEFAULT_EXPLAIN_ITEMS, MAX_EXPLAIN_ITEMS
 from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
-from serving.batcher import DeadlineExceeded, KOutOfRange, ShuttingDown
+from serving.batcher import DeadlineExceeded, KOutOfRange, Result, ShuttingDown
 from serving.history_store import HistoryStoreUnavailable
 
 log = logging.getLogger("serving.servicer")
@@ -154,6 +156,22 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         except KOutOfRange as exc:  # a model with fewer items was swapped in since validate()
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return self._response(result), result
+
+    def _score_in_numpy(self, model, history, state, new_events, k, exclude_seen, exclude, context) -> tuple:
+        """RecommendForUser's answer for a stored ``history`` computed in this handler thread by the model's
+        numpy path (:meth:`sasrec.recommender.Recommender.recommend_stored`): one user's step costs less than
+        handing it to a model worker, and there is nothing to batch it with that would make it cheaper."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the model answered")
+        out, new_state, outcome = model.recommend_stored(history, state, new_events, k, exclude_seen, exclude)
+        self._metrics.state_requests.labels(outcome).inc()
+        result = Result.of(out, 0, k, model, new_state)
+        return self._response(result), result
+
+    def _response(self, result: Result) -> recommender_pb2.RecommendResponse:
+        """The RecommendResponse of a model's :class:`~serving.batcher.Result` (and its metrics)."""
         if result.unknown_count:
             self._metrics.unknown_ids.inc(result.unknown_count)
         if result.cold_start:
@@ -170,7 +188,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             for scored, explanation in zip(response.items, result.explanations):
                 scored.explanation.extend(
                     recommender_pb2.Contribution(item_id=item, weight=weight) for item, weight in explanation)
-        return response, result
+        return response
 
     def Recommend(self, request, context):
         def work():
@@ -272,8 +290,13 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 # With times, a state is tied to the events and their times.
                 events = history if times is None else list(zip(history, times))
                 state, unseen = states.continuation(request.user_id, events)
-                answer, result = self._score(history, k, exclude_seen, exclude, context, live=True, state=state,
-                                             new_events=history[len(history) - len(unseen):], timestamps=times)
+                new_events = history[len(history) - len(unseen):]
+                if getattr(model, "host", None) is not None:
+                    answer, result = self._score_in_numpy(model, history, state, new_events, k, exclude_seen, exclude,
+                                                          context)
+                else:
+                    answer, result = self._score(history, k, exclude_seen, exclude, context, live=True, state=state,
+                                                 new_events=new_events, timestamps=times)
                 if result.state is not None:
                     states.put(request.user_id, result.state, events, token)
             response.recommendation.CopyFrom(answer)

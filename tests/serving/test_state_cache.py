@@ -100,9 +100,16 @@ def live_server(from_start_base, tmp_path):
         srv.stop(1)
 
 
-def test_states_are_continued_event_by_event_and_answer_as_recommend(live_server):
-    srv, client = live_server()
+def batched_requests(srv) -> float:
+    return srv.metrics.registry.get_sample_value("sasrec_batch_size_sum") or 0
+
+
+@pytest.mark.parametrize("live_compute", ["numpy", "signature"])
+def test_states_are_continued_event_by_event_and_answer_as_recommend(live_server, live_compute):
+    srv, client = live_server(live_compute=live_compute)
+    assert (srv.store.get().host is None) == (live_compute == "signature")
     rng = np.random.default_rng(5)
+    recommends = 0
     histories = {f"user-{u}": [] for u in range(5)}
     for _ in range(10):
         for user, history in histories.items():
@@ -115,6 +122,9 @@ def test_states_are_continued_event_by_event_and_answer_as_recommend(live_server
             same_answer(answer.recommendation, client.recommend(history, k=k, exclude_item_ids=exclude))
             repeat = client.recommend_for_user(user, k=7)  # nothing new: answered from the state
             same_answer(repeat.recommendation, client.recommend(history, k=7))
+            recommends += 2
+    # In numpy, RecommendForUser is answered in its own thread: only the Recommend calls reach the batcher.
+    assert (batched_requests(srv) == recommends) == (live_compute == "numpy")
     counts = outcomes(srv)
     # Each user: one miss, then continued until the known items pass maxlen (12), then re-encoded.
     assert counts["miss"] == len(histories) and counts["continued"] > 30 and counts["window_full"] >= 1
