@@ -137,18 +137,20 @@ class ServerConfig:
     history_store_timeout_s: float = option(
         HISTORY_DEFAULTS.timeout_s, minimum=0.01, help="longest a history-store call may take (Redis: connect and each reply; SQLite: waiting for "
         "another writer's lock); beyond it the call answers UNAVAILABLE")
-    # Off by default: on 2 cores with an ML-1M-sized model, continuing a state in small batches cost more per
-    # call than re-encoding (BENCHMARKS.md, section live-histories); a full state there is ~160 KiB.
     live_compute: str = option(
         "numpy", choices=["numpy", "signature"],
         help="how RecommendForUser computes users' attention states: 'numpy' in the request's thread from the "
         "exported weights (a time_bias model, or one exported before this option, falls back to 'signature', logged "
         "when the version loads); 'signature' through the micro-batcher and the SavedModel's state signatures")
+    # On by default since states are computed in numpy: an ML-1M-sized RecommendForUser then answered 2.3x as
+    # many requests/s unloaded as re-encoding, and as many under load (BENCHMARKS.md, section live-histories);
+    # a full state there is ~160 KiB, so 256 MiB holds ~1,600 full windows per process.
     state_cache_mb: float = option(
-        0, minimum=0,
+        256, minimum=0,
         help="memory for users' cached attention states (MiB, least recently used dropped first): RecommendForUser "
-        "then continues a user's state by the new events instead of re-encoding the stored history; pays off "
-        "when requests batch up (see README); 0: off")
+        "then continues a user's state by the new events instead of re-encoding the stored history (scores within "
+        "1e-4 of Recommend's); 0: off, every call re-encodes the stored history through serving_default (Recommend's "
+        "answer exactly); only used with --history-store")
 
 
 def _flag(name: str) -> str:

@@ -95,3 +95,12 @@ def reference_topk(model, vocab: np.ndarray, history: list[str], k: int, exclude
     order = np.argsort(-scores, kind="stable")[:k]
     order = [i for i in order if np.isfinite(scores[i])]
     return [str(vocab[i]) for i in order], scores[order]
+
+
+def same_answer(answer, direct) -> None:
+    """Two RecommendResponses agree item for item, score for score within 1e-4 (a cached attention state's
+    rounding), flags and version."""
+    assert [i.item_id for i in answer.items] == [i.item_id for i in direct.items]
+    np.testing.assert_allclose([i.score for i in answer.items], [i.score for i in direct.items], atol=1e-4)
+    assert (answer.unknown_history_ids, answer.cold_start, answer.model_version) == (
+        direct.unknown_history_ids, direct.cold_start, direct.model_version)

@@ -11,7 +11,7 @@ import pytest
 from sasrec.recommender import AttentionState
 from serving.state_cache import ENTRY_OVERHEAD_BYTES, StateCache
 from tests.serving.conftest import start_server
-from tests.serving.helpers import item_names, make_run
+from tests.serving.helpers import item_names, make_run, same_answer
 
 NAMES = item_names(40)
 MAXLEN = 12
@@ -73,11 +73,6 @@ def outcomes(srv) -> dict:
             for o in ("continued", "miss", "new_version", "positions_from_end", "window_full")}
 
 
-def same_answer(answer, direct):
-    assert [i.item_id for i in answer.items] == [i.item_id for i in direct.items]
-    np.testing.assert_allclose([i.score for i in answer.items], [i.score for i in direct.items], atol=1e-4)
-    assert (answer.unknown_history_ids, answer.cold_start, answer.model_version) == (
-        direct.unknown_history_ids, direct.cold_start, direct.model_version)
 
 
 @pytest.fixture
