@@ -64,7 +64,7 @@ class Metrics:
             "sasrec_state_requests", "RecommendForUser answers by how the user's attention state was obtained: "
             "continued (cached state, advanced by the new events); re-encoded from the stored history after a miss, "
             "a new model version or with positions counted from the end; window_full: the history fills maxlen, so "
-            "every new event shifts the window and the answer is computed without a state", ["outcome"],
+            "every new event shifts the window (re-encoded in numpy; through the signatures, answered without a state)", ["outcome"],
             registry=r)
         for outcome in ("continued", "miss", "new_version", "positions_from_end", "window_full"):
             self.state_requests.labels(outcome)
