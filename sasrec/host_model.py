@@ -198,7 +198,8 @@ class HostModel:
 
     def advance(self, keys: np.ndarray, values: np.ndarray, new: np.ndarray):
         """A state's ``keys``/``values`` (blocks, M, H, D) continued by known internal ids ``new`` (1 or
-        more): the hidden state after the last and the new items' keys and values. Exact only with
+        more): the hidden state after the last and the continued keys and values (blocks, M + new, H, D),
+        computed once for the attention and returned as the new state's. Exact only with
         positions from the start and ``M + len(new) <= maxlen`` (the caller checks)."""
         cached = keys.shape[1]
         return self._forward(new, np.arange(cached, cached + len(new)), keys, values)
@@ -208,13 +209,13 @@ class HostModel:
         if self.position_embedding is not None:
             x = x + self.position_embedding[positions]
         offset = cached_keys[0].shape[0] if len(cached_keys) else 0
-        new_keys, new_values = [], []
+        all_keys, all_values = [], []
         for i, block in enumerate(self.blocks):
             x, block_keys, block_values = self._block(block, x, cached_keys[i], cached_values[i], offset,
                                                       last_only=i == len(self.blocks) - 1)
-            new_keys.append(block_keys)
-            new_values.append(block_values)
-        return _layer_norm(x[-1], self.final_norm), np.stack(new_keys), np.stack(new_values)
+            all_keys.append(block_keys)
+            all_values.append(block_values)
+        return _layer_norm(x[-1], self.final_norm), np.stack(all_keys), np.stack(all_values)
 
     def _block(self, block: _Block, x, cached_keys, cached_values, offset: int, last_only: bool):
         count = len(x)
@@ -231,9 +232,9 @@ class HostModel:
         attended = self._attend(block, query, keys, values, query_index)
         if block.pre_norm:
             h = _layer_norm(query + attended, block.ffn_norm)
-            return h + self._feed_forward(block, h), new_keys, new_values
+            return h + self._feed_forward(block, h), keys, values
         h = _layer_norm(query + attended, block.attention_norm)
-        return _layer_norm(h + self._feed_forward(block, h), block.ffn_norm), new_keys, new_values
+        return _layer_norm(h + self._feed_forward(block, h), block.ffn_norm), keys, values
 
     @staticmethod
     def _feed_forward(block: _Block, h):

@@ -539,8 +539,6 @@ class Recommender:
                 continue
             if len(known):
                 hidden, keys, values = host.advance(state.keys, state.values, known)
-                keys = np.concatenate([state.keys, keys], axis=1)
-                values = np.concatenate([state.values, values], axis=1)
             else:
                 hidden, keys, values = state.hidden, state.keys, state.values
             seen = np.concatenate([state.seen_ids, known])
