@@ -45,6 +45,7 @@ from typing import NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 from pipelines.errors import InputError
+from serving.combining import Combiner, Entry
 
 INT64 = (-(2**63), 2**63 - 1)  # timestamps are stored as SQLite INTEGER: signed 64-bit
 REDIS_PREFIX = "sasrec:history:"  # every key this service writes in a Redis database starts with it
@@ -74,16 +75,17 @@ class HistoryOptions:
                 raise InputError(f"{name} must be positive, not {getattr(self, name)}")
 
 
+class History(NamedTuple):
+    item_ids: list[str]  # oldest first
+    timestamps: list[int | None]  # one per event; None where the event was appended without one
+
+
 @dataclass(frozen=True)
 class AppendResult:
     appended: int  # events this call added (0 for a duplicate retry)
     duplicate: bool  # the idempotency key was seen: the first call's events are stored, nothing added
     dropped: int  # the user's oldest events removed by the per-user cap in this call
-
-
-class History(NamedTuple):
-    item_ids: list[str]  # oldest first
-    timestamps: list[int | None]  # one per event; None where the event was appended without one
+    history: History | None = None  # with read_back: the user's whole history right after this append
 
 
 class HistoryStore(ABC):
@@ -108,8 +110,11 @@ class HistoryStore(ABC):
         item_ids: Sequence[str],
         timestamps: Sequence[int] | None = None,
         idempotency_key: str | None = None,
+        read_back: bool = False,
     ) -> AppendResult:
-        """Append events to the end of ``user_id``'s history; returns once they are stored durably."""
+        """Append events to the end of ``user_id``'s history; returns once they are stored durably.
+        ``read_back``: the result also holds the whole history as this append left it (read in the same
+        transaction, so no other append comes between; one round trip instead of two)."""
         self._check_id("user_id", user_id)
         if isinstance(item_ids, str) or not item_ids:
             raise InputError("item_ids: give at least one item id")
@@ -128,7 +133,7 @@ class HistoryStore(ABC):
         if idempotency_key is not None:
             self._check_id("idempotency_key", idempotency_key)
         digest = hashlib.sha256(json.dumps([item_ids, times]).encode()).hexdigest()
-        result = self._call(self._append, user_id, item_ids, times, idempotency_key, digest)
+        result = self._call(self._append, user_id, item_ids, times, idempotency_key, digest, read_back)
         if result is None:
             raise InputError("idempotency_key: already used for different events of this user")
         if result.dropped:
@@ -168,8 +173,9 @@ class HistoryStore(ABC):
         return step(*args)
 
     @abstractmethod
-    def _append(self, user_id, item_ids, times, key, digest) -> AppendResult | None:
-        """Append atomically; None when ``key`` is recorded for this user with another digest."""
+    def _append(self, user_id, item_ids, times, key, digest, read_back) -> AppendResult | None:
+        """Append atomically (and read the history back in the same transaction if ``read_back``); None
+        when ``key`` is recorded for this user with another digest."""
 
     @abstractmethod
     def _history(self, user_id) -> History: ...
@@ -192,16 +198,6 @@ CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
 """
 
 
-class _QueuedWrite:
-    """A write step waiting for a group commit, then its result or error."""
-
-    def __init__(self, step):
-        self.step = step
-        self.result = None
-        self.error: Exception | None = None
-        self.done = False
-
-
 class SQLiteHistoryStore(HistoryStore):
     """One SQLite file; a connection per thread, so reads go on while another thread commits."""
 
@@ -214,9 +210,8 @@ class SQLiteHistoryStore(HistoryStore):
         self._connections_lock = threading.Lock()
         # This process's writers queue here, in order, and share commits (see _write); only other processes
         # meet SQLite's busy handler, whose sleeps (up to 100 ms each) gave p99s of hundreds of ms.
-        self._turn = threading.Condition()
-        self._committing = False
-        self._queue: list[_QueuedWrite] = []
+        self._writes = Combiner(self._commit, timeout_s=options.timeout_s, on_timeout=lambda: HistoryStoreUnavailable(
+            f"history store {self.name}: no write turn within {options.timeout_s:g} s"))
         with self._errors():
             conn = self._connection()
             # Stored in the file: every later connection uses it. A file system without shared
@@ -245,72 +240,45 @@ class SQLiteHistoryStore(HistoryStore):
         """``step(conn)``'s result, once committed (and fsynced) in a transaction shared with the writes
         other threads queued meanwhile: one fsync acknowledges them all (group commit), each in queue
         order. A step that fails is rolled back alone; a commit that fails fails the whole group."""
-        entry = _QueuedWrite(step)
-        deadline = time.monotonic() + self.options.timeout_s
-        with self._turn:
-            self._queue.append(entry)
-            while self._committing and not entry.done:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 and entry in self._queue:
-                    self._queue.remove(entry)
-                    raise HistoryStoreUnavailable(
-                        f"history store {self.name}: no write turn within {self.options.timeout_s:g} s")
-                self._turn.wait(remaining if remaining > 0 else None)  # taken by a leader: it will finish
-            if not entry.done:
-                # Lead: commit everything queued, this write included.
-                self._committing = True
-                group, self._queue = self._queue, []
-        if not entry.done:
+        return self._writes.run(step)
+
+    def _commit(self, group: list[Entry]) -> None:
+        """The group's steps in one transaction, each in a savepoint (a failing step rolls back alone);
+        an error here (BEGIN, COMMIT) fails the whole group (:class:`~serving.combining.Combiner`)."""
+        with self._errors():
+            conn = self._connection()
+            # IMMEDIATE takes the write lock first: a deferred transaction upgrading later can fail
+            # at once with "database is locked" instead of waiting out the busy timeout.
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                self._commit(group)
-            finally:
-                with self._turn:
-                    self._committing = False
-                    self._turn.notify_all()
-        if entry.error is not None:
-            raise entry.error
-        return entry.result
+                for entry in group:
+                    conn.execute("SAVEPOINT write")
+                    try:
+                        with self._errors():
+                            entry.result = entry.payload(conn)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO write")
+                        entry.error = exc
+                    conn.execute("RELEASE write")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
-    def _commit(self, group: list[_QueuedWrite]) -> None:
-        try:
-            with self._errors():
-                conn = self._connection()
-                # IMMEDIATE takes the write lock first: a deferred transaction upgrading later can fail
-                # at once with "database is locked" instead of waiting out the busy timeout.
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for entry in group:
-                        conn.execute("SAVEPOINT write")
-                        try:
-                            with self._errors():
-                                entry.result = entry.step(conn)
-                        except Exception as exc:
-                            conn.execute("ROLLBACK TO write")
-                            entry.error = exc
-                        conn.execute("RELEASE write")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-        except Exception as exc:
-            for entry in group:
-                entry.result, entry.error = None, exc
-        finally:
-            for entry in group:
-                entry.done = True
+    def _append(self, user_id, item_ids, times, key, digest, read_back):
+        return self._write(lambda conn: self._append_step(conn, user_id, item_ids, times, key, digest, read_back))
 
-    def _append(self, user_id, item_ids, times, key, digest):
-        return self._write(lambda conn: self._append_step(conn, user_id, item_ids, times, key, digest))
-
-    def _append_step(self, conn, user_id, item_ids, times, key, digest):
+    def _append_step(self, conn, user_id, item_ids, times, key, digest, read_back):
         if key is not None:
             now = time.time()
             conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
             row = conn.execute("SELECT digest FROM idempotency WHERE user_id = ? AND key = ?",
                                (user_id, key)).fetchone()
             if row is not None:
-                return AppendResult(0, True, 0) if row[0] == digest else None
+                if row[0] != digest:
+                    return None
+                return AppendResult(0, True, 0, self._read(conn, user_id) if read_back else None)
             conn.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
                          (user_id, key, digest, now + self.options.idempotency_window_s))
         (last,) = conn.execute("SELECT MAX(seq) FROM events WHERE user_id = ?", (user_id,)).fetchone()
@@ -319,13 +287,16 @@ class SQLiteHistoryStore(HistoryStore):
                          [(user_id, start + i, item, t) for i, (item, t) in enumerate(zip(item_ids, times))])
         keep_from = start + len(item_ids) - self.options.max_events_per_user
         dropped = conn.execute("DELETE FROM events WHERE user_id = ? AND seq < ?", (user_id, keep_from)).rowcount
-        return AppendResult(len(item_ids), False, dropped)
+        return AppendResult(len(item_ids), False, dropped, self._read(conn, user_id) if read_back else None)
+
+    @staticmethod
+    def _read(conn, user_id) -> History:
+        rows = conn.execute("SELECT item_id, timestamp FROM events WHERE user_id = ? ORDER BY seq", (user_id,)).fetchall()
+        return History([r[0] for r in rows], [r[1] for r in rows])
 
     def _history(self, user_id):
         with self._errors():
-            rows = self._connection().execute(
-                "SELECT item_id, timestamp FROM events WHERE user_id = ? ORDER BY seq", (user_id,)).fetchall()
-        return History([r[0] for r in rows], [r[1] for r in rows])
+            return self._read(self._connection(), user_id)
 
     def _delete(self, user_id):
         def step(conn):
@@ -342,8 +313,8 @@ class SQLiteHistoryStore(HistoryStore):
 
 
 # KEYS: events list, idempotency hash (key -> digest), idempotency expiry zset (key -> expiry time).
-# ARGV: cap, window seconds, key ("" for none), digest, then the encoded events.
-# Returns {appended, status (0 appended, 1 duplicate, -1 key reused), dropped}.
+# ARGV: cap, window seconds, key ("" for none), digest, read back ("1" or "0"), then the encoded events.
+# Returns {appended, status (0 appended, 1 duplicate, -1 key reused), dropped[, the whole list if read back]}.
 REDIS_APPEND = """
 local function in_chunks(cmd, key, list, first)
   for i = first, #list, 1000 do  -- unpack's stack limit is about 8000 values
@@ -351,6 +322,10 @@ local function in_chunks(cmd, key, list, first)
   end
 end
 local cap, window, key, digest = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local function reply(appended, status, dropped)
+  if ARGV[5] == '1' and status >= 0 then return {appended, status, dropped, redis.call('LRANGE', KEYS[1], 0, -1)} end
+  return {appended, status, dropped}
+end
 if key ~= '' then
   local time = redis.call('TIME')
   local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
@@ -361,22 +336,22 @@ if key ~= '' then
   end
   local seen = redis.call('HGET', KEYS[2], key)
   if seen then
-    if seen == digest then return {0, 1, 0} end
-    return {0, -1, 0}
+    if seen == digest then return reply(0, 1, 0) end
+    return reply(0, -1, 0)
   end
   redis.call('HSET', KEYS[2], key, digest)
   redis.call('ZADD', KEYS[3], now + window, key)
   redis.call('EXPIRE', KEYS[2], window)  -- an idle user's records vanish whole after the window
   redis.call('EXPIRE', KEYS[3], window)
 end
-in_chunks('RPUSH', KEYS[1], ARGV, 5)
+in_chunks('RPUSH', KEYS[1], ARGV, 6)
 local length = redis.call('LLEN', KEYS[1])
 local dropped = 0
 if length > cap then
   dropped = length - cap
   redis.call('LTRIM', KEYS[1], -cap, -1)
 end
-return {#ARGV - 4, 0, dropped}
+return reply(#ARGV - 5, 0, dropped)
 """
 
 
@@ -402,22 +377,20 @@ class RedisHistoryStore(HistoryStore):
         return [f"{REDIS_PREFIX}events:{user_id}", f"{REDIS_PREFIX}idempotency:{user_id}",
                 f"{REDIS_PREFIX}idempotency-expiry:{user_id}"]
 
-    def _append(self, user_id, item_ids, times, key, digest):
+    def _append(self, user_id, item_ids, times, key, digest, read_back):
         # "TIME:ITEM": a timestamp never holds ':', so the first ':' splits even ids that contain one.
         events = [f"{'' if t is None else t}:{item}" for item, t in zip(item_ids, times)]
         window = math.ceil(self.options.idempotency_window_s)  # EXPIRE takes whole seconds; 0 would delete
-        args = [self.options.max_events_per_user, window, key or "", digest, *events]
+        args = [self.options.max_events_per_user, window, key or "", digest, int(read_back), *events]
         with _unavailable(self._redis_error, f"history store {self.name}"):
-            appended, status, dropped = self._append_script(keys=self._keys(user_id), args=args)
+            appended, status, dropped, *stored = self._append_script(keys=self._keys(user_id), args=args)
         if status < 0:
             return None
-        return AppendResult(appended, status == 1, dropped)
+        return AppendResult(appended, status == 1, dropped, _decoded(stored[0]) if read_back else None)
 
     def _history(self, user_id):
         with _unavailable(self._redis_error, f"history store {self.name}"):
-            events = self._client.lrange(self._keys(user_id)[0], 0, -1)
-        pairs = [event.split(":", 1) for event in events]
-        return History([item for _, item in pairs], [int(t) if t else None for t, _ in pairs])
+            return _decoded(self._client.lrange(self._keys(user_id)[0], 0, -1))
 
     def _delete(self, user_id):
         with _unavailable(self._redis_error, f"history store {self.name}"):
@@ -425,6 +398,12 @@ class RedisHistoryStore(HistoryStore):
 
     def _close(self):
         self._client.close()
+
+
+def _decoded(events: list[str]) -> History:
+    """A Redis list of "TIME:ITEM" events as a History."""
+    pairs = [event.split(":", 1) for event in events]
+    return History([item for _, item in pairs], [int(t) if t else None for t, _ in pairs])
 
 
 @contextmanager

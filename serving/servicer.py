@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -110,6 +111,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._histories = histories
         self._max_events_per_append = max_events_per_append
         self._states = states
+        self._host_turn = threading.Lock()
         self._requests = metrics.requests
         self._latency = {m: metrics.latency.labels(m) for m in METHODS}
 
@@ -159,13 +161,15 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         return self._response(result), result
 
     def _score_in_numpy(self, model, history, state, new_events, k, exclude_seen, exclude, context) -> tuple:
-        """RecommendForUser's answer for a stored ``history`` computed in this handler thread by the model's
-        numpy path (:meth:`sasrec.recommender.Recommender.recommend_stored`): one user's step costs less than
-        handing it to a model worker, and there is nothing to batch it with that would make it cheaper."""
+        """RecommendForUser's answer for a stored ``history`` computed by the model's numpy path
+        (:meth:`sasrec.recommender.Recommender.recommend_stored`) in the handlers' own threads, one group at
+        a time (:class:`~serving.combining.Combiner`): a lone request pays no hand-off to a model worker, and
+        under load handler threads do not contend for the GIL between numpy's small calls."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the model answered")
-        out, new_state, outcome = model.recommend_stored(history, state, new_events, k, exclude_seen, exclude)
+        with self._host_turn:
+            out, new_state, outcome = model.recommend_stored(history, state, new_events, k, exclude_seen, exclude)
         self._metrics.state_requests.labels(outcome).inc()
         result = Result.of(out, 0, k, model, new_state)
         return self._response(result), result
@@ -251,21 +255,23 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             log.warning("%s: %s", method, exc)
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
 
-    def _append(self, method: str, request) -> recommender_pb2.AppendEventsResponse:
-        """The request's ``item_ids``/``timestamps``/``idempotency_key`` appended to ``user_id``'s history."""
+    def _append(self, method: str, request, read_back: bool = False) -> tuple:
+        """The request's ``item_ids``/``timestamps``/``idempotency_key`` appended to ``user_id``'s history:
+        the AppendEventsResponse, and with ``read_back`` the whole stored history as this append left it."""
         if len(request.item_ids) > self._max_events_per_append:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"item_ids: {len(request.item_ids)} events in one call, "
                                f"the limit is {self._max_events_per_append}")
         result = self._stored(method, "append", request.user_id, list(request.item_ids),
-                              list(request.timestamps) or None, request.idempotency_key or None)
+                              list(request.timestamps) or None, request.idempotency_key or None, read_back)
         self._metrics.history_appended.inc(result.appended)
         self._metrics.history_dropped.inc(result.dropped)
-        return recommender_pb2.AppendEventsResponse(
+        response = recommender_pb2.AppendEventsResponse(
             appended=result.appended, duplicate=result.duplicate, dropped=result.dropped)
+        return response, result.history
 
     def AppendEvents(self, request, context):
-        return self._answer("AppendEvents", request, context, lambda: self._append("AppendEvents", request),
+        return self._answer("AppendEvents", request, context, lambda: self._append("AppendEvents", request)[0],
                             recommender_pb2.AppendEventsResponse)
 
     def RecommendForUser(self, request, context):
@@ -279,8 +285,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             states = self._states
             token = states.begin() if states is not None else None  # before the store is read: see StateCache.put
             if request.item_ids or request.timestamps or request.idempotency_key:
-                response.append.CopyFrom(self._append("RecommendForUser", request))
-            history, times = self._stored("RecommendForUser", "history", request.user_id)
+                appended, stored = self._append("RecommendForUser", request, read_back=True)
+                response.append.CopyFrom(appended)
+            else:
+                stored = self._stored("RecommendForUser", "history", request.user_id)
+            history, times = stored
             # A time_bias model reads the stored events' times (none stored: the bias is off).
             times = times if timed and any(t is not None for t in times) else None
             if states is None or explained:

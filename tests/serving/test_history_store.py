@@ -62,6 +62,41 @@ def test_the_cap_keeps_the_newest_events_and_counts_the_dropped(store_url, user)
         assert store.dropped_total == 14
 
 
+def test_read_back_returns_the_history_as_this_append_left_it(store_url, user):
+    with open_history_store(store_url, max_events_per_user=4) as store:
+        assert store.append(user, ["a"]).history is None  # only when asked
+        first = store.append(user, ["b", "c:d"], timestamps=[5, 6], read_back=True)
+        assert first.history == (["a", "b", "c:d"], [None, 5, 6])
+        capped = store.append(user, ["e", "f"], idempotency_key="k", read_back=True)
+        assert (capped.appended, capped.dropped) == (2, 1)
+        assert capped.history == (["b", "c:d", "e", "f"], [5, 6, None, None])
+        store.append(user, ["g"])
+        retry = store.append(user, ["e", "f"], idempotency_key="k", read_back=True)  # nothing added, all read
+        assert retry.duplicate and retry.history.item_ids == ["c:d", "e", "f", "g"]
+        assert store.history(user).item_ids == ["c:d", "e", "f", "g"]
+
+
+def test_read_back_sees_no_other_append_between(store_url, user):
+    """8 threads appending to one user: each read-back history ends with that thread's own event and is a
+    prefix of the final history (the append and the read are one transaction)."""
+    with open_history_store(store_url) as store:
+        seen = []
+
+        def writer(t):
+            for i in range(15):
+                seen.append((f"{t}-{i}", store.append(user, [f"{t}-{i}"], read_back=True).history.item_ids))
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        final = store.history(user).item_ids
+        assert len(final) == 120
+        for event, history in seen:
+            assert history[-1] == event and final[:len(history)] == history
+
+
 def test_a_retry_with_the_same_key_appends_nothing_twice(store_url, user):
     with open_history_store(store_url) as store:
         assert not store.append(user, ["a", "b"], idempotency_key="k1").duplicate
@@ -289,7 +324,7 @@ def test_sqlite_writers_share_commits_and_a_failing_write_fails_alone(tmp_path, 
         time.sleep(0.02)
         commit(group)
 
-    monkeypatch.setattr(store, "_commit", slow_commit)
+    monkeypatch.setattr(store._writes, "_run_group", slow_commit)
 
     def writer(t):
         for i in range(10):
@@ -313,7 +348,7 @@ def test_sqlite_writers_share_commits_and_a_failing_write_fails_alone(tmp_path, 
 
     failed, ok = [], []
     gate = threading.Event()
-    monkeypatch.setattr(store, "_commit", lambda group: (gate.wait(5), commit(group)))
+    monkeypatch.setattr(store._writes, "_run_group", lambda group: (gate.wait(5), commit(group)))
     runners = [threading.Thread(target=lambda: failed.append(_error_of(store._write, broken)))]
     runners += [threading.Thread(target=lambda i=i: ok.append(store.append("user-ok", [str(i)]))) for i in range(3)]
     for r in runners:
