@@ -36,6 +36,9 @@ ARCHITECTURE_KEYS = ("maxlen", "hidden_units", "num_blocks", "num_heads", "norm"
                      "attention_similarity", "attention_normalisation", "attention_window", "position_bias",
                      "absolute_positions", "time_bias")
 _DENSE = ("query", "key", "value", "attention_output")
+# States continued in one padded pass: larger passes allocate MBs of padded buffers afresh per call and cost
+# more than they save (BENCHMARKS.md, "Live histories: the numpy path").
+STATES_PER_PASS = 8
 
 
 def host_weights(model) -> dict:
@@ -83,9 +86,11 @@ def load(loaded, card: dict) -> tuple[HostModel | None, str]:
 
 def _layer_norm(x, norm):
     gamma, beta = norm
-    mean = x.mean(axis=-1, keepdims=True)
-    centred = x - mean
-    variance = np.square(centred).mean(axis=-1, keepdims=True)
+    # np.add.reduce, not .mean(): the same float32 sums without mean()'s Python wrapper, which cost as much
+    # as the arithmetic on one user's row.
+    scale = np.float32(1 / x.shape[-1])
+    centred = x - np.add.reduce(x, axis=-1, keepdims=True) * scale
+    variance = np.add.reduce(centred * centred, axis=-1, keepdims=True) * scale
     return centred / np.sqrt(variance + np.float32(NORM_EPSILON)) * gamma + beta
 
 
@@ -98,10 +103,10 @@ def _elu_plus_one(x):
 
 
 def _rotary(x, index):
-    """Rotate-half RoPE of ``x`` (N, H, D) at item indices ``index`` (N,), as sasrec.layers._rotary."""
+    """Rotate-half RoPE of ``x`` (..., N, H, D) at item indices ``index`` (..., N), as sasrec.layers._rotary."""
     half = x.shape[-1] // 2
     frequencies = np.power(np.float32(ROTARY_BASE), -np.arange(half, dtype=np.float32) / np.float32(half))
-    angles = index.astype(np.float32)[:, None, None] * frequencies
+    angles = index.astype(np.float32)[..., None, None] * frequencies
     cos, sin = np.cos(angles), np.sin(angles)
     first, second = x[..., :half], x[..., half:]
     return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
@@ -193,42 +198,74 @@ class HostModel:
         block's keys and values of its items."""
         count = len(window)
         positions = np.arange(count) if self.from_start else np.arange(self.maxlen - count, self.maxlen)
-        empty = np.zeros((0, self.num_heads, self.head_size), np.float32)
-        return self._forward(window, positions, [empty] * len(self.blocks), [empty] * len(self.blocks))
+        empty = np.zeros((len(self.blocks), 1, 0, self.num_heads, self.head_size), np.float32)
+        hidden, keys, values = self._forward(window[None], positions[None], empty, empty, np.zeros(1, np.int64))
+        return hidden[0], keys[:, 0], values[:, 0]
 
     def advance(self, keys: np.ndarray, values: np.ndarray, new: np.ndarray):
         """A state's ``keys``/``values`` (blocks, M, H, D) continued by known internal ids ``new`` (1 or
         more): the hidden state after the last and the continued keys and values (blocks, M + new, H, D),
         computed once for the attention and returned as the new state's. Exact only with
         positions from the start and ``M + len(new) <= maxlen`` (the caller checks)."""
-        cached = keys.shape[1]
-        return self._forward(new, np.arange(cached, cached + len(new)), keys, values)
+        (hidden,), (keys,), (values,) = self.advance_many([keys], [values], np.asarray(new)[None])
+        return hidden, keys, values
 
-    def _forward(self, ids, positions, cached_keys, cached_values):
+    def advance_many(self, keys: list[np.ndarray], values: list[np.ndarray], new: np.ndarray):
+        """:meth:`advance` of several states at once, each by the same number of new ids (``new``: (B, N)):
+        one pass whose numpy calls cover every state, the shorter states padded (padding sits after each
+        state's items, where the causal mask hides it). Returns the hidden states (B, d) and the lists of
+        continued keys and values."""
+        if len(keys) > STATES_PER_PASS:
+            parts = [self.advance_many(keys[i:i + STATES_PER_PASS], values[i:i + STATES_PER_PASS],
+                                       new[i:i + STATES_PER_PASS]) for i in range(0, len(keys), STATES_PER_PASS)]
+            return (np.concatenate([p[0] for p in parts]), [k for p in parts for k in p[1]],
+                    [v for p in parts for v in p[2]])
+        counts = np.array([k.shape[1] for k in keys], np.int64)
+        width = int(counts.max())
+        if len(keys) == 1:
+            cached_keys, cached_values = keys[0][:, None], values[0][:, None]
+        else:
+            shape = (len(self.blocks), len(keys), width, self.num_heads, self.head_size)
+            cached_keys, cached_values = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            for b, (k, v) in enumerate(zip(keys, values)):
+                cached_keys[:, b, : k.shape[1]], cached_values[:, b, : v.shape[1]] = k, v
+        positions = counts[:, None] + np.arange(new.shape[1])
+        hidden, all_keys, all_values = self._forward(new, positions, cached_keys, cached_values, counts)
+        if len(keys) == 1:
+            return hidden, [all_keys[:, 0]], [all_values[:, 0]]
+        ends = counts + new.shape[1]
+        return (hidden, [np.ascontiguousarray(all_keys[:, b, :end]) for b, end in enumerate(ends)],
+                [np.ascontiguousarray(all_values[:, b, :end]) for b, end in enumerate(ends)])
+
+    def _forward(self, ids, positions, cached_keys, cached_values, counts):
+        """``ids``/``positions`` (B, N) after ``counts`` (B,) cached items whose keys/values are
+        ``cached_*`` (blocks, B, M, H, D), padded past each row's count."""
         x = self.embedding[ids] * self.embedding_scale
         if self.position_embedding is not None:
             x = x + self.position_embedding[positions]
-        offset = cached_keys[0].shape[0] if len(cached_keys) else 0
         all_keys, all_values = [], []
         for i, block in enumerate(self.blocks):
-            x, block_keys, block_values = self._block(block, x, cached_keys[i], cached_values[i], offset,
+            x, block_keys, block_values = self._block(block, x, cached_keys[i], cached_values[i], counts,
                                                       last_only=i == len(self.blocks) - 1)
             all_keys.append(block_keys)
             all_values.append(block_values)
-        return _layer_norm(x[-1], self.final_norm), np.stack(all_keys), np.stack(all_values)
+        return _layer_norm(x[:, -1], self.final_norm), np.stack(all_keys), np.stack(all_values)
 
-    def _block(self, block: _Block, x, cached_keys, cached_values, offset: int, last_only: bool):
-        count = len(x)
+    def _block(self, block: _Block, x, cached_keys, cached_values, counts, last_only: bool):
+        batch, count = x.shape[:2]
         heads, size = self.num_heads, self.head_size
         kernel, bias = block.key_value
         projected = x @ kernel + bias
-        new_keys = projected[:, : heads * size].reshape(count, heads, size)
-        new_values = projected[:, heads * size:].reshape(count, heads, size)
-        keys = np.concatenate([cached_keys, new_keys]) if len(cached_keys) else new_keys
-        values = np.concatenate([cached_values, new_values]) if len(cached_values) else new_values
-        rows = x[-1:] if last_only else x
+        new_keys = projected[..., : heads * size].reshape(batch, count, heads, size)
+        new_values = projected[..., heads * size:].reshape(batch, count, heads, size)
+        keys = np.concatenate([cached_keys, new_keys], axis=1)
+        values = np.concatenate([cached_values, new_values], axis=1)
+        if (counts != cached_keys.shape[1]).any():  # a shorter state's new items go right after its own
+            rows, columns = np.arange(batch)[:, None], counts[:, None] + np.arange(count)
+            keys[rows, columns], values[rows, columns] = new_keys, new_values
+        rows = x[:, -1:] if last_only else x
         query = _layer_norm(rows, block.attention_norm) if block.pre_norm else rows
-        query_index = np.arange(offset + count - len(rows), offset + count)
+        query_index = counts[:, None] + np.arange(count - rows.shape[1], count)
         attended = self._attend(block, query, keys, values, query_index)
         if block.pre_norm:
             h = _layer_norm(query + attended, block.ffn_norm)
@@ -242,12 +279,14 @@ class HostModel:
         return np.maximum(h @ inner + inner_bias, 0) @ outer + outer_bias
 
     def _attend(self, block: _Block, query, keys, values, query_index):
-        """The attention output projection (N, d) of block queries ``query`` (N, d) at item indices
-        ``query_index`` over ``keys``/``values`` (M, H, D) of items 0..M-1 (causal: item j <= query's)."""
+        """The attention output projection (B, N, d) of block queries ``query`` (B, N, d) at item indices
+        ``query_index`` (B, N) over ``keys``/``values`` (B, M, H, D) of items 0..M-1 (causal: item j <=
+        query's, which also hides each row's padding)."""
+        batch, count = query.shape[:2]
         kernel, bias = block.query
-        projected = (query @ kernel + bias).reshape(len(query), self.num_heads, self.head_size)
-        key_index = np.arange(len(keys))
-        distance = query_index[:, None] - key_index[None, :]
+        projected = (query @ kernel + bias).reshape(batch, count, self.num_heads, self.head_size)
+        key_index = np.arange(keys.shape[1])
+        distance = query_index[:, :, None] - key_index  # (B, N, M)
         mask = distance >= 0
         if block.window > 0:
             mask &= distance < block.window
@@ -259,13 +298,14 @@ class HostModel:
             projected = projected * np.float32(1.0 / math.sqrt(self.head_size))
         if self.normalisation == "linear":
             projected, keys = _elu_plus_one(projected), _elu_plus_one(keys)
-        scores = np.matmul(projected.transpose(1, 0, 2), keys.transpose(1, 2, 0))  # (H, N, M)
+        scores = np.matmul(projected.transpose(0, 2, 1, 3), keys.transpose(0, 2, 3, 1))  # (B, H, N, M)
         if self.position_bias == "relative":
-            scores = scores + block.relative_bias[relative_bucket(distance)].transpose(2, 0, 1)
+            scores = scores + block.relative_bias[relative_bucket(distance)].transpose(0, 3, 1, 2)
+        mask = mask[:, None]  # (B, 1, N, M): every head
         if self.normalisation == "silu":
-            count = np.maximum(mask.sum(axis=-1, keepdims=True), 1).astype(np.float32)
+            visible = np.maximum(mask.sum(axis=-1, keepdims=True), 1).astype(np.float32)
             sigmoid = 0.5 * (1 + np.tanh(0.5 * scores))  # no overflow warning where exp(-x) would
-            weights = scores * sigmoid * mask / count
+            weights = scores * sigmoid * mask / visible
         elif self.normalisation == "linear":
             scores = scores * mask
             total = scores.sum(axis=-1, keepdims=True)
@@ -274,9 +314,9 @@ class HostModel:
             scores = np.where(mask, scores, np.float32(MASKED_SCORE))
             weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
             weights /= weights.sum(axis=-1, keepdims=True)
-        attended = np.matmul(weights, values.transpose(1, 0, 2)).transpose(1, 0, 2)  # (N, H, D)
+        attended = np.matmul(weights, values.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # (B, N, H, D)
         kernel, bias = block.output
-        return attended.reshape(len(query), -1) @ kernel + bias
+        return attended.reshape(batch, count, -1) @ kernel + bias
 
     def rank(self, hidden: np.ndarray | None, seen: np.ndarray, k: int, exclude_seen: bool,
              exclude_item_ids) -> tuple[np.ndarray, np.ndarray]:

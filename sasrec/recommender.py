@@ -502,14 +502,39 @@ class Recommender:
         end of ``history`` it has not seen) where that is exact, else the history encoded. Returns the
         one-row result, the state after ``history`` and how it was obtained (``"continued"`` or a
         :meth:`state_route` reason for encoding)."""
-        route = self.state_route(state, new_events)
-        if route == "continue":
-            out, (advanced,) = self._host_advance([state], [list(new_events)], k, exclude_seen, [exclude_item_ids])
-            if advanced is not None:
-                return out, advanced, "continued"
-            route = "window_full"  # the new events' known items overflow maxlen
-        out, (encoded,) = self._host_encode([history], k, exclude_seen, [exclude_item_ids])
-        return out, encoded, route
+        ((out, _, new_state, outcome),) = self.recommend_stored_many(
+            [(history, state, new_events, k, exclude_seen, exclude_item_ids)])
+        return out, new_state, outcome
+
+    def recommend_stored_many(self, requests: Sequence[tuple]) -> list[tuple[BatchResult, int, AttentionState, str]]:
+        """:meth:`recommend_stored` of several ``(history, state, new_events, k, exclude_seen,
+        exclude_item_ids)`` at once: the states that continue advance together (one numpy pass per
+        number of new events, :meth:`sasrec.host_model.HostModel.advance_many`). Per request: a result, its
+        row there (up to at least its ``k`` columns), the new state and the outcome."""
+        answers: list = [None] * len(requests)
+        routes = [self.state_route(state, new) for _, state, new, _, _, _ in requests]
+        for flag in (False, True):  # exclude_seen is one flag per call of the helpers below
+            group = [i for i, request in enumerate(requests) if bool(request[4]) == flag]
+            if not group:
+                continue
+            k = max(requests[i][3] for i in group)
+            going_on = [i for i in group if routes[i] == "continue"]
+            if going_on:
+                out, advanced = self._host_advance([requests[i][1] for i in going_on],
+                                                   [list(requests[i][2]) for i in going_on], k, flag,
+                                                   [requests[i][5] for i in going_on])
+                for row, (i, state) in enumerate(zip(going_on, advanced)):
+                    if state is None:
+                        routes[i] = "window_full"  # the new events' known items overflow maxlen
+                    else:
+                        answers[i] = (out, row, state, "continued")
+            encoding = [i for i in group if answers[i] is None]
+            if encoding:
+                out, encoded = self._host_encode([requests[i][0] for i in encoding], k, flag,
+                                                 [requests[i][5] for i in encoding])
+                for row, (i, state) in enumerate(zip(encoding, encoded)):
+                    answers[i] = (out, row, state, routes[i])
+        return answers
 
     def _host_encode(self, histories, k: int, exclude_seen: bool, exclude_item_ids) -> tuple[BatchResult, list]:
         """:meth:`encode_states` in numpy, one history at a time."""
@@ -526,21 +551,29 @@ class Recommender:
         return _host_result(rows, k), states
 
     def _host_advance(self, states, new_items, k: int, exclude_seen: bool, exclude_item_ids) -> tuple[BatchResult, list]:
-        """:meth:`advance_states` in numpy, one state at a time."""
+        """:meth:`advance_states` in numpy: the states that gain known items advance together, per number
+        of new known items."""
         self._check_k(k)
         host = self.host
+        lookups = [host.lookup(new) for new in new_items]
+        moving: dict[int, list[int]] = {}  # number of new known items -> states
+        for i, (state, (known, _)) in enumerate(zip(states, lookups)):
+            if len(known) and host.incremental and state.length + len(known) <= self.maxlen:
+                moving.setdefault(len(known), []).append(i)
+        continued = {}
+        for indices in moving.values():
+            hidden, keys, values = host.advance_many([states[i].keys for i in indices],
+                                                     [states[i].values for i in indices],
+                                                     np.stack([lookups[i][0] for i in indices]))
+            continued.update((i, (hidden[j], keys[j], values[j])) for j, i in enumerate(indices))
         rows, advanced = [], []
-        for state, new, exclude in zip(states, new_items, exclude_item_ids):
-            known, unknown = host.lookup(new)
+        for i, (state, (known, unknown), exclude) in enumerate(zip(states, lookups, exclude_item_ids)):
             unknown += state.unknown_count
-            if len(known) and (not host.incremental or state.length + len(known) > self.maxlen):
+            if len(known) and i not in continued:
                 advanced.append(None)  # the window would slide, or positions count from the end: re-encode
                 rows.append((np.full(k, "", object), np.full(k, -np.inf, np.float32), unknown, False))
                 continue
-            if len(known):
-                hidden, keys, values = host.advance(state.keys, state.values, known)
-            else:
-                hidden, keys, values = state.hidden, state.keys, state.values
+            hidden, keys, values = continued.get(i, (state.hidden, state.keys, state.values))
             seen = np.concatenate([state.seen_ids, known])
             cold = state.length + len(known) == 0
             advanced.append(AttentionState(self.version, keys, values, hidden, seen, unknown))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -29,6 +28,7 @@ from pipelines.errors import InputError
 from sasrec.recommender import DEFAULT_EXPLAIN_ITEMS, MAX_EXPLAIN_ITEMS
 from sasrec.v1 import recommender_pb2, recommender_pb2_grpc
 from serving.batcher import DeadlineExceeded, KOutOfRange, Result, ShuttingDown
+from serving.combining import Combiner, Entry
 from serving.history_store import HistoryStoreUnavailable
 
 log = logging.getLogger("serving.servicer")
@@ -111,7 +111,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._histories = histories
         self._max_events_per_append = max_events_per_append
         self._states = states
-        self._host_turn = threading.Lock()
+        self._host_steps = Combiner(self._run_host_steps)
         self._requests = metrics.requests
         self._latency = {m: metrics.latency.labels(m) for m in METHODS}
 
@@ -162,17 +162,42 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
 
     def _score_in_numpy(self, model, history, state, new_events, k, exclude_seen, exclude, context) -> tuple:
         """RecommendForUser's answer for a stored ``history`` computed by the model's numpy path
-        (:meth:`sasrec.recommender.Recommender.recommend_stored`) in the handlers' own threads, one group at
-        a time (:class:`~serving.combining.Combiner`): a lone request pays no hand-off to a model worker, and
-        under load handler threads do not contend for the GIL between numpy's small calls."""
+        in the handlers' own threads, one group at a time (:class:`~serving.combining.Combiner`): a lone
+        request pays no hand-off to a model worker; under load the requests queued meanwhile share one
+        :meth:`~sasrec.recommender.Recommender.recommend_stored_many` pass, and handler threads do not contend
+        for the GIL between numpy's many small calls."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the model answered")
-        with self._host_turn:
-            out, new_state, outcome = model.recommend_stored(history, state, new_events, k, exclude_seen, exclude)
+        out, row, new_state, outcome = self._host_steps.run((model, history, state, new_events, k, exclude_seen,
+                                                             exclude))
         self._metrics.state_requests.labels(outcome).inc()
-        result = Result.of(out, 0, k, model, new_state)
+        result = Result.of(out, row, k, model, new_state)
         return self._response(result), result
+
+    @staticmethod
+    def _run_host_steps(group: list[Entry]) -> None:
+        """Each model's entries in one pass (a hot swap can put two versions in a group); should the pass
+        fail, each entry alone, so one bad request fails alone."""
+        by_model: dict[int, list[Entry]] = {}
+        for entry in group:
+            by_model.setdefault(id(entry.payload[0]), []).append(entry)
+        for entries in by_model.values():
+            model = entries[0].payload[0]
+            try:
+                answers = model.recommend_stored_many([entry.payload[1:] for entry in entries])
+            except Exception as exc:
+                if len(entries) == 1:
+                    entries[0].error = exc
+                    continue
+                for entry in entries:
+                    try:
+                        (entry.result,) = model.recommend_stored_many([entry.payload[1:]])
+                    except Exception as exc:
+                        entry.error = exc
+            else:
+                for entry, answer in zip(entries, answers):
+                    entry.result = answer
 
     def _response(self, result: Result) -> recommender_pb2.RecommendResponse:
         """The RecommendResponse of a model's :class:`~serving.batcher.Result` (and its metrics)."""

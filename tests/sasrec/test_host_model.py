@@ -73,11 +73,42 @@ def check_event_by_event(host: Recommender, signature: Recommender, seed: int = 
     return continued, refused
 
 
+def check_many_at_once(host: Recommender, signature: Recommender, seed: int = 3):
+    """Stored histories of different lengths with 0-2 new events each, cache misses, mixed ``k`` and
+    ``exclude_seen``, more than one padded pass: ``recommend_stored_many`` answers each as
+    ``recommend_stored`` alone and as stateless Recommend."""
+    rng = np.random.default_rng(seed)
+    requests = []
+    for u in range(2 * host_model.STATES_PER_PASS + 5):
+        history = random_history(rng, int(rng.integers(2, MAXLEN + 3)))
+        seen = len(history) - int(rng.integers(0, 3))
+        _, (state,) = host.encode_states([history[:seen]], 8, True, [[]])
+        requests.append((history, None if u % 7 == 3 else state, history[seen:], int(rng.integers(1, 9)),
+                         u % 3 != 0, [f"i{rng.integers(2, VOCAB)}"]))
+    answers = host.recommend_stored_many(requests)
+    outcomes = []
+    for u, ((history, _, _, k, exclude_seen, exclude), (out, row, state, outcome)) in enumerate(zip(requests, answers)):
+        expected = signature.recommend_batch([history], k, exclude_seen, [exclude])
+        assert list(out.item_ids[row][:k]) == list(expected.item_ids[0]), f"user {u}"
+        np.testing.assert_allclose(out.scores[row][:k], expected.scores[0], atol=1e-4, err_msg=f"user {u}")
+        assert (out.unknown_count[row], out.cold_start[row]) == (expected.unknown_count[0], expected.cold_start[0])
+        alone, alone_state, alone_outcome = host.recommend_stored(*requests[u])
+        assert outcome == alone_outcome, f"user {u}"
+        np.testing.assert_allclose(out.scores[row][:k], alone.scores[0][:k], atol=1e-5, err_msg=f"user {u}")
+        np.testing.assert_allclose(state.keys, alone_state.keys, atol=1e-5, err_msg=f"user {u}")
+        np.testing.assert_allclose(state.values, alone_state.values, atol=1e-5, err_msg=f"user {u}")
+        np.testing.assert_allclose(state.hidden, alone_state.hidden, atol=1e-5, err_msg=f"user {u}")
+        outcomes.append(outcome)
+    return outcomes
+
+
 def test_numpy_states_answer_as_the_signatures(state_paths):
     (_, positions), (host, signature) = state_paths
     continued, refused = check_event_by_event(host, signature)
+    outcomes = check_many_at_once(host, signature)
     if positions == "from_start":
         assert continued > 10 and refused >= 1
+        assert outcomes.count("continued") > host_model.STATES_PER_PASS  # more than one padded pass
     else:  # positions from the end: every known event re-encodes (in numpy)
         assert refused > 10
 
@@ -85,8 +116,10 @@ def test_numpy_states_answer_as_the_signatures(state_paths):
 # "combined" holds cosine, silu, a window per block and the relative bias.
 @pytest.mark.parametrize("variant", ["combined", "rotary", "linear cosine"])
 def test_every_attention_variant_answers_as_the_signatures(variant, tmp_path):
-    continued, _ = check_event_by_event(*both_paths(variant_model(VARIANTS[variant]), tmp_path))
+    paths = both_paths(variant_model(VARIANTS[variant]), tmp_path)
+    continued, _ = check_event_by_event(*paths)
     assert continued > 10
+    assert check_many_at_once(*paths).count("continued") > host_model.STATES_PER_PASS
 
 
 def test_a_batch_mixes_cold_starts_long_histories_and_exclusions(state_paths):
