@@ -238,3 +238,27 @@ def test_two_processes_sharing_a_redis_store_continue_each_others_histories_exac
             client.close()
         proc.terminate()
         proc.wait(30)
+
+
+def test_numpy_steps_of_a_group_run_per_model_and_a_failing_request_fails_alone():
+    """RecommendForUser's queued numpy steps share one pass per model version (a hot swap can mix two in a
+    group); when a pass fails, each request runs alone, so only the bad one gets the error."""
+    from serving.combining import Entry
+    from serving.servicer import RecommenderServicer
+
+    class Model:
+        def __init__(self, name):
+            self.name, self.passes = name, []
+
+        def recommend_stored_many(self, requests):
+            self.passes.append([r[0] for r in requests])
+            if any(r[0] == "bad" for r in requests):
+                raise ValueError("k is out of range for this version")
+            return [(self.name, r[0]) for r in requests]
+
+    old, new = Model("old"), Model("new")
+    entries = [Entry((old, "a")), Entry((new, "b")), Entry((old, "bad")), Entry((old, "c")), Entry((new, "d"))]
+    RecommenderServicer._run_host_steps(entries)
+    assert [e.result for e in entries] == [("old", "a"), ("new", "b"), None, ("old", "c"), ("new", "d")]
+    assert isinstance(entries[2].error, ValueError) and all(e.error is None for e in entries if e is not entries[2])
+    assert old.passes == [["a", "bad", "c"], ["a"], ["bad"], ["c"]] and new.passes == [["b", "d"]]
