@@ -202,21 +202,14 @@ class HostModel:
         hidden, keys, values = self._forward(window[None], positions[None], empty, empty, np.zeros(1, np.int64))
         return hidden[0], keys[:, 0], values[:, 0]
 
-    def advance(self, keys: np.ndarray, values: np.ndarray, new: np.ndarray):
-        """A state's ``keys``/``values`` (blocks, M, H, D) continued by known internal ids ``new`` (1 or
-        more): the hidden state after the last and the continued keys and values (blocks, M + new, H, D),
-        computed once for the attention and returned as the new state's. Exact only with
-        positions from the start and ``M + len(new) <= maxlen`` (the caller checks)."""
-        (hidden,), (keys,), (values,) = self.advance_many([keys], [values], np.asarray(new)[None])
-        return hidden, keys, values
-
-    def advance_many(self, keys: list[np.ndarray], values: list[np.ndarray], new: np.ndarray):
-        """:meth:`advance` of several states at once, each by the same number of new ids (``new``: (B, N)):
-        one pass whose numpy calls cover every state, the shorter states padded (padding sits after each
-        state's items, where the causal mask hides it). Returns the hidden states (B, d) and the lists of
-        continued keys and values."""
+    def advance(self, keys: list[np.ndarray], values: list[np.ndarray], new: np.ndarray):
+        """States' ``keys``/``values`` (each (blocks, M, H, D)) continued by the same number of known internal
+        ids each (``new``: (B, N)), in one pass whose numpy calls cover every state, the shorter states padded
+        (padding sits after each state's items, where the causal mask hides it). Returns the hidden states
+        after the last (B, d) and the lists of continued keys and values (blocks, M + N, H, D). Exact only
+        with positions from the start and ``M + N <= maxlen`` (the caller checks)."""
         if len(keys) > STATES_PER_PASS:
-            parts = [self.advance_many(keys[i:i + STATES_PER_PASS], values[i:i + STATES_PER_PASS],
+            parts = [self.advance(keys[i:i + STATES_PER_PASS], values[i:i + STATES_PER_PASS],
                                        new[i:i + STATES_PER_PASS]) for i in range(0, len(keys), STATES_PER_PASS)]
             return (np.concatenate([p[0] for p in parts]), [k for p in parts for k in p[1]],
                     [v for p in parts for v in p[2]])

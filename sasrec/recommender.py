@@ -496,21 +496,13 @@ class Recommender:
             return "window_full"
         return "continue"
 
-    def recommend_stored(self, history: Sequence[str], state: AttentionState | None, new_events: Sequence[str], k: int,
-                         exclude_seen: bool, exclude_item_ids: Sequence[str]) -> tuple[BatchResult, AttentionState, str]:
-        """One stored ``history`` in numpy (:attr:`host`): its cached ``state`` continued by ``new_events`` (the
-        end of ``history`` it has not seen) where that is exact, else the history encoded. Returns the
-        one-row result, the state after ``history`` and how it was obtained (``"continued"`` or a
-        :meth:`state_route` reason for encoding)."""
-        ((out, _, new_state, outcome),) = self.recommend_stored_many(
-            [(history, state, new_events, k, exclude_seen, exclude_item_ids)])
-        return out, new_state, outcome
-
-    def recommend_stored_many(self, requests: Sequence[tuple]) -> list[tuple[BatchResult, int, AttentionState, str]]:
-        """:meth:`recommend_stored` of several ``(history, state, new_events, k, exclude_seen,
-        exclude_item_ids)`` at once: the states that continue advance together (one numpy pass per
-        number of new events, :meth:`sasrec.host_model.HostModel.advance_many`). Per request: a result, its
-        row there (up to at least its ``k`` columns), the new state and the outcome."""
+    def recommend_stored(self, requests: Sequence[tuple]) -> list[tuple[BatchResult, int, AttentionState, str]]:
+        """Stored histories in numpy (:attr:`host`), each request ``(history, state, new_events, k,
+        exclude_seen, exclude_item_ids)``: its cached ``state`` continued by ``new_events`` (the end of
+        ``history`` it has not seen) where that is exact, else the history encoded. The states that continue
+        advance together (one numpy pass per number of new events, :meth:`sasrec.host_model.HostModel.advance`).
+        Per request: a result, its row there (at least its ``k`` columns), the state after ``history`` and
+        how it was obtained (``"continued"`` or a :meth:`state_route` reason for encoding)."""
         answers: list = [None] * len(requests)
         routes = [self.state_route(state, new) for _, state, new, _, _, _ in requests]
         for flag in (False, True):  # exclude_seen is one flag per call of the helpers below
@@ -562,9 +554,9 @@ class Recommender:
                 moving.setdefault(len(known), []).append(i)
         continued = {}
         for indices in moving.values():
-            hidden, keys, values = host.advance_many([states[i].keys for i in indices],
-                                                     [states[i].values for i in indices],
-                                                     np.stack([lookups[i][0] for i in indices]))
+            hidden, keys, values = host.advance([states[i].keys for i in indices],
+                                                [states[i].values for i in indices],
+                                                np.stack([lookups[i][0] for i in indices]))
             continued.update((i, (hidden[j], keys[j], values[j])) for j, i in enumerate(indices))
         rows, advanced = [], []
         for i, (state, (known, unknown), exclude) in enumerate(zip(states, lookups, exclude_item_ids)):

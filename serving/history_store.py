@@ -323,7 +323,7 @@ local function in_chunks(cmd, key, list, first)
 end
 local cap, window, key, digest = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local function reply(appended, status, dropped)
-  if ARGV[5] == '1' and status >= 0 then return {appended, status, dropped, redis.call('LRANGE', KEYS[1], 0, -1)} end
+  if ARGV[5] == '1' then return {appended, status, dropped, redis.call('LRANGE', KEYS[1], 0, -1)} end
   return {appended, status, dropped}
 end
 if key ~= '' then
@@ -337,7 +337,7 @@ if key ~= '' then
   local seen = redis.call('HGET', KEYS[2], key)
   if seen then
     if seen == digest then return reply(0, 1, 0) end
-    return reply(0, -1, 0)
+    return {0, -1, 0}
   end
   redis.call('HSET', KEYS[2], key, digest)
   redis.call('ZADD', KEYS[3], now + window, key)

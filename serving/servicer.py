@@ -164,7 +164,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         """RecommendForUser's answer for a stored ``history`` computed by the model's numpy path
         in the handlers' own threads, one group at a time (:class:`~serving.combining.Combiner`): a lone
         request pays no hand-off to a model worker; under load the requests queued meanwhile share one
-        :meth:`~sasrec.recommender.Recommender.recommend_stored_many` pass, and handler threads do not contend
+        :meth:`~sasrec.recommender.Recommender.recommend_stored` pass, and handler threads do not contend
         for the GIL between numpy's many small calls."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
@@ -185,14 +185,14 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         for entries in by_model.values():
             model = entries[0].payload[0]
             try:
-                answers = model.recommend_stored_many([entry.payload[1:] for entry in entries])
+                answers = model.recommend_stored([entry.payload[1:] for entry in entries])
             except Exception as exc:
                 if len(entries) == 1:
                     entries[0].error = exc
                     continue
                 for entry in entries:
                     try:
-                        (entry.result,) = model.recommend_stored_many([entry.payload[1:]])
+                        (entry.result,) = model.recommend_stored([entry.payload[1:]])
                     except Exception as exc:
                         entry.error = exc
             else:

@@ -75,8 +75,8 @@ def check_event_by_event(host: Recommender, signature: Recommender, seed: int = 
 
 def check_many_at_once(host: Recommender, signature: Recommender, seed: int = 3):
     """Stored histories of different lengths with 0-2 new events each, cache misses, mixed ``k`` and
-    ``exclude_seen``, more than one padded pass: ``recommend_stored_many`` answers each as
-    ``recommend_stored`` alone and as stateless Recommend."""
+    ``exclude_seen``, more than one padded pass: ``recommend_stored`` answers each as it does alone and as
+    stateless Recommend."""
     rng = np.random.default_rng(seed)
     requests = []
     for u in range(2 * host_model.STATES_PER_PASS + 5):
@@ -85,14 +85,14 @@ def check_many_at_once(host: Recommender, signature: Recommender, seed: int = 3)
         _, (state,) = host.encode_states([history[:seen]], 8, True, [[]])
         requests.append((history, None if u % 7 == 3 else state, history[seen:], int(rng.integers(1, 9)),
                          u % 3 != 0, [f"i{rng.integers(2, VOCAB)}"]))
-    answers = host.recommend_stored_many(requests)
+    answers = host.recommend_stored(requests)
     outcomes = []
     for u, ((history, _, _, k, exclude_seen, exclude), (out, row, state, outcome)) in enumerate(zip(requests, answers)):
         expected = signature.recommend_batch([history], k, exclude_seen, [exclude])
         assert list(out.item_ids[row][:k]) == list(expected.item_ids[0]), f"user {u}"
         np.testing.assert_allclose(out.scores[row][:k], expected.scores[0], atol=1e-4, err_msg=f"user {u}")
         assert (out.unknown_count[row], out.cold_start[row]) == (expected.unknown_count[0], expected.cold_start[0])
-        alone, alone_state, alone_outcome = host.recommend_stored(*requests[u])
+        ((alone, _, alone_state, alone_outcome),) = host.recommend_stored([requests[u]])
         assert outcome == alone_outcome, f"user {u}"
         np.testing.assert_allclose(out.scores[row][:k], alone.scores[0][:k], atol=1e-5, err_msg=f"user {u}")
         np.testing.assert_allclose(state.keys, alone_state.keys, atol=1e-5, err_msg=f"user {u}")

@@ -250,7 +250,7 @@ def test_numpy_steps_of_a_group_run_per_model_and_a_failing_request_fails_alone(
         def __init__(self, name):
             self.name, self.passes = name, []
 
-        def recommend_stored_many(self, requests):
+        def recommend_stored(self, requests):
             self.passes.append([r[0] for r in requests])
             if any(r[0] == "bad" for r in requests):
                 raise ValueError("k is out of range for this version")
