@@ -21,6 +21,11 @@ ROTARY_BASE = 10000.0
 # normalisation "linear": positions per chunk of the causal prefix-sum form (a C x C product inside a
 # chunk, D x D prefix sums across chunks): its cost per position is C*D + D^2 instead of L*D.
 LINEAR_CHUNK = 64
+# Causal self-attention over a window runs a chunk of queries at a time, each over the keys up to the
+# chunk's end (later keys are masked for all its queries): with 4 chunks 5/8 of the (L, L) products.
+# Chunks of fewer than 32 queries were slower than fewer, larger ones (BENCHMARKS.md, training speed).
+CAUSAL_CHUNKS = 4
+MIN_CAUSAL_CHUNK = 32
 # time_bias: the gap between a query's and a key's timestamps (seconds) falls in bucket floor(log2(1 + gap));
 # the last bucket holds 2^31 - 1 s (68 years) and more, so 32 buckets cover every gap.
 TIME_BUCKETS = 32
@@ -198,7 +203,11 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
             return self._after_attention(query, attended, training) * keep
         query, keys, values, attention_mask, query_index, index, query_time, key_time = self._self_attention_inputs(
             x, valid, last_only, timestamps)
-        attended = self._attend(query, keys, values, attention_mask, training, query_index, index, query_time, key_time)
+        if last_only:
+            attended = self._attend(query, keys, values, attention_mask, training, query_index, index, query_time,
+                                    key_time)
+        else:
+            attended = self._causal_attend(query, keys, values, attention_mask, training, index, key_time)
         return self._after_attention(query, attended, training) * keep
 
     def _self_attention_inputs(self, x, valid, last_only=False, timestamps=None):
@@ -339,10 +348,27 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         """Attention of block queries ``query`` (B, N, d) over projected ``keys`` and ``values``
         (B, M, H, d/H) where ``mask`` (B, N, M), by :meth:`attention_weights`: the attention's output
         projection (B, N, d)."""
+        return self.attention.output_dense(self._weighted_values(query, keys, values, mask, training, query_index,
+                                                                 key_index, query_time, key_time))
+
+    def _weighted_values(self, query, keys, values, mask, training, query_index, key_index, query_time, key_time):
+        """:meth:`_attend` before the output projection: the values weighted by the attention (B, N, H, d/H)."""
         weights = self.attention_weights(query, keys, mask, query_index, key_index, query_time, key_time)
         if self.normalisation != "linear":  # linear: no weights to drop in its parallel form, so none here
             weights = self.attention_dropout(weights, training=training)
-        return self.attention.output_dense(ops.einsum("bhnm,bmhd->bnhd", weights, values))
+        return ops.einsum("bhnm,bmhd->bnhd", weights, values)
+
+    def _causal_attend(self, query, keys, values, mask, training=False, index=None, times=None):
+        """:meth:`_attend` of a window's own queries (B, L, d) over its own keys and values (causal ``mask``
+        (B, L, L)), a chunk of queries at a time over the keys up to the chunk's end (:func:`causal_chunks`):
+        the keys left out are masked for every query of the chunk, so no weight changes, only the work.
+        ``index``/``times`` (B, L) or None: the positions' item indices and timestamps."""
+        cut = lambda t, start, end: None if t is None else t[:, start:end]  # noqa: E731
+        parts = [self._weighted_values(query[:, start:end], keys[:, :end], values[:, :end], mask[:, start:end, :end],
+                                       training, cut(index, start, end), cut(index, None, end), cut(times, start, end),
+                                       cut(times, None, end))
+                 for start, end in causal_chunks(query.shape[1])]
+        return self.attention.output_dense(parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1))
 
     def _query_input(self, x):
         return self.attention_norm(x) if self.norm == "pre" else x
@@ -405,6 +431,18 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
             position_bias=self.position_bias, time_bias=self.time_bias,
         )
         return config
+
+
+def causal_chunks(length: int | None) -> list[tuple[int | None, int | None]]:
+    """Query ranges ``(start, end)`` of :meth:`CausalSelfAttentionBlock._causal_attend` for a window of
+    ``length`` positions: up to :data:`CAUSAL_CHUNKS` of at least :data:`MIN_CAUSAL_CHUNK` positions, equal
+    to within one; the whole window (``(None, None)``) when it is shorter or its length is unknown when
+    traced (a serving signature's)."""
+    count = 1 if length is None else min(CAUSAL_CHUNKS, length // MIN_CAUSAL_CHUNK)
+    if count <= 1:
+        return [(None, None)]
+    edges = [length * i // count for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _head_bias(table, buckets):

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 
 from sasrec.config import SASRecConfig
-from sasrec.layers import LINEAR_CHUNK, RELATIVE_BUCKETS, CausalSelfAttentionBlock, relative_bucket
+from sasrec.layers import (
+    CAUSAL_CHUNKS,
+    LINEAR_CHUNK,
+    MIN_CAUSAL_CHUNK,
+    RELATIVE_BUCKETS,
+    TIME_BUCKETS,
+    CausalSelfAttentionBlock,
+    causal_chunks,
+    relative_bucket,
+)
 from sasrec.model import SASRec, build_model
 
 VOCAB = 40
@@ -174,3 +183,51 @@ def test_linear_attention_in_chunks_equals_its_explicit_weights(similarity):
     np.testing.assert_allclose(numpy(chunked), numpy(explicit), atol=1e-5)
     np.testing.assert_allclose(numpy(weights).sum(-1), np.broadcast_to(numpy(valid)[:, None, :], (4, 2, length)),
                                atol=1e-5)
+
+
+def test_causal_chunks_cover_the_window_in_a_few_ranges_of_at_least_the_minimum():
+    assert causal_chunks(None) == [(None, None)]  # a serving signature's window of unknown length
+    assert causal_chunks(2 * MIN_CAUSAL_CHUNK - 1) == [(None, None)]
+    assert causal_chunks(2 * MIN_CAUSAL_CHUNK) == [(0, MIN_CAUSAL_CHUNK), (MIN_CAUSAL_CHUNK, 2 * MIN_CAUSAL_CHUNK)]
+    for length in (100, 200, 1000):
+        ranges = causal_chunks(length)
+        assert len(ranges) == min(CAUSAL_CHUNKS, length // MIN_CAUSAL_CHUNK)
+        assert [start for start, _ in ranges] == [0] + [end for _, end in ranges[:-1]] and ranges[-1][1] == length
+        assert max(end - start for start, end in ranges) - min(end - start for start, end in ranges) <= 1
+
+
+@pytest.mark.parametrize("variant", [{}, *[VARIANTS[name] for name in ("cosine", "silu", "window", "relative",
+                                                                       "rotary")], dict(time_bias=True)])
+def test_causal_attention_in_query_chunks_equals_it_over_the_whole_window(variant, monkeypatch):
+    """Training's chunked causal attention (each chunk of queries over the keys up to its end) gives the
+    outputs of the whole window at once at every real position, for every attention variant but linear (its
+    own chunked form), over left padding of every length, a row of padding only, unequal chunks and
+    timestamps; the block's outputs are the same everywhere (padding queries' are zeroed either way)."""
+    fields = {"similarity": variant.get("attention_similarity", "dot"),
+              "normalisation": variant.get("attention_normalisation", "softmax"),
+              "window": variant.get("attention_window", [0])[0], "position_bias": variant.get("position_bias", "none"),
+              "time_bias": variant.get("time_bias", False)}
+    keras.utils.set_random_seed(0)
+    block = CausalSelfAttentionBlock(16, 2, 0.0, init_std=0.3, **fields)
+    block.build((None, None, 16))
+    rng = np.random.default_rng(0)
+    if block.position_bias == "relative":
+        block.relative_bias.assign(rng.normal(0, 1, (RELATIVE_BUCKETS, 2)).astype("float32"))
+    if block.time_bias:
+        block.time_gap_bias.assign(rng.normal(0, 1, (TIME_BUCKETS, 2)).astype("float32"))
+    length = CAUSAL_CHUNKS * MIN_CAUSAL_CHUNK + 7
+    assert len(causal_chunks(length)) == CAUSAL_CHUNKS
+    valid = np.arange(length)[None, :] >= length - np.array([length, 100, 3, 0])[:, None]
+    x = rng.normal(size=(4, length, 16)).astype("float32") * valid[:, :, None]
+    times = np.where(valid, np.cumsum(rng.integers(0, 5000, (4, length)), axis=1), -1)
+    x, valid = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(valid)
+    timestamps = keras.ops.convert_to_tensor(times) if block.time_bias else None
+    query, keys, values, mask, _, index, _, key_time = block._self_attention_inputs(x, valid, timestamps=timestamps)
+    whole = block._attend(query, keys, values, mask, False, index, index, key_time, key_time)
+    chunked = block._causal_attend(query, keys, values, mask, False, index, key_time)
+    real = numpy(valid)
+    np.testing.assert_allclose(numpy(chunked)[real], numpy(whole)[real], atol=1e-5)
+    assert np.abs(numpy(whole)[real]).max() > 0.1
+    outputs = numpy(block(x, valid, timestamps=timestamps))
+    monkeypatch.setattr("sasrec.layers.CAUSAL_CHUNKS", 1)
+    np.testing.assert_allclose(outputs, numpy(block(x, valid, timestamps=timestamps)), atol=1e-5)
