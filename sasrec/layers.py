@@ -21,8 +21,8 @@ ROTARY_BASE = 10000.0
 # normalisation "linear": positions per chunk of the causal prefix-sum form (a C x C product inside a
 # chunk, D x D prefix sums across chunks): its cost per position is C*D + D^2 instead of L*D.
 LINEAR_CHUNK = 64
-# Causal self-attention over a window runs a chunk of queries at a time, each over the keys up to the
-# chunk's end (later keys are masked for all its queries): with 4 chunks 5/8 of the (L, L) products.
+# In training, causal self-attention over a window runs a chunk of queries at a time, each over the keys up
+# to the chunk's end (later keys are masked for all its queries): with 4 chunks 5/8 of the (L, L) products.
 # Chunks of fewer than 32 queries were slower than fewer, larger ones (BENCHMARKS.md, training speed).
 CAUSAL_CHUNKS = 4
 MIN_CAUSAL_CHUNK = 32
@@ -360,14 +360,18 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
 
     def _causal_attend(self, query, keys, values, mask, training=False, index=None, times=None):
         """:meth:`_attend` of a window's own queries (B, L, d) over its own keys and values (causal ``mask``
-        (B, L, L)), a chunk of queries at a time over the keys up to the chunk's end (:func:`causal_chunks`):
-        the keys left out are masked for every query of the chunk, so no weight changes, only the work.
+        (B, L, L)). In training, a chunk of queries at a time over the keys up to the chunk's end
+        (:func:`causal_chunks`): the keys left out are masked for every query of the chunk, so no output at a
+        real position changes, only the work (inference keeps one product: a serving graph pays per op).
         ``index``/``times`` (B, L) or None: the positions' item indices and timestamps."""
+        if not training:
+            return self._attend(query, keys, values, mask, training, index, index, times, times)
+        length = query.shape[1]
         cut = lambda t, start, end: None if t is None else t[:, start:end]  # noqa: E731
         parts = [self._weighted_values(query[:, start:end], keys[:, :end], values[:, :end], mask[:, start:end, :end],
                                        training, cut(index, start, end), cut(index, None, end), cut(times, start, end),
                                        cut(times, None, end))
-                 for start, end in causal_chunks(query.shape[1])]
+                 for start, end in causal_chunks(ops.shape(query)[1] if length is None else length)]
         return self.attention.output_dense(parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1))
 
     def _query_input(self, x):
@@ -433,15 +437,18 @@ class CausalSelfAttentionBlock(keras.layers.Layer):
         return config
 
 
-def causal_chunks(length: int | None) -> list[tuple[int | None, int | None]]:
+def causal_chunks(length) -> list[tuple]:
     """Query ranges ``(start, end)`` of :meth:`CausalSelfAttentionBlock._causal_attend` for a window of
-    ``length`` positions: up to :data:`CAUSAL_CHUNKS` of at least :data:`MIN_CAUSAL_CHUNK` positions, equal
-    to within one; the whole window (``(None, None)``) when it is shorter or its length is unknown when
-    traced (a serving signature's)."""
-    count = 1 if length is None else min(CAUSAL_CHUNKS, length // MIN_CAUSAL_CHUNK)
-    if count <= 1:
-        return [(None, None)]
-    edges = [length * i // count for i in range(count + 1)]
+    ``length`` positions: ``length // MIN_CAUSAL_CHUNK`` of them (at least 1, at most :data:`CAUSAL_CHUNKS`),
+    equal to within one. ``length`` is an int, or a scalar tensor when the step is traced for windows of any
+    width (TensorFlow's training step): then always :data:`CAUSAL_CHUNKS` ranges, those past the count empty,
+    and XLA, which compiles each width on its own, sees constants."""
+    if isinstance(length, int):
+        count = max(1, min(CAUSAL_CHUNKS, length // MIN_CAUSAL_CHUNK))
+        edges = [length * i // count for i in range(count + 1)]
+    else:
+        count = ops.clip(length // MIN_CAUSAL_CHUNK, 1, CAUSAL_CHUNKS)
+        edges = [ops.minimum(length, length * i // count) for i in range(CAUSAL_CHUNKS + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
 

@@ -186,14 +186,15 @@ def test_linear_attention_in_chunks_equals_its_explicit_weights(similarity):
 
 
 def test_causal_chunks_cover_the_window_in_a_few_ranges_of_at_least_the_minimum():
-    assert causal_chunks(None) == [(None, None)]  # a serving signature's window of unknown length
-    assert causal_chunks(2 * MIN_CAUSAL_CHUNK - 1) == [(None, None)]
-    assert causal_chunks(2 * MIN_CAUSAL_CHUNK) == [(0, MIN_CAUSAL_CHUNK), (MIN_CAUSAL_CHUNK, 2 * MIN_CAUSAL_CHUNK)]
-    for length in (100, 200, 1000):
+    for length in (MIN_CAUSAL_CHUNK, 2 * MIN_CAUSAL_CHUNK - 1, 2 * MIN_CAUSAL_CHUNK, 100, 200, 1000):
         ranges = causal_chunks(length)
-        assert len(ranges) == min(CAUSAL_CHUNKS, length // MIN_CAUSAL_CHUNK)
+        assert len(ranges) == max(1, min(CAUSAL_CHUNKS, length // MIN_CAUSAL_CHUNK))
         assert [start for start, _ in ranges] == [0] + [end for _, end in ranges[:-1]] and ranges[-1][1] == length
         assert max(end - start for start, end in ranges) - min(end - start for start, end in ranges) <= 1
+        # A length known only when the step runs: always CAUSAL_CHUNKS ranges, the same ones and then empty ones.
+        traced = [(int(numpy(start)), int(numpy(end)))
+                  for start, end in causal_chunks(keras.ops.convert_to_tensor(length, "int32"))]
+        assert traced == ranges + [(length, length)] * (CAUSAL_CHUNKS - len(ranges))
 
 
 @pytest.mark.parametrize("variant", [{}, *[VARIANTS[name] for name in ("cosine", "silu", "window", "relative",
@@ -202,7 +203,8 @@ def test_causal_attention_in_query_chunks_equals_it_over_the_whole_window(varian
     """Training's chunked causal attention (each chunk of queries over the keys up to its end) gives the
     outputs of the whole window at once at every real position, for every attention variant but linear (its
     own chunked form), over left padding of every length, a row of padding only, unequal chunks and
-    timestamps; the block's outputs are the same everywhere (padding queries' are zeroed either way)."""
+    timestamps; the block's outputs are the same everywhere (padding queries' are zeroed either way), also in a
+    TensorFlow step traced for windows of any width and compiled with XLA (where the slices' bounds are tensors)."""
     fields = {"similarity": variant.get("attention_similarity", "dot"),
               "normalisation": variant.get("attention_normalisation", "softmax"),
               "window": variant.get("attention_window", [0])[0], "position_bias": variant.get("position_bias", "none"),
@@ -224,10 +226,17 @@ def test_causal_attention_in_query_chunks_equals_it_over_the_whole_window(varian
     timestamps = keras.ops.convert_to_tensor(times) if block.time_bias else None
     query, keys, values, mask, _, index, _, key_time = block._self_attention_inputs(x, valid, timestamps=timestamps)
     whole = block._attend(query, keys, values, mask, False, index, index, key_time, key_time)
-    chunked = block._causal_attend(query, keys, values, mask, False, index, key_time)
+    chunked = block._causal_attend(query, keys, values, mask, True, index, key_time)  # dropout 0: no randomness
     real = numpy(valid)
     np.testing.assert_allclose(numpy(chunked)[real], numpy(whole)[real], atol=1e-5)
     assert np.abs(numpy(whole)[real]).max() > 0.1
-    outputs = numpy(block(x, valid, timestamps=timestamps))
+    outputs = numpy(block(x, valid, training=True, timestamps=timestamps))
+    if keras.backend.backend() == "tensorflow" and (not variant or block.time_bias):  # XLA compiles take seconds
+        import tensorflow as tf
+
+        spec = tf.TensorSpec([None, None, 16], "float32"), tf.TensorSpec([None, None], "bool")
+        step = tf.function(lambda x, valid: block(x, valid, training=True, timestamps=timestamps),
+                           input_signature=spec, jit_compile=True)
+        np.testing.assert_allclose(numpy(step(x, valid)), outputs, atol=1e-5)
     monkeypatch.setattr("sasrec.layers.CAUSAL_CHUNKS", 1)
-    np.testing.assert_allclose(outputs, numpy(block(x, valid, timestamps=timestamps)), atol=1e-5)
+    np.testing.assert_allclose(outputs, numpy(block(x, valid, training=True, timestamps=timestamps)), atol=1e-5)
