@@ -210,7 +210,7 @@ class HostModel:
         with positions from the start and ``M + N <= maxlen`` (the caller checks)."""
         if len(keys) > STATES_PER_PASS:
             parts = [self.advance(keys[i:i + STATES_PER_PASS], values[i:i + STATES_PER_PASS],
-                                       new[i:i + STATES_PER_PASS]) for i in range(0, len(keys), STATES_PER_PASS)]
+                                  new[i:i + STATES_PER_PASS]) for i in range(0, len(keys), STATES_PER_PASS)]
             return (np.concatenate([p[0] for p in parts]), [k for p in parts for k in p[1]],
                     [v for p in parts for v in p[2]])
         counts = np.array([k.shape[1] for k in keys], np.int64)
