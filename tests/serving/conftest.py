@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -96,9 +97,19 @@ needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server not 
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: connecting to a port in that range while nothing listens
+    there (a Redis a test keeps down) can connect the client to itself, which then holds the port and keeps
+    redis-server from binding it (seen once in CI)."""
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    for port in random.sample(range(10000, low), 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 10000..{low - 1}")
 
 
 def start_redis(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
