@@ -80,10 +80,17 @@ def test_bad_inputs_get_clear_codes_never_internal(stub, client):
     assert len(response.items) == 0 and response.unknown_history_ids == 2
     response = call(stub, history=odd, k=40, exclude_seen=False)
     assert len(response.items) == 40
-    # A deadline that has already passed is DEADLINE_EXCEEDED, not INTERNAL.
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Recommend(recommender_pb2.RecommendRequest(history=NAMES[:3]), timeout=1e-6)
-    assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    # A deadline that has already passed is DEADLINE_EXCEEDED, not INTERNAL. gRPC's client timer can
+    # lose the race to a fast local answer (one CI run got OK), so a few tries, every failure the right code.
+    codes = []
+    for _ in range(5):
+        try:
+            stub.Recommend(recommender_pb2.RecommendRequest(history=NAMES[:3]), timeout=1e-6)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+    assert grpc.StatusCode.DEADLINE_EXCEEDED in codes, codes
 
 
 def test_model_info(client):
