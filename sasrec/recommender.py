@@ -408,7 +408,8 @@ class Recommender:
         padded = _pad(histories)
         times = self._times_read(histories, timestamps, padded.shape, always=True)
         if self.host is not None:
-            return self._host_encode(histories, k, exclude_seen, exclude_item_ids)
+            return self._host_encode([self.host.lookup(history) for history in histories], k, exclude_seen,
+                                     exclude_item_ids)
         timed = {} if times is None else {"timestamps": tf.constant(times)}
         fn = self._loaded.signatures[ENCODE_TIMED_SIGNATURE if timed else ENCODE_SIGNATURE]
         out = fn(history=tf.convert_to_tensor(padded, tf.string), **timed,
@@ -499,7 +500,9 @@ class Recommender:
     def recommend_stored(self, requests: Sequence[tuple]) -> list[tuple[BatchResult, int, AttentionState, str]]:
         """Stored histories in numpy (:attr:`host`), each request ``(history, state, new_events, k,
         exclude_seen, exclude_item_ids)``: its cached ``state`` continued by ``new_events`` (the end of
-        ``history`` it has not seen) where that is exact, else the history encoded. The states that continue
+        ``history`` it has not seen) where that is exact, else the history encoded. ``history`` may be None
+        when ``state`` is of this version: the stored history is then the state's followed by ``new_events``
+        (a caller that read only those from its store), which re-encodes from the state's item ids. The states that continue
         advance together (one numpy pass per number of new events, :meth:`sasrec.host_model.HostModel.advance`).
         Per request: a result, its row there (at least its ``k`` columns), the state after ``history`` and
         how it was obtained (``"continued"`` or a :meth:`state_route` reason for encoding)."""
@@ -522,19 +525,28 @@ class Recommender:
                         answers[i] = (out, row, state, "continued")
             encoding = [i for i in group if answers[i] is None]
             if encoding:
-                out, encoded = self._host_encode([requests[i][0] for i in encoding], k, flag,
+                out, encoded = self._host_encode([self._stored_ids(*requests[i][:3]) for i in encoding], k, flag,
                                                  [requests[i][5] for i in encoding])
                 for row, (i, state) in enumerate(zip(encoding, encoded)):
                     answers[i] = (out, row, state, routes[i])
         return answers
 
-    def _host_encode(self, histories, k: int, exclude_seen: bool, exclude_item_ids) -> tuple[BatchResult, list]:
-        """:meth:`encode_states` in numpy, one history at a time."""
+    def _stored_ids(self, history, state: AttentionState | None, new_events) -> tuple[np.ndarray, int]:
+        """A stored history's known internal ids and its count of unknown ids: ``history`` looked up, or
+        without it the ids of ``state`` (of this version) followed by those of ``new_events``."""
+        if history is not None:
+            return self.host.lookup(history)
+        if state is None or state.version != self.version:
+            raise ValueError("a stored history without its events needs a state of this model version")
+        known, unknown = self.host.lookup(new_events)
+        return np.concatenate([state.seen_ids, known]), state.unknown_count + unknown
+
+    def _host_encode(self, lookups, k: int, exclude_seen: bool, exclude_item_ids) -> tuple[BatchResult, list]:
+        """:meth:`encode_states` in numpy, one history at a time, each given as ``(known ids, unknown count)``."""
         self._check_k(k)
         host = self.host
         rows, states = [], []
-        for history, exclude in zip(histories, exclude_item_ids):
-            known, unknown = host.lookup(history)
+        for (known, unknown), exclude in zip(lookups, exclude_item_ids):
             window = known[max(0, len(known) - self.maxlen):]
             hidden, keys, values = host.encode(window) if len(window) else host.empty_state()
             states.append(AttentionState(self.version, keys, values, hidden, known, unknown))

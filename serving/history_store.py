@@ -16,7 +16,12 @@ One interface, :class:`HistoryStore`, opened from the ``--history-store`` URL by
   AOF, a restart loses everything since the last snapshot.
 
 Events are external item ids (strings) with optional integer timestamps; :meth:`HistoryStore.history`
-returns them oldest first, with ``None`` as the timestamp of an event appended without one. Each user
+returns them oldest first, with ``None`` as the timestamp of an event appended without one. Each stored
+event has a sequence number, consecutive per user; a user's first event (again after an erasure) gets a
+random one, so a reader holding a :class:`Cursor` from before an erasure (in this process or another)
+does not mistake the new history for the old one's continuation. :meth:`HistoryStore.tail` and an
+append's read-back return only the events after such a cursor while the history still begins where the
+cursor says (no events dropped since), else the whole history. Each user
 keeps the newest ``max_events_per_user`` events; older ones are dropped at append time and counted.
 An append with an ``idempotency_key`` already seen for that user within ``idempotency_window_s``
 appends nothing and reports a duplicate (the same key with different events is an input error).
@@ -34,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
 import sqlite3
 import threading
 import time
@@ -49,6 +55,7 @@ from serving.combining import Combiner, Entry
 
 INT64 = (-(2**63), 2**63 - 1)  # timestamps are stored as SQLite INTEGER: signed 64-bit
 REDIS_PREFIX = "sasrec:history:"  # every key this service writes in a Redis database starts with it
+FIRST_SEQUENCE_BITS = 50  # a new history's random first number: exact in Redis's Lua doubles (2**53)
 
 
 class HistoryStoreUnavailable(Exception):
@@ -80,12 +87,40 @@ class History(NamedTuple):
     timestamps: list[int | None]  # one per event; None where the event was appended without one
 
 
+class Cursor(NamedTuple):
+    """Where a user's stored history stands: the sequence numbers of its oldest event and one past its
+    newest (``(0, 0)`` for a user with no events)."""
+
+    first: int
+    end: int
+
+
+class Tail(NamedTuple):
+    """Stored events of one user from sequence number ``start`` on, and the whole history's cursor."""
+
+    events: History
+    start: int
+    cursor: Cursor
+
+    @property
+    def whole(self) -> bool:
+        return self.start == self.cursor.first
+
+
+def _tail_start(cursor: Cursor, since: Cursor | None) -> int:
+    """Where a read after ``since`` starts: its end while the history still begins at its first event
+    and reaches its end, else the first event (the whole history)."""
+    if since is not None and since.first == cursor.first and cursor.first <= since.end <= cursor.end:
+        return since.end
+    return cursor.first
+
+
 @dataclass(frozen=True)
 class AppendResult:
     appended: int  # events this call added (0 for a duplicate retry)
     duplicate: bool  # the idempotency key was seen: the first call's events are stored, nothing added
     dropped: int  # the user's oldest events removed by the per-user cap in this call
-    history: History | None = None  # with read_back: the user's whole history right after this append
+    tail: Tail | None = None  # with read_back: the user's history right after this append (see since)
 
 
 class HistoryStore(ABC):
@@ -111,10 +146,12 @@ class HistoryStore(ABC):
         timestamps: Sequence[int] | None = None,
         idempotency_key: str | None = None,
         read_back: bool = False,
+        since: Cursor | None = None,
     ) -> AppendResult:
         """Append events to the end of ``user_id``'s history; returns once they are stored durably.
-        ``read_back``: the result also holds the whole history as this append left it (read in the same
-        transaction, so no other append comes between; one round trip instead of two)."""
+        ``read_back``: the result also holds the history as this append left it, as :meth:`tail` with
+        ``since`` reads it (in the same transaction, so no other append comes between; one round trip
+        instead of two)."""
         self._check_id("user_id", user_id)
         if isinstance(item_ids, str) or not item_ids:
             raise InputError("item_ids: give at least one item id")
@@ -132,8 +169,9 @@ class HistoryStore(ABC):
                     raise InputError(f"timestamps[{i}]: {t!r} is not a 64-bit integer")
         if idempotency_key is not None:
             self._check_id("idempotency_key", idempotency_key)
-        digest = hashlib.sha256(json.dumps([item_ids, times]).encode()).hexdigest()
-        result = self._call(self._append, user_id, item_ids, times, idempotency_key, digest, read_back)
+        digest = None if idempotency_key is None else hashlib.sha256(json.dumps([item_ids, times]).encode()).hexdigest()
+        result = self._call(self._append, user_id, item_ids, times, idempotency_key, digest,
+                            since if read_back else False)
         if result is None:
             raise InputError("idempotency_key: already used for different events of this user")
         if result.dropped:
@@ -143,8 +181,13 @@ class HistoryStore(ABC):
 
     def history(self, user_id: str) -> History:
         """The user's stored events, oldest first (empty for an unknown or erased user)."""
+        return self.tail(user_id).events
+
+    def tail(self, user_id: str, since: Cursor | None = None) -> Tail:
+        """The user's stored events after ``since`` (a cursor of an earlier read) while the history still
+        begins at its first event; else, or without ``since``, the whole history."""
         self._check_id("user_id", user_id)
-        return self._call(self._history, user_id)
+        return self._call(self._tail, user_id, since)
 
     def delete(self, user_id: str) -> bool:
         """Erase the user's events and idempotency records; False when there was nothing stored."""
@@ -173,12 +216,12 @@ class HistoryStore(ABC):
         return step(*args)
 
     @abstractmethod
-    def _append(self, user_id, item_ids, times, key, digest, read_back) -> AppendResult | None:
-        """Append atomically (and read the history back in the same transaction if ``read_back``); None
-        when ``key`` is recorded for this user with another digest."""
+    def _append(self, user_id, item_ids, times, key, digest, read_since) -> AppendResult | None:
+        """Append atomically (and, unless ``read_since`` is False, read the tail after that cursor or None
+        in the same transaction); None when ``key`` is recorded for this user with another digest."""
 
     @abstractmethod
-    def _history(self, user_id) -> History: ...
+    def _tail(self, user_id, since) -> Tail: ...
 
     @abstractmethod
     def _delete(self, user_id) -> bool: ...
@@ -266,10 +309,10 @@ class SQLiteHistoryStore(HistoryStore):
                     conn.execute("ROLLBACK")
                 raise
 
-    def _append(self, user_id, item_ids, times, key, digest, read_back):
-        return self._write(lambda conn: self._append_step(conn, user_id, item_ids, times, key, digest, read_back))
+    def _append(self, user_id, item_ids, times, key, digest, read_since):
+        return self._write(lambda conn: self._append_step(conn, user_id, item_ids, times, key, digest, read_since))
 
-    def _append_step(self, conn, user_id, item_ids, times, key, digest, read_back):
+    def _append_step(self, conn, user_id, item_ids, times, key, digest, read_since):
         if key is not None:
             now = time.time()
             conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
@@ -278,25 +321,36 @@ class SQLiteHistoryStore(HistoryStore):
             if row is not None:
                 if row[0] != digest:
                     return None
-                return AppendResult(0, True, 0, self._read(conn, user_id) if read_back else None)
+                return AppendResult(0, True, 0, self._read(conn, user_id, read_since))
             conn.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
                          (user_id, key, digest, now + self.options.idempotency_window_s))
         (last,) = conn.execute("SELECT MAX(seq) FROM events WHERE user_id = ?", (user_id,)).fetchone()
-        start = 0 if last is None else last + 1
+        start = secrets.randbits(FIRST_SEQUENCE_BITS) if last is None else last + 1
         conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
                          [(user_id, start + i, item, t) for i, (item, t) in enumerate(zip(item_ids, times))])
         keep_from = start + len(item_ids) - self.options.max_events_per_user
         dropped = conn.execute("DELETE FROM events WHERE user_id = ? AND seq < ?", (user_id, keep_from)).rowcount
-        return AppendResult(len(item_ids), False, dropped, self._read(conn, user_id) if read_back else None)
+        return AppendResult(len(item_ids), False, dropped, self._read(conn, user_id, read_since))
 
     @staticmethod
-    def _read(conn, user_id) -> History:
-        rows = conn.execute("SELECT item_id, timestamp FROM events WHERE user_id = ? ORDER BY seq", (user_id,)).fetchall()
-        return History([r[0] for r in rows], [r[1] for r in rows])
+    def _read(conn, user_id, since) -> Tail | None:
+        """The tail after ``since`` (None: the whole history); None for ``since`` False (nothing to read)."""
+        if since is False:
+            return None
+        # Two subqueries: SQLite answers a lone MIN or MAX from the index, not both in one.
+        first, last = conn.execute("SELECT (SELECT MIN(seq) FROM events WHERE user_id = ?), "
+                                   "(SELECT MAX(seq) FROM events WHERE user_id = ?)", (user_id, user_id)).fetchone()
+        if first is None:
+            return Tail(History([], []), 0, Cursor(0, 0))
+        cursor = Cursor(first, last + 1)
+        start = _tail_start(cursor, since)
+        rows = conn.execute("SELECT item_id, timestamp FROM events WHERE user_id = ? AND seq >= ? ORDER BY seq",
+                            (user_id, start)).fetchall()
+        return Tail(History([r[0] for r in rows], [r[1] for r in rows]), start, cursor)
 
-    def _history(self, user_id):
+    def _tail(self, user_id, since):
         with self._errors():
-            return self._read(self._connection(), user_id)
+            return self._read(self._connection(), user_id, since)
 
     def _delete(self, user_id):
         def step(conn):
@@ -312,10 +366,29 @@ class SQLiteHistoryStore(HistoryStore):
             self._connections.clear()
 
 
-# KEYS: events list, idempotency hash (key -> digest), idempotency expiry zset (key -> expiry time).
-# ARGV: cap, window seconds, key ("" for none), digest, read back ("1" or "0"), then the encoded events.
-# Returns {appended, status (0 appended, 1 duplicate, -1 key reused), dropped[, the whole list if read back]}.
-REDIS_APPEND = """
+# Lua shared by both scripts. KEYS[1]: events list, KEYS[4]: the sequence number of its first event (absent:
+# 0, as for a list written before the numbers were kept). ARGV[SINCE], ARGV[SINCE + 1]: the caller's cursor
+# ('' for none). Returns {first (a string: exact beyond Lua's %.14g numbers), length, offset of the reply's
+# first event, the events from there}.
+REDIS_TAIL = """
+local function tail(since)
+  local first = redis.call('GET', KEYS[4]) or '0'
+  local length = redis.call('LLEN', KEYS[1])
+  if length == 0 then return {'0', 0, 0, {}} end
+  local from = 0
+  if ARGV[since] == first then
+    local offset = tonumber(ARGV[since + 1]) - tonumber(first)
+    if offset >= 0 and offset <= length then from = offset end
+  end
+  return {first, length, from, redis.call('LRANGE', KEYS[1], from, -1)}
+end
+"""
+
+# KEYS: events list, idempotency hash (key -> digest), idempotency expiry zset (key -> expiry time), first number.
+# ARGV: cap, window seconds, key ("" for none), digest, read back ("1" or "0"), the cursor's first and end
+# ("" for none), a new history's random first number, then the encoded events.
+# Returns {appended, status (0 appended, 1 duplicate, -1 key reused), dropped[, the tail if read back]}.
+REDIS_APPEND = REDIS_TAIL + """
 local function in_chunks(cmd, key, list, first)
   for i = first, #list, 1000 do  -- unpack's stack limit is about 8000 values
     redis.call(cmd, key, unpack(list, i, math.min(i + 999, #list)))
@@ -323,7 +396,7 @@ local function in_chunks(cmd, key, list, first)
 end
 local cap, window, key, digest = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local function reply(appended, status, dropped)
-  if ARGV[5] == '1' then return {appended, status, dropped, redis.call('LRANGE', KEYS[1], 0, -1)} end
+  if ARGV[5] == '1' then return {appended, status, dropped, tail(6)} end
   return {appended, status, dropped}
 end
 if key ~= '' then
@@ -344,15 +417,20 @@ if key ~= '' then
   redis.call('EXPIRE', KEYS[2], window)  -- an idle user's records vanish whole after the window
   redis.call('EXPIRE', KEYS[3], window)
 end
-in_chunks('RPUSH', KEYS[1], ARGV, 6)
+if redis.call('LLEN', KEYS[1]) == 0 then redis.call('SET', KEYS[4], ARGV[8]) end
+in_chunks('RPUSH', KEYS[1], ARGV, 9)
 local length = redis.call('LLEN', KEYS[1])
 local dropped = 0
 if length > cap then
   dropped = length - cap
   redis.call('LTRIM', KEYS[1], -cap, -1)
+  redis.call('INCRBY', KEYS[4], dropped)
 end
-return reply(#ARGV - 5, 0, dropped)
+return reply(#ARGV - 8, 0, dropped)
 """
+
+# KEYS: events list, -, -, first number. ARGV: the cursor's first and end ("" for none).
+REDIS_READ = REDIS_TAIL + "return tail(1)"
 
 
 class RedisHistoryStore(HistoryStore):
@@ -372,25 +450,27 @@ class RedisHistoryStore(HistoryStore):
             # No silent retries: a script whose reply timed out may have run (see the module docstring).
             retry=Retry(NoBackoff(), 0))
         self._append_script = self._client.register_script(REDIS_APPEND)
+        self._read_script = self._client.register_script(REDIS_READ)
 
     def _keys(self, user_id):
         return [f"{REDIS_PREFIX}events:{user_id}", f"{REDIS_PREFIX}idempotency:{user_id}",
-                f"{REDIS_PREFIX}idempotency-expiry:{user_id}"]
+                f"{REDIS_PREFIX}idempotency-expiry:{user_id}", f"{REDIS_PREFIX}first:{user_id}"]
 
-    def _append(self, user_id, item_ids, times, key, digest, read_back):
+    def _append(self, user_id, item_ids, times, key, digest, read_since):
         # "TIME:ITEM": a timestamp never holds ':', so the first ':' splits even ids that contain one.
         events = [f"{'' if t is None else t}:{item}" for item, t in zip(item_ids, times)]
         window = math.ceil(self.options.idempotency_window_s)  # EXPIRE takes whole seconds; 0 would delete
-        args = [self.options.max_events_per_user, window, key or "", digest, int(read_back), *events]
+        args = [self.options.max_events_per_user, window, key or "", digest or "", int(read_since is not False),
+                *_cursor_args(read_since or None), secrets.randbits(FIRST_SEQUENCE_BITS), *events]
         with _unavailable(self._redis_error, f"history store {self.name}"):
-            appended, status, dropped, *stored = self._append_script(keys=self._keys(user_id), args=args)
+            appended, status, dropped, *read = self._append_script(keys=self._keys(user_id), args=args)
         if status < 0:
             return None
-        return AppendResult(appended, status == 1, dropped, _decoded(stored[0]) if read_back else None)
+        return AppendResult(appended, status == 1, dropped, _decoded(read[0]) if read else None)
 
-    def _history(self, user_id):
+    def _tail(self, user_id, since):
         with _unavailable(self._redis_error, f"history store {self.name}"):
-            return _decoded(self._client.lrange(self._keys(user_id)[0], 0, -1))
+            return _decoded(self._read_script(keys=self._keys(user_id), args=_cursor_args(since)))
 
     def _delete(self, user_id):
         with _unavailable(self._redis_error, f"history store {self.name}"):
@@ -400,10 +480,17 @@ class RedisHistoryStore(HistoryStore):
         self._client.close()
 
 
-def _decoded(events: list[str]) -> History:
-    """A Redis list of "TIME:ITEM" events as a History."""
+def _cursor_args(since: Cursor | None) -> list:
+    return ["", ""] if since is None else [since.first, since.end]
+
+
+def _decoded(read: list) -> Tail:
+    """The Redis scripts' tail reply, its "TIME:ITEM" events as a History."""
+    first, length, offset, events = read
     pairs = [event.split(":", 1) for event in events]
-    return History([item for _, item in pairs], [int(t) if t else None for t, _ in pairs])
+    first = int(first)
+    return Tail(History([item for _, item in pairs], [int(t) if t else None for t, _ in pairs]),
+                first + offset, Cursor(first, first + length))
 
 
 @contextmanager

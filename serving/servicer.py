@@ -280,20 +280,21 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             log.warning("%s: %s", method, exc)
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
 
-    def _append(self, method: str, request, read_back: bool = False) -> tuple:
+    def _append(self, method: str, request, read_back: bool = False, since=None) -> tuple:
         """The request's ``item_ids``/``timestamps``/``idempotency_key`` appended to ``user_id``'s history:
-        the AppendEventsResponse, and with ``read_back`` the whole stored history as this append left it."""
+        the AppendEventsResponse, and with ``read_back`` the stored history as this append left it (its
+        :class:`~serving.history_store.Tail` after the cursor ``since``)."""
         if len(request.item_ids) > self._max_events_per_append:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"item_ids: {len(request.item_ids)} events in one call, "
                                f"the limit is {self._max_events_per_append}")
         result = self._stored(method, "append", request.user_id, list(request.item_ids),
-                              list(request.timestamps) or None, request.idempotency_key or None, read_back)
+                              list(request.timestamps) or None, request.idempotency_key or None, read_back, since)
         self._metrics.history_appended.inc(result.appended)
         self._metrics.history_dropped.inc(result.dropped)
         response = recommender_pb2.AppendEventsResponse(
             appended=result.appended, duplicate=result.duplicate, dropped=result.dropped)
-        return response, result.history
+        return response, result.tail
 
     def AppendEvents(self, request, context):
         return self._answer("AppendEvents", request, context, lambda: self._append("AppendEvents", request)[0],
@@ -307,34 +308,44 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             explained = explain_items(request, model)
             timed = reads_timestamps(model, explained)
             response = recommender_pb2.RecommendForUserResponse()
-            states = self._states
+            states = None if explained else self._states
             token = states.begin() if states is not None else None  # before the store is read: see StateCache.put
+            cached = states.get(request.user_id) if states is not None else None
+            host = getattr(model, "host", None) is not None
+            # In numpy, a state of this version re-encodes from its own item ids, so only the events it has not
+            # seen are read; the signatures re-encode from the whole history's ids (and a time_bias model's times).
+            since = cached.cursor if cached is not None and host and cached.state.version == model.version else None
             if request.item_ids or request.timestamps or request.idempotency_key:
-                appended, stored = self._append("RecommendForUser", request, read_back=True)
+                appended, tail = self._append("RecommendForUser", request, read_back=True, since=since)
                 response.append.CopyFrom(appended)
             else:
-                stored = self._stored("RecommendForUser", "history", request.user_id)
-            history, times = stored
+                tail = self._stored("RecommendForUser", "tail", request.user_id, since)
+            events, times = tail.events
             # A time_bias model reads the stored events' times (none stored: the bias is off).
             times = times if timed and any(t is not None for t in times) else None
-            if states is None or explained:
+            state, history, new_events = None, events, events
+            if cached is not None:
+                seen = cached.cursor
+                if seen.first == tail.cursor.first and tail.start <= seen.end <= tail.cursor.end:
+                    # The stored history is the state's followed by what it has not seen: continue it.
+                    state, new_events = cached.state, events[seen.end - tail.start:]
+                    history = events if tail.whole else None
+                elif cached.state.version != model.version:
+                    state = cached.state  # re-encoded, and counted as a new version's miss
+            if states is None:
                 answer, _ = self._score(history, k, exclude_seen, exclude, context, explain_items=explained,
                                         timestamps=times)
             else:
-                # With times, a state is tied to the events and their times.
-                events = history if times is None else list(zip(history, times))
-                state, unseen = states.continuation(request.user_id, events)
-                new_events = history[len(history) - len(unseen):]
-                if getattr(model, "host", None) is not None:
+                if host:
                     answer, result = self._score_in_numpy(model, history, state, new_events, k, exclude_seen, exclude,
                                                           context)
                 else:
                     answer, result = self._score(history, k, exclude_seen, exclude, context, live=True, state=state,
                                                  new_events=new_events, timestamps=times)
                 if result.state is not None:
-                    states.put(request.user_id, result.state, events, token)
+                    states.put(request.user_id, result.state, tail.cursor, token)
             response.recommendation.CopyFrom(answer)
-            response.history_length = len(history)
+            response.history_length = tail.cursor.end - tail.cursor.first
             return response
 
         return self._answer("RecommendForUser", request, context, work, recommender_pb2.RecommendForUserResponse)

@@ -1,12 +1,13 @@
 """Users' attention states, kept between RecommendForUser calls: an LRU bounded in bytes.
 
-A cached state is tied to the exact stored history it was computed from: the number of stored
-events it consumed and a digest of them. A call reads the user's stored history and continues the
-state only when that history still starts with those events (:meth:`StateCache.continuation`);
-otherwise (events dropped by ``--max-events-per-user``, an erasure, a write by another process)
-the state is rebuilt from the store. So a state never answers for a history it was not computed
-from, and one made by another model version is never continued (see
-:meth:`sasrec.recommender.Recommender.advance_states`).
+A cached state is tied to the exact stored history it was computed from by that history's
+:class:`~serving.history_store.Cursor` (the sequence numbers of its first event and one past its last).
+A call reads from the store only the events after the cursor, and continues the state with them, while
+the stored history still begins at the cursor's first event; otherwise (events dropped by
+``--max-events-per-user``, an erasure, in this process or another) the store returns the whole history
+and the state is rebuilt from it. Events another process appended are simply among those read. So a
+state never answers for a history it was not computed from, and one made by another model version is
+never continued (see :meth:`sasrec.recommender.Recommender.advance_states`).
 
 Erasure: :meth:`StateCache.evict` drops the user's state, and a state computed by a call that
 started before the eviction is not stored afterwards (it would bring the erased events back).
@@ -19,23 +20,17 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from sasrec.recommender import AttentionState
+from serving.history_store import Cursor
 
 # Per-entry bookkeeping beyond the arrays (dict slot, tuple, ints), counted against --state-cache-bytes.
 ENTRY_OVERHEAD_BYTES = 400
 RECENT_EVICTIONS_KEPT = 100_000  # evictions remembered to refuse states of calls that started before them
 
 
-def history_digest(events) -> int:
-    """Digest of stored events (item ids, or (item id, time) pairs for a time_bias model; oldest first);
-    in-process only (str hashes are salted)."""
-    return hash(tuple(events))
-
-
 @dataclass(frozen=True)
 class CachedState:
     state: AttentionState
-    consumed: int  # stored events the state was computed from
-    digest: int  # history_digest of those events
+    cursor: Cursor  # of the stored history the state was computed from
 
     @property
     def nbytes(self) -> int:
@@ -67,21 +62,18 @@ class StateCache:
             self._clock += 1
             return self._clock
 
-    def continuation(self, user_id: str, events: list) -> tuple[AttentionState | None, list]:
-        """The user's cached state and the stored ``events`` it has not seen, when ``events`` (the whole
-        stored history) starts with the ones it was computed from; else ``(None, events)``."""
+    def get(self, user_id: str) -> CachedState | None:
+        """The user's cached state and its cursor (now the most recently used), or None."""
         with self._lock:
             entry = self._entries.get(user_id)
             if entry is not None:
                 self._entries.move_to_end(user_id)
-        if entry is None or entry.consumed > len(events) or history_digest(events[: entry.consumed]) != entry.digest:
-            return None, events
-        return entry.state, events[entry.consumed:]
+        return entry
 
-    def put(self, user_id: str, state: AttentionState, events: list, token: int) -> bool:
-        """Keep ``state``, computed from the stored ``events``, unless ``user_id`` was evicted after ``token``
-        was taken or the state alone exceeds the budget; the least recently used states make room."""
-        entry = CachedState(state, len(events), history_digest(events))
+    def put(self, user_id: str, state: AttentionState, cursor: Cursor, token: int) -> bool:
+        """Keep ``state``, computed from the stored history at ``cursor``, unless ``user_id`` was evicted after
+        ``token`` was taken or the state alone exceeds the budget; the least recently used states make room."""
+        entry = CachedState(state, cursor)
         with self._lock:
             evicted = self._evicted_at.get(user_id)
             forgotten = len(self._evicted_at) >= RECENT_EVICTIONS_KEPT and token <= next(iter(self._evicted_at.values()))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.errors import InputError
-from serving.history_store import HistoryStoreUnavailable, open_history_store
+from serving.history_store import Cursor, HistoryStoreUnavailable, open_history_store
 from tests.serving.conftest import free_port, needs_redis, start_redis, stop
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,16 +64,51 @@ def test_the_cap_keeps_the_newest_events_and_counts_the_dropped(store_url, user)
 
 def test_read_back_returns_the_history_as_this_append_left_it(store_url, user):
     with open_history_store(store_url, max_events_per_user=4) as store:
-        assert store.append(user, ["a"]).history is None  # only when asked
+        assert store.append(user, ["a"]).tail is None  # only when asked
         first = store.append(user, ["b", "c:d"], timestamps=[5, 6], read_back=True)
-        assert first.history == (["a", "b", "c:d"], [None, 5, 6])
+        assert first.tail.events == (["a", "b", "c:d"], [None, 5, 6]) and first.tail.whole
+        origin = first.tail.cursor.first
+        assert first.tail.cursor == (origin, origin + 3)
         capped = store.append(user, ["e", "f"], idempotency_key="k", read_back=True)
         assert (capped.appended, capped.dropped) == (2, 1)
-        assert capped.history == (["b", "c:d", "e", "f"], [5, 6, None, None])
+        assert capped.tail.events == (["b", "c:d", "e", "f"], [5, 6, None, None])
+        assert capped.tail.cursor == (origin + 1, origin + 5)
         store.append(user, ["g"])
         retry = store.append(user, ["e", "f"], idempotency_key="k", read_back=True)  # nothing added, all read
-        assert retry.duplicate and retry.history.item_ids == ["c:d", "e", "f", "g"]
+        assert retry.duplicate and retry.tail.events.item_ids == ["c:d", "e", "f", "g"]
         assert store.history(user).item_ids == ["c:d", "e", "f", "g"]
+
+
+def test_a_cursor_reads_only_the_events_after_it_while_the_history_still_begins_there(store_url, user):
+    with open_history_store(store_url, max_events_per_user=6) as store:
+        assert store.tail(user) == (([], []), 0, (0, 0))
+        cursor = store.append(user, ["a", "b"], timestamps=[1, 2], read_back=True).tail.cursor
+        later = store.append(user, ["c"], read_back=True, since=cursor).tail
+        assert later.events == (["c"], [None]) and later.start == cursor.end and not later.whole
+        assert later.cursor == (cursor.first, cursor.end + 1)
+        assert store.tail(user, later.cursor) == (([], []), later.cursor.end, later.cursor)  # nothing new
+        assert store.tail(user, cursor).events.item_ids == ["c"]
+        assert store.tail(user, Cursor(cursor.first, cursor.end + 5)).whole  # beyond the end: all
+        assert store.tail(user, Cursor(cursor.first + 1, cursor.end)).whole  # another beginning: all
+        # Events dropped by the cap: the history no longer begins where the cursor says, so all of it.
+        capped = store.append(user, list("defg"), read_back=True, since=later.cursor)
+        assert capped.dropped == 1 and capped.tail.whole and capped.tail.events.item_ids == list("bcdefg")
+        assert capped.tail.cursor == (cursor.first + 1, cursor.first + 7)
+
+
+def test_a_history_begun_again_after_an_erasure_is_not_the_old_ones_continuation(store_url, user):
+    """A new history's first event gets a random sequence number: a cursor held from before an erasure (by
+    this process or another) reads the whole new history, never a tail of it."""
+    with open_history_store(store_url) as store:
+        firsts = set()
+        for _ in range(5):
+            old = store.append(user, ["a", "b"], read_back=True).tail.cursor
+            store.delete(user)
+            new = store.append(user, ["a", "b", "c"], read_back=True, since=old).tail
+            assert new.whole and new.events.item_ids == ["a", "b", "c"]
+            firsts |= {old.first, new.cursor.first}
+            store.delete(user)
+        assert len(firsts) == 10
 
 
 def test_read_back_sees_no_other_append_between(store_url, user):
@@ -84,7 +119,7 @@ def test_read_back_sees_no_other_append_between(store_url, user):
 
         def writer(t):
             for i in range(15):
-                seen.append((f"{t}-{i}", store.append(user, [f"{t}-{i}"], read_back=True).history.item_ids))
+                seen.append((f"{t}-{i}", store.append(user, [f"{t}-{i}"], read_back=True).tail.events.item_ids))
 
         threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
         for thread in threads:

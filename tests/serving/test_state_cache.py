@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from sasrec.recommender import AttentionState
+from serving.history_store import Cursor
 from serving.state_cache import ENTRY_OVERHEAD_BYTES, StateCache
 from tests.serving.conftest import start_server
 from tests.serving.helpers import item_names, make_run, same_answer
 
 NAMES = item_names(40)
 MAXLEN = 12
+AT = Cursor(0, 1)
 
 
 def fake_state(length: int, version: int = 1) -> AttentionState:
@@ -26,35 +28,33 @@ def test_the_cache_stays_within_its_byte_budget_dropping_the_least_recently_used
     one = fake_state(10).nbytes + ENTRY_OVERHEAD_BYTES
     cache = StateCache(max_bytes=3 * one + 10)
     for user in "abc":
-        assert cache.put(user, fake_state(10), ["x"], cache.begin())
-    cache.continuation("a", ["x"])  # a is now the most recently used
-    cache.put("d", fake_state(10), ["x"], cache.begin())
+        assert cache.put(user, fake_state(10), AT, cache.begin())
+    cache.get("a")  # a is now the most recently used
+    cache.put("d", fake_state(10), AT, cache.begin())
     assert len(cache) == 3 and cache.nbytes == 3 * one <= cache.max_bytes
-    assert cache.continuation("b", ["x"])[0] is None and cache.continuation("a", ["x"])[0] is not None
-    assert not cache.put("huge", fake_state(200), ["x"], cache.begin())  # alone larger than the budget
-    cache.put("a", fake_state(20), ["x"], cache.begin())  # a larger state for a: the oldest other one goes
+    assert cache.get("b") is None and cache.get("a") is not None
+    assert not cache.put("huge", fake_state(200), AT, cache.begin())  # alone larger than the budget
+    cache.put("a", fake_state(20), AT, cache.begin())  # a larger state for a: the oldest other one goes
     assert cache.nbytes == one + fake_state(20).nbytes + ENTRY_OVERHEAD_BYTES <= cache.max_bytes
-    assert cache.continuation("c", ["x"])[0] is None and cache.continuation("d", ["x"])[0] is not None
+    assert cache.get("c") is None and cache.get("d") is not None
 
 
-def test_a_state_continues_only_a_history_that_starts_with_the_events_it_saw():
+def test_a_state_is_kept_with_the_cursor_of_the_history_it_was_computed_from():
     cache = StateCache(max_bytes=10**6)
     state = fake_state(3)
-    cache.put("u", state, ["a", "b", "c"], cache.begin())
-    assert cache.continuation("u", ["a", "b", "c"]) == (state, [])
-    assert cache.continuation("u", ["a", "b", "c", "d", "e"]) == (state, ["d", "e"])
-    for changed in (["a", "b"], ["b", "c", "d"], ["a", "x", "c", "d"], []):  # trimmed, erased, rewritten
-        assert cache.continuation("u", changed) == (None, changed)
+    cache.put("u", state, Cursor(7, 10), cache.begin())
+    assert cache.get("u").state is state and cache.get("u").cursor == (7, 10)
+    assert cache.get("v") is None
 
 
 def test_a_state_computed_before_an_erasure_is_not_kept():
     cache = StateCache(max_bytes=10**6)
     before = cache.begin()
-    cache.put("u", fake_state(3), ["a"], before)
+    cache.put("u", fake_state(3), AT, before)
     cache.evict("u")
     assert len(cache) == 0 and cache.nbytes == 0
-    assert not cache.put("u", fake_state(3), ["a"], before)  # a call that read the store before the erasure
-    assert cache.put("u", fake_state(3), ["a"], cache.begin())
+    assert not cache.put("u", fake_state(3), AT, before)  # a call that read the store before the erasure
+    assert cache.put("u", fake_state(3), AT, cache.begin())
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,41 @@ def test_delete_user_drops_the_cached_state(live_server):
     assert len(srv.states) == 0 and srv.states.nbytes == 0
     answer = client.recommend_for_user("gone", k=3)
     assert answer.recommendation.cold_start and answer.history_length == 0
+
+
+@pytest.mark.parametrize("live_compute", ["numpy", "signature"])
+def test_trims_and_another_processs_writes_and_erasures_are_read_whole_and_answered_exactly(
+        live_server, tmp_path, live_compute):
+    """The server reads only what a state has not seen, by its cursor; events dropped by the cap, appends by
+    another process (here another store object on the same file) and an erasure followed by new events there
+    make the store send the whole history instead. Every answer equals Recommend on the stored history."""
+    from serving.history_store import open_history_store
+
+    srv, client = live_server(live_compute=live_compute, max_events_per_user=16)
+    other = open_history_store(f"sqlite:///{tmp_path / 'h.db'}", max_events_per_user=16)
+    rng = np.random.default_rng(11)
+
+    def check(answer):
+        stored = other.history("u").item_ids
+        assert answer.history_length == len(stored)
+        same_answer(answer.recommendation, client.recommend(stored, k=8))
+
+    try:
+        for step in range(30):
+            new = [NAMES[i] for i in rng.integers(0, 40, int(rng.integers(1, 3)))]
+            check(client.recommend_for_user("u", k=8, item_ids=new))
+            if step % 7 == 3:
+                other.append("u", [NAMES[int(rng.integers(0, 40))]])
+                check(client.recommend_for_user("u", k=8))
+            if step == 12:  # erased and begun again elsewhere: this server's state is of the old history
+                other.delete("u")
+                other.append("u", NAMES[:3])
+                check(client.recommend_for_user("u", k=8))
+    finally:
+        other.close()
+    counts = outcomes(srv)
+    # The history reaches the cap (16 events) around step 10: from then on each append drops events.
+    assert counts["continued"] >= 8 and counts["miss"] >= 15, counts
 
 
 def test_a_new_model_version_never_answers_from_the_old_versions_states(live_server, from_start_base, tmp_path):
