@@ -5,12 +5,14 @@
 1. Exports the ML-1M-sized SASRec of ``benchmarks/serving.py`` (3,416 items, maxlen 200, d 50,
    2 blocks) with positions counted from the start, as the dense preset has them.
 2. Stateless: `sasrec serve` answering Recommend with each user's whole history (4,096 ML-1M-like
-   histories, cut to the store's 1,000 events per user).
+   histories, cut to the store's 1,000 events per user), with each `--processes` value (default 1 and 2).
 3. Live, once per store (SQLite, then a local `redis-server` with AOF everysec) with states computed in
-   numpy (`--live-compute numpy`, the default), then SQLite through the state signatures and SQLite without
-   a state cache: the same histories are stored, every user's state is built by one RecommendForUser call, then each request is one
-   RecommendForUser call appending one new event (round robin over users). The share of answers
-   continued from a cached state comes from the server's `sasrec_state_requests_total`.
+   numpy (`--live-compute numpy`, the default) with each `--processes` value, then SQLite through the state
+   signatures and SQLite without a state cache (one process): the same histories are stored, every user's
+   state is built by one RecommendForUser call, then each request is one RecommendForUser call appending
+   one new event (round robin over users). The share of answers
+   continued from a cached state comes from the server's `sasrec_state_requests_total`. Each setting's CPU
+   bound is the req/s the 2 cores allow at its CPU per request (server and client) at the most clients.
 4. The stores alone: acknowledged appends/s from 1 and 8 threads; memory of a cached state by length.
 5. Share of requests a state can serve when each user's events arrive one at a time (ML-1M, Beauty from
    ../shared/data when present): the first request of a user builds the state, later ones continue it
@@ -193,6 +195,14 @@ def real_lengths(folder: str, name: str, fmt: str) -> np.ndarray | None:
     return np.unique(np.array([fields[0] for fields in lines]), return_counts=True)[1]
 
 
+def _processes(n: int) -> str:
+    return "" if n == 1 else f", {n} processes"
+
+
+def stateless_setting(n: int) -> str:
+    return f"Recommend, whole history sent (stateless{_processes(n)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load level")
@@ -200,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=32, help="client connections the load is spread over")
     parser.add_argument("--state-cache-mb", type=float, default=1024, help="the live servers' --state-cache-mb")
     parser.add_argument("--no-redis", dest="redis", action="store_false", help="skip the Redis store")
+    parser.add_argument("--processes", default="1,2",
+                        help="`sasrec serve --processes` values for stateless and the numpy live servers")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write BENCHMARKS.md")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
+    pools = [int(x) for x in args.processes.split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="sasrec-live-"))
     redis_proc = None
@@ -215,24 +228,29 @@ def main(argv: list[str] | None = None) -> int:
         users = [h[-STORED_EVENTS:] for h in histories(USERS)]
         known = np.array([len(h) for h in users])
         port = free_port()
-        stateless = "Recommend, whole history sent (stateless)"
-        rows += measure(serve_command(base, port, []), port, users, levels, args.seconds, 1.0, stateless,
-                        args.channels)
+        pool_of = {}  # setting -> its server processes
+        for n in pools:
+            pool_of[stateless_setting(n)] = n
+            rows += measure(serve_command(base, port, ["--processes", str(n)]), port, users, levels, args.seconds,
+                            1.0, stateless_setting(n), args.channels)
         stores = {"SQLite": f"sqlite:///{tmp / 'histories.db'}"}
         if args.redis and shutil.which("redis-server"):
             redis_proc, stores["Redis"] = start_redis(tmp)
         shares = {}
         # The numpy path's own effect (--live-compute signature: the state signatures through the micro-batcher)
         # and the cache's (--state-cache-mb 0: every stored history re-encoded by serving_default).
-        runs = ([(name, url, args.state_cache_mb, "numpy") for name, url in stores.items()]
-                + [("SQLite", stores["SQLite"], args.state_cache_mb, "signature"), ("SQLite", stores["SQLite"], 0, "numpy")])
-        for name, url, cache_mb, compute in runs:
+        runs = ([(name, url, args.state_cache_mb, "numpy", n) for n in pools for name, url in stores.items()]
+                + [("SQLite", stores["SQLite"], args.state_cache_mb, "signature", 1),
+                   ("SQLite", stores["SQLite"], 0, "numpy", 1)])
+        for name, url, cache_mb, compute, n in runs:
             metrics_port = free_port()
             cmd = serve_command(base, port, ["--history-store", url, "--state-cache-mb", str(cache_mb),
-                                             "--live-compute", compute])
+                                             "--live-compute", compute, "--processes", str(n)])
             cmd[cmd.index("--metrics-port") + 1] = str(metrics_port)
             setting = (f"RecommendForUser, one new event ({name} store, "
-                       + (f"cached states in {compute})" if cache_mb else "no state cache: re-encoded)"))
+                       + (f"cached states in {compute}" if cache_mb else "no state cache: re-encoded")
+                       + _processes(n) + ")")
+            pool_of[setting] = n
             counts = []
 
             def snapshot(_target, _port=metrics_port, _counts=counts):
@@ -264,26 +282,36 @@ def main(argv: list[str] | None = None) -> int:
         within = [r for r in rows if r["setting"] == setting and r["p99 ms"] <= P99_BUDGET_MS]
         return max(within, key=lambda r: r["throughput (req/s)"]) if within else None
 
-    base_best = best(stateless)
+    def cpu_bound(setting: str) -> float:
+        """The req/s the 2 cores allow at the setting's CPU per request (server and client) at its most clients:
+        what no scheduling, batching or locking change can exceed."""
+        r = max((r for r in rows if r["setting"] == setting), key=lambda r: r["clients"])
+        return 2000 / (r["server CPU ms/req"] + r["client CPU ms/req"])
+
     summary = []
-    for setting in sorted({r["setting"] for r in rows} - {stateless}):
-        b = best(setting)
-        one = next(r for r in rows if r["setting"] == setting and r["clients"] == 1)
-        ratio = b["throughput (req/s)"] / base_best["throughput (req/s)"] if b and base_best else float("nan")
-        # The ratio above flips with stateless's p99 near the budget; at equal load it does not.
-        equal = ", ".join(
-            f"{r['clients']} {r['throughput (req/s)'] / s['throughput (req/s)']:.2f}x"
-            for r in rows if r["setting"] == setting
-            for s in rows if s["setting"] == stateless and s["clients"] == r["clients"])
-        summary.append(
-            f"{setting}: best within p99 <= {P99_BUDGET_MS:g} ms "
-            + (f"{b['throughput (req/s)']:.0f} req/s at {b['clients']} clients ({ratio:.2f}x stateless)"
-               if b else "none") + f", unloaded p50 {one['p50 ms']:.2f} ms; req/s over stateless's at equal"
-            f" clients: {equal}.")
-    one = next(r for r in rows if r["setting"] == stateless and r["clients"] == 1)
-    summary.insert(0, f"{stateless}: best within p99 <= {P99_BUDGET_MS:g} ms "
-                   + (f"{base_best['throughput (req/s)']:.0f} req/s at {base_best['clients']} clients"
-                      if base_best else "none") + f", unloaded p50 {one['p50 ms']:.2f} ms.")
+    for n in pools:
+        stateless = stateless_setting(n)
+        base_best = best(stateless)
+        one = next(r for r in rows if r["setting"] == stateless and r["clients"] == 1)
+        summary.append(f"{stateless}: best within p99 <= {P99_BUDGET_MS:g} ms "
+                       + (f"{base_best['throughput (req/s)']:.0f} req/s at {base_best['clients']} clients"
+                          if base_best else "none") + f", unloaded p50 {one['p50 ms']:.2f} ms, CPU bound "
+                       f"{cpu_bound(stateless):.0f} req/s.")
+        for setting in sorted(s for s, m in pool_of.items() if m == n and s != stateless):
+            b = best(setting)
+            one = next(r for r in rows if r["setting"] == setting and r["clients"] == 1)
+            ratio = b["throughput (req/s)"] / base_best["throughput (req/s)"] if b and base_best else float("nan")
+            # The ratio above flips with stateless's p99 near the budget; at equal load it does not.
+            equal = ", ".join(
+                f"{r['clients']} {r['throughput (req/s)'] / s['throughput (req/s)']:.2f}x"
+                for r in rows if r["setting"] == setting
+                for s in rows if s["setting"] == stateless and s["clients"] == r["clients"])
+            summary.append(
+                f"{setting}: best within p99 <= {P99_BUDGET_MS:g} ms "
+                + (f"{b['throughput (req/s)']:.0f} req/s at {b['clients']} clients ({ratio:.2f}x stateless)"
+                   if b else "none") + f", unloaded p50 {one['p50 ms']:.2f} ms; req/s over stateless's at equal"
+                f" clients: {equal}; CPU bound {cpu_bound(setting):.0f} req/s "
+                f"({cpu_bound(setting) / cpu_bound(stateless):.2f}x stateless's).")
     shares = [f"this workload {100 * np.mean(known < MAXLEN):.0f}% of users (stored history under maxlen)"]
     for label, (folder, name, fmt, maxlen) in REPLAY_SETS.items():
         lengths = real_lengths(folder, name, fmt)
@@ -307,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         notes_text = (
             "ML-1M-sized SASRec (3,416 items, maxlen 200, d 50, 2 blocks, positions from the start), random "
             f"weights; {USERS:,} users with ML-1M-like history lengths (median ~96, cut to {STORED_EVENTS:,} "
-            "stored events). `sasrec serve` with one process and its defaults; live servers add "
+            "stored events). `sasrec serve` with its defaults and `--processes N` (1 unless the setting says); "
+            "live servers add "
             f"`--history-store URL --state-cache-mb {args.state_cache_mb:g}` and get every state built before "
             "the load. Closed loop as in the serving section (`grpc.aio` clients in the benchmark process on the "
             f"same 2 cores, {args.channels} connections). {POOLS_NOTE} SQLite: WAL, synchronous=FULL (fsync per commit); Redis: "
