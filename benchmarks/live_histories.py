@@ -134,13 +134,14 @@ def store_rates(url: str, appends: int = 2000) -> dict:
 
 
 def state_bytes(base: Path) -> dict:
-    """Bytes a cached state takes (arrays + the cache's per-entry overhead) by known history length."""
+    """Bytes a cached state takes (arrays + the cache's per-entry overhead) by known history length: up to
+    maxlen - 1 items with the keys and values that continue it, from maxlen on (a full window) without."""
     from sasrec.recommender import Recommender
     from serving.state_cache import ENTRY_OVERHEAD_BYTES
 
     rec = Recommender.load(base)
     out = {}
-    for length in (1, 50, 100, 200):
+    for length in (1, 50, 100, MAXLEN - 1, MAXLEN, 1000):
         _, (state,) = rec.encode_states([[str(i) for i in range(1, length + 1)]], 10, True, [[]])
         out[length] = state.nbytes + ENTRY_OVERHEAD_BYTES
     return out

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -136,11 +137,15 @@ class AttentionState:
     re-encoding the window (the ``encode_state``/``advance_state`` signatures of :mod:`sasrec.export`).
 
     ``keys``/``values``: every block's attention keys and values of the window's known items
-    (blocks, M, heads, d/heads); ``hidden``: the state after the last one (d,); ``seen_ids``: internal
-    ids of every known item of the history (``exclude_seen`` covers the whole history, not the window);
-    ``unknown_count``: history ids not in the vocabulary; ``version``: the model version that made it
-    (a state never answers for another version); ``times``: a time_bias model's state items' times in
-    seconds (int64, aligned with ``keys``, negative: unknown), else None.
+    (blocks, M, heads, d/heads), kept only while a new event can continue them (positions from the start
+    and a window under maxlen), else M = 0: any new known item re-encodes the window anyway, so a full
+    window, or every window of a model whose positions count from the end, is kept without them;
+    ``length``: the known items in the window (-1 when constructed: M); ``hidden``: the state after the
+    last one (d,); ``seen_ids``: internal ids of every known item of the history (``exclude_seen`` covers
+    the whole history, not the window); ``unknown_count``: history ids not in the vocabulary;
+    ``version``: the model version that made it (a state never answers for another version); ``times``: a
+    time_bias model's state items' times in seconds (int64, aligned with ``keys``, negative: unknown),
+    else None.
     """
 
     version: int | None
@@ -150,10 +155,11 @@ class AttentionState:
     seen_ids: np.ndarray
     unknown_count: int
     times: np.ndarray | None = None
+    length: int = -1
 
-    @property
-    def length(self) -> int:
-        return int(self.keys.shape[1])
+    def __post_init__(self):
+        if self.length < 0:
+            self.length = int(self.keys.shape[1])
 
     @property
     def nbytes(self) -> int:
@@ -267,12 +273,12 @@ class Recommender:
             out = self._fn(**inputs)
         return {name: value.numpy() for name, value in out.items()}
 
-    @property
+    @cached_property  # a loaded version's signatures and card do not change
     def reads_timestamps(self) -> bool:
         """A ``time_bias`` model: the export has ``recommend_timed`` and timestamps change its answers."""
         return TIMED_SIGNATURE in self._loaded.signatures
 
-    @property
+    @cached_property
     def explains(self) -> bool:
         """The export has the ``explain`` signature (:meth:`explain_batch`)."""
         return EXPLAIN_SIGNATURE in self._loaded.signatures
@@ -368,7 +374,7 @@ class Recommender:
         """One history's :class:`Recommendation` with ``explanations``."""
         return self.explain_batch([list(history)], k, exclude_seen, [list(exclude_item_ids)], explain_items).row(0)
 
-    @property
+    @cached_property
     def keeps_state(self) -> bool:
         """The export has the live-history signatures (:meth:`encode_states`, :meth:`advance_states`); a
         time_bias model needs their timed forms (exports before them keep no state)."""
@@ -377,7 +383,7 @@ class Recommender:
             needed += [ENCODE_TIMED_SIGNATURE, ADVANCE_TIMED_SIGNATURE]
         return all(name in self._loaded.signatures for name in needed)
 
-    @property
+    @cached_property
     def advances_state(self) -> bool:
         """New events continue a state exactly (positions from the start); else any new event re-encodes."""
         return self.keeps_state and bool(self.card.get("incremental_state", False))
@@ -418,7 +424,7 @@ class Recommender:
         states = []
         for i in range(len(histories)):
             valid = out["state_valid"][i]
-            states.append(AttentionState(
+            states.append(self._kept(AttentionState(
                 version=self.version,
                 keys=out["state_keys"][i][:, valid],
                 values=out["state_values"][i][:, valid],
@@ -427,7 +433,7 @@ class Recommender:
                 unknown_count=int(out["unknown_count"][i]),
                 # The window holds the most recent known items: the last `valid.sum()` known times.
                 times=_known_times(times, i, out["history_ids"][i], int(valid.sum())),
-            ))
+            )))
         return BatchResult.of(out), states
 
     def advance_states(self, states: Sequence[AttentionState], new_items: Sequence[Sequence[str]], k: int,
@@ -466,12 +472,12 @@ class Recommender:
         out["unknown_count"] = out["unknown_count"] + np.array([s.unknown_count for s in states], np.int32)
         advanced = []
         for i, state in enumerate(states):
-            if out["overflow"][i]:
+            if out["overflow"][i]:  # also every state kept without keys that a known item reaches
                 advanced.append(None)
                 continue
             new = out["state_valid"][i]
             new_times = _known_times(times, i, out["history_ids"][i], int(new.sum()))
-            advanced.append(AttentionState(
+            advanced.append(self._kept(AttentionState(
                 version=self.version,
                 keys=np.concatenate([state.keys, out["state_keys"][i][:, new]], axis=1),
                 values=np.concatenate([state.values, out["state_values"][i][:, new]], axis=1),
@@ -479,8 +485,16 @@ class Recommender:
                 seen_ids=np.concatenate([state.seen_ids, _known(out["history_ids"][i])]),
                 unknown_count=int(out["unknown_count"][i]),
                 times=None if new_times is None else np.concatenate([state.times, new_times]),
-            ))
+                length=state.length + int(new.sum()),
+            )))
         return BatchResult.of(out), advanced
+
+    def _kept(self, state: AttentionState) -> AttentionState:
+        """``state`` without its keys and values (and their times) when no new event can continue it."""
+        if self.advances_state and state.length < self.maxlen:
+            return state
+        return replace(state, keys=state.keys[:, :0], values=state.values[:, :0],
+                       times=None if state.times is None else state.times[:0])
 
     def state_route(self, state: AttentionState | None, new_events: Sequence[str]) -> str:
         """How a stored history with a cached ``state`` (None: none) and ``new_events`` it has not seen is
@@ -549,7 +563,7 @@ class Recommender:
         for (known, unknown), exclude in zip(lookups, exclude_item_ids):
             window = known[max(0, len(known) - self.maxlen):]
             hidden, keys, values = host.encode(window) if len(window) else host.empty_state()
-            states.append(AttentionState(self.version, keys, values, hidden, known, unknown))
+            states.append(self._kept(AttentionState(self.version, keys, values, hidden, known, unknown)))
             rows.append(host.rank(hidden if len(window) else None, known, k, exclude_seen, exclude)
                         + (unknown, not len(window)))
         return _host_result(rows, k), states
@@ -580,7 +594,8 @@ class Recommender:
             hidden, keys, values = continued.get(i, (state.hidden, state.keys, state.values))
             seen = np.concatenate([state.seen_ids, known])
             cold = state.length + len(known) == 0
-            advanced.append(AttentionState(self.version, keys, values, hidden, seen, unknown))
+            advanced.append(self._kept(AttentionState(self.version, keys, values, hidden, seen, unknown,
+                                                      length=state.length + len(known))))
             rows.append(host.rank(None if cold else hidden, seen, k, exclude_seen, exclude) + (unknown, cold))
         return _host_result(rows, k), advanced
 

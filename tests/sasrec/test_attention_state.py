@@ -171,3 +171,26 @@ def test_a_state_of_another_version_is_refused(exported):
     state.version = (exported.version or 0) + 1
     with pytest.raises(ValueError, match="another model version"):
         exported.advance_states([state], [["i4"]], 5, True, [[]])
+
+
+def test_a_state_no_event_can_continue_keeps_no_keys_and_still_answers(state_paths):
+    """A full window (positions from the start) or any window (from the end) keeps neither keys nor values:
+    any new known item re-encodes it anyway. Its hidden state still answers a call that brings no known
+    item, on both paths, and a known item is refused (re-encoded) even when the caller skips state_route."""
+    (_, positions), paths = state_paths
+    signature = paths[1]
+    full = [f"i{2 + i % (VOCAB - 2)}" for i in range(MAXLEN + 3)]
+    short = full[:3]
+    for model in paths:
+        _, (full_state, short_state) = model.encode_states([full, short], 5, True, [[], []])
+        assert full_state.length == MAXLEN and full_state.keys.nbytes == full_state.values.nbytes == 0
+        assert short_state.length == 3 and short_state.keys.shape[1] == (3 if positions == "from_start" else 0)
+        result, (same,) = model.advance_states([full_state], [["nope"]], 5, True, [[]])
+        expected = signature.recommend_batch([full + ["nope"]], 5, True)
+        assert list(result.item_ids[0]) == list(expected.item_ids[0])
+        np.testing.assert_allclose(result.scores[0], expected.scores[0], atol=1e-4)
+        assert (same.length, same.keys.shape[1], same.unknown_count) == (MAXLEN, 0, 1)
+        _, (refused,) = model.advance_states([full_state], [["i3"]], 5, True, [[]])
+        assert refused is None
+        assert model.state_route(full_state, ["i3"]) == ("window_full" if positions == "from_start"
+                                                          else "positions_from_end")
