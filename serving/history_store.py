@@ -7,7 +7,8 @@ One interface, :class:`HistoryStore`, opened from the ``--history-store`` URL by
   absolute, as in SQLAlchemy): one local file, nothing else to run. WAL journal with
   ``synchronous=FULL``: :meth:`HistoryStore.append` returns after the commit is fsynced, so an
   append that returned survives a process crash and a power loss. Safe from many threads and from
-  several processes on one host (writers queue on SQLite's lock for up to ``timeout_s``).
+  several processes on one host (their writers take turns on an ``flock`` of ``PATH.lock`` beside the
+  file, waiting up to ``timeout_s``).
 - ``redis://HOST:PORT/DB`` (``rediss://`` for TLS): several replicas or ``--processes N``. Each
   append is one Lua script, so events, trim and idempotency record change together. Durability is
   the server's: with ``appendonly yes`` and ``appendfsync everysec`` (Redis's default AOF policy) a
@@ -36,6 +37,7 @@ key makes its retry safe.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -251,8 +253,11 @@ class SQLiteHistoryStore(HistoryStore):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        # This process's writers queue here, in order, and share commits (see _write); only other processes
-        # meet SQLite's busy handler, whose sleeps (up to 100 ms each) gave p99s of hundreds of ms.
+        # This process's writers queue here, in order, and share commits (see _write); other processes' on
+        # the lock file (see _writer_lock), not in SQLite's busy handler, whose sleeps (up to 100 ms each)
+        # gave p99s of hundreds of ms.
+        with _unavailable(OSError, f"history store {self.name}"):
+            self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "ab")
         self._writes = Combiner(self._commit, timeout_s=options.timeout_s, on_timeout=lambda: HistoryStoreUnavailable(
             f"history store {self.name}: no write turn within {options.timeout_s:g} s"))
         with self._errors():
@@ -285,10 +290,32 @@ class SQLiteHistoryStore(HistoryStore):
         order. A step that fails is rolled back alone; a commit that fails fails the whole group."""
         return self._writes.run(step)
 
+    @contextmanager
+    def _writer_lock(self):
+        """The file's write turn among processes: an exclusive ``flock`` on ``PATH.lock``, retried every
+        0.1-2 ms (released by a process's exit too), or HistoryStoreUnavailable after ``timeout_s``."""
+        deadline = time.monotonic() + self.options.timeout_s
+        delay = 1e-4
+        while True:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise HistoryStoreUnavailable(
+                        f"history store {self.name}: another process held the write lock for "
+                        f"{self.options.timeout_s:g} s") from None
+                time.sleep(delay)
+                delay = min(2 * delay, 2e-3)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
     def _commit(self, group: list[Entry]) -> None:
         """The group's steps in one transaction, each in a savepoint (a failing step rolls back alone);
         an error here (BEGIN, COMMIT) fails the whole group (:class:`~serving.combining.Combiner`)."""
-        with self._errors():
+        with self._writer_lock(), self._errors():
             conn = self._connection()
             # IMMEDIATE takes the write lock first: a deferred transaction upgrading later can fail
             # at once with "database is locked" instead of waiting out the busy timeout.
@@ -364,6 +391,7 @@ class SQLiteHistoryStore(HistoryStore):
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+        self._lock_file.close()
 
 
 # Lua shared by both scripts. KEYS[1]: events list, KEYS[4]: the sequence number of its first event (absent:

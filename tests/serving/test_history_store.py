@@ -243,6 +243,27 @@ def test_sqlite_locked_beyond_the_timeout_is_unavailable(tmp_path):
         other.close()
 
 
+def test_sqlite_writers_of_other_processes_wait_on_the_lock_file_up_to_the_timeout(tmp_path):
+    """Processes sharing the file take turns on an flock of PATH.lock (woken within ms of its release, not
+    after SQLite's busy sleeps of up to 100 ms); one holding it beyond the timeout makes appends unavailable."""
+    import fcntl
+
+    path = tmp_path / "h.db"
+    with open_history_store(f"sqlite:///{path}", timeout_s=0.3) as store:
+        with open(tmp_path / "h.db.lock", "ab") as other:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            started = time.monotonic()
+            with pytest.raises(HistoryStoreUnavailable, match=r"^history store .*h\.db: another process held the "
+                                                              r"write lock for 0.3 s$"):
+                store.append("u", ["a"])
+            assert 0.3 <= time.monotonic() - started < 2
+            threading.Timer(0.2, fcntl.flock, (other, fcntl.LOCK_UN)).start()
+            started = time.monotonic()
+            assert store.append("u", ["b"]).appended == 1  # waited, and went ahead once the other released it
+            assert time.monotonic() - started >= 0.2
+        assert store.history("u").item_ids == ["b"]
+
+
 @needs_redis
 def test_redis_aof_keeps_appends_older_than_a_second_when_the_server_is_killed(tmp_path):
     proc, url = start_redis(tmp_path)
