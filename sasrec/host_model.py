@@ -176,11 +176,6 @@ class HostModel:
         self.index = {name: i for i, name in enumerate(vocab[FIRST_ITEM_ID:], start=FIRST_ITEM_ID)}
         self.popularity = popularity.astype(np.float32)
 
-    @property
-    def incremental(self) -> bool:
-        """New events continue a state (positions from the start); else every known event re-encodes."""
-        return self.from_start
-
     def lookup(self, ids) -> tuple[np.ndarray, int]:
         """Internal ids of the known items of external ``ids`` (``""`` ignored), and how many were unknown."""
         index = self.index

@@ -576,7 +576,8 @@ class Recommender:
         lookups = [host.lookup(new) for new in new_items]
         moving: dict[int, list[int]] = {}  # number of new known items -> states
         for i, (state, (known, _)) in enumerate(zip(states, lookups)):
-            if len(known) and host.incremental and state.length + len(known) <= self.maxlen:
+            # The states _kept left their keys to (the same test), while the window has room for the new items.
+            if len(known) and self.advances_state and state.length + len(known) <= self.maxlen:
                 moving.setdefault(len(known), []).append(i)
         continued = {}
         for indices in moving.values():
