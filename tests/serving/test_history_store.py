@@ -264,6 +264,22 @@ def test_sqlite_writers_of_other_processes_wait_on_the_lock_file_up_to_the_timeo
         assert store.history("u").item_ids == ["b"]
 
 
+def test_a_redis_history_written_before_sequence_numbers_counts_from_zero(redis_url, user):
+    """An events list without its first-number key (written by an earlier version) reads as numbered from 0,
+    continues from its cursor, and a trim starts keeping the number."""
+    import redis
+
+    from serving.history_store import REDIS_PREFIX
+
+    redis.Redis.from_url(redis_url).rpush(f"{REDIS_PREFIX}events:{user}", ":a", "5:b")
+    with open_history_store(redis_url, max_events_per_user=3) as store:
+        assert store.tail(user) == ((["a", "b"], [None, 5]), 0, (0, 2))
+        later = store.append(user, ["c"], read_back=True, since=Cursor(0, 2)).tail
+        assert later == ((["c"], [None]), 2, (0, 3))
+        trimmed = store.append(user, ["d"], read_back=True, since=later.cursor).tail
+        assert trimmed.whole and trimmed.events.item_ids == ["b", "c", "d"] and trimmed.cursor == (1, 4)
+
+
 @needs_redis
 def test_redis_aof_keeps_appends_older_than_a_second_when_the_server_is_killed(tmp_path):
     proc, url = start_redis(tmp_path)
