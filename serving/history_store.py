@@ -108,13 +108,16 @@ class Tail(NamedTuple):
     def whole(self) -> bool:
         return self.start == self.cursor.first
 
+    def offset(self, since: Cursor) -> int | None:
+        """Where the events after ``since`` begin in :attr:`events`, or None when they are not all there (the
+        history no longer begins at ``since``'s first event, or ``since`` is not within this read)."""
+        return since.end - self.start if _covers(self.cursor, self.start, since) else None
 
-def _tail_start(cursor: Cursor, since: Cursor | None) -> int:
-    """Where a read after ``since`` starts: its end while the history still begins at its first event
-    and reaches its end, else the first event (the whole history)."""
-    if since is not None and since.first == cursor.first and cursor.first <= since.end <= cursor.end:
-        return since.end
-    return cursor.first
+
+def _covers(cursor: Cursor, start: int, since: Cursor | None) -> bool:
+    """Whether the stored history at ``cursor``, read from sequence number ``start`` on, holds exactly what
+    came after ``since``: it still begins at ``since``'s first event and ``since`` ends within the read."""
+    return since is not None and since.first == cursor.first and start <= since.end <= cursor.end
 
 
 @dataclass(frozen=True)
@@ -172,8 +175,7 @@ class HistoryStore(ABC):
         if idempotency_key is not None:
             self._check_id("idempotency_key", idempotency_key)
         digest = None if idempotency_key is None else hashlib.sha256(json.dumps([item_ids, times]).encode()).hexdigest()
-        result = self._call(self._append, user_id, item_ids, times, idempotency_key, digest,
-                            since if read_back else False)
+        result = self._call(self._append, user_id, item_ids, times, idempotency_key, digest, read_back, since)
         if result is None:
             raise InputError("idempotency_key: already used for different events of this user")
         if result.dropped:
@@ -218,9 +220,9 @@ class HistoryStore(ABC):
         return step(*args)
 
     @abstractmethod
-    def _append(self, user_id, item_ids, times, key, digest, read_since) -> AppendResult | None:
-        """Append atomically (and, unless ``read_since`` is False, read the tail after that cursor or None
-        in the same transaction); None when ``key`` is recorded for this user with another digest."""
+    def _append(self, user_id, item_ids, times, key, digest, read_back, since) -> AppendResult | None:
+        """Append atomically (and with ``read_back`` read the tail after ``since`` in the same transaction);
+        None when ``key`` is recorded for this user with another digest."""
 
     @abstractmethod
     def _tail(self, user_id, since) -> Tail: ...
@@ -336,10 +338,12 @@ class SQLiteHistoryStore(HistoryStore):
                     conn.execute("ROLLBACK")
                 raise
 
-    def _append(self, user_id, item_ids, times, key, digest, read_since):
-        return self._write(lambda conn: self._append_step(conn, user_id, item_ids, times, key, digest, read_since))
+    def _append(self, user_id, item_ids, times, key, digest, read_back, since):
+        return self._write(lambda conn: self._append_step(conn, user_id, item_ids, times, key, digest, read_back,
+                                                          since))
 
-    def _append_step(self, conn, user_id, item_ids, times, key, digest, read_since):
+    def _append_step(self, conn, user_id, item_ids, times, key, digest, read_back, since):
+        cursor = self._cursor(conn, user_id)
         if key is not None:
             now = time.time()
             conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
@@ -348,36 +352,45 @@ class SQLiteHistoryStore(HistoryStore):
             if row is not None:
                 if row[0] != digest:
                     return None
-                return AppendResult(0, True, 0, self._read(conn, user_id, read_since))
+                return AppendResult(0, True, 0, self._read(conn, user_id, cursor, since) if read_back else None)
             conn.execute("INSERT INTO idempotency VALUES (?, ?, ?, ?)",
                          (user_id, key, digest, now + self.options.idempotency_window_s))
-        (last,) = conn.execute("SELECT MAX(seq) FROM events WHERE user_id = ?", (user_id,)).fetchone()
-        start = secrets.randbits(FIRST_SEQUENCE_BITS) if last is None else last + 1
+        empty = cursor.first == cursor.end
+        start = secrets.randbits(FIRST_SEQUENCE_BITS) if empty else cursor.end
         conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?)",
                          [(user_id, start + i, item, t) for i, (item, t) in enumerate(zip(item_ids, times))])
         keep_from = start + len(item_ids) - self.options.max_events_per_user
         dropped = conn.execute("DELETE FROM events WHERE user_id = ? AND seq < ?", (user_id, keep_from)).rowcount
-        return AppendResult(len(item_ids), False, dropped, self._read(conn, user_id, read_since))
+        # Numbers are consecutive: the cursor after the append follows from the one before, without a query.
+        cursor = Cursor(max(start if empty else cursor.first, keep_from), start + len(item_ids))
+        return AppendResult(len(item_ids), False, dropped,
+                            self._read(conn, user_id, cursor, since) if read_back else None)
 
     @staticmethod
-    def _read(conn, user_id, since) -> Tail | None:
-        """The tail after ``since`` (None: the whole history); None for ``since`` False (nothing to read)."""
-        if since is False:
-            return None
+    def _cursor(conn, user_id) -> Cursor:
         # Two subqueries: SQLite answers a lone MIN or MAX from the index, not both in one.
         first, last = conn.execute("SELECT (SELECT MIN(seq) FROM events WHERE user_id = ?), "
                                    "(SELECT MAX(seq) FROM events WHERE user_id = ?)", (user_id, user_id)).fetchone()
-        if first is None:
-            return Tail(History([], []), 0, Cursor(0, 0))
-        cursor = Cursor(first, last + 1)
-        start = _tail_start(cursor, since)
-        rows = conn.execute("SELECT item_id, timestamp FROM events WHERE user_id = ? AND seq >= ? ORDER BY seq",
-                            (user_id, start)).fetchall()
+        return Cursor(0, 0) if first is None else Cursor(first, last + 1)
+
+    @staticmethod
+    def _read(conn, user_id, cursor: Cursor, since: Cursor | None) -> Tail:
+        """The tail of the history at ``cursor`` after ``since`` (the whole history when it does not cover it)."""
+        start = since.end if _covers(cursor, cursor.first, since) else cursor.first
+        rows = [] if cursor.first == cursor.end else conn.execute(
+            "SELECT item_id, timestamp FROM events WHERE user_id = ? AND seq >= ? ORDER BY seq",
+            (user_id, start)).fetchall()
         return Tail(History([r[0] for r in rows], [r[1] for r in rows]), start, cursor)
 
     def _tail(self, user_id, since):
         with self._errors():
-            return self._read(self._connection(), user_id, since)
+            conn = self._connection()
+            # One read transaction: the cursor and the rows of the same snapshot, whatever commits between.
+            conn.execute("BEGIN")
+            try:
+                return self._read(conn, user_id, self._cursor(conn, user_id), since)
+            finally:
+                conn.execute("COMMIT")
 
     def _delete(self, user_id):
         def step(conn):
@@ -484,12 +497,12 @@ class RedisHistoryStore(HistoryStore):
         return [f"{REDIS_PREFIX}events:{user_id}", f"{REDIS_PREFIX}idempotency:{user_id}",
                 f"{REDIS_PREFIX}idempotency-expiry:{user_id}", f"{REDIS_PREFIX}first:{user_id}"]
 
-    def _append(self, user_id, item_ids, times, key, digest, read_since):
+    def _append(self, user_id, item_ids, times, key, digest, read_back, since):
         # "TIME:ITEM": a timestamp never holds ':', so the first ':' splits even ids that contain one.
         events = [f"{'' if t is None else t}:{item}" for item, t in zip(item_ids, times)]
         window = math.ceil(self.options.idempotency_window_s)  # EXPIRE takes whole seconds; 0 would delete
-        args = [self.options.max_events_per_user, window, key or "", digest or "", int(read_since is not False),
-                *_cursor_args(read_since or None), secrets.randbits(FIRST_SEQUENCE_BITS), *events]
+        args = [self.options.max_events_per_user, window, key or "", digest or "", int(read_back),
+                *_cursor_args(since), secrets.randbits(FIRST_SEQUENCE_BITS), *events]
         with _unavailable(self._redis_error, f"history store {self.name}"):
             appended, status, dropped, *read = self._append_script(keys=self._keys(user_id), args=args)
         if status < 0:

@@ -324,14 +324,13 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             # A time_bias model reads the stored events' times (none stored: the bias is off).
             times = times if timed and any(t is not None for t in times) else None
             state, history, new_events = None, events, events
-            if cached is not None:
-                seen = cached.cursor
-                if seen.first == tail.cursor.first and tail.start <= seen.end <= tail.cursor.end:
-                    # The stored history is the state's followed by what it has not seen: continue it.
-                    state, new_events = cached.state, events[seen.end - tail.start:]
-                    history = events if tail.whole else None
-                elif cached.state.version != model.version:
-                    state = cached.state  # re-encoded, and counted as a new version's miss
+            offset = None if cached is None else tail.offset(cached.cursor)
+            if offset is not None:
+                # The stored history is the state's followed by what it has not seen: continue it.
+                state, new_events = cached.state, events[offset:]
+                history = events if tail.whole else None
+            elif cached is not None and cached.state.version != model.version:
+                state = cached.state  # re-encoded, and counted as a new version's miss
             if states is None:
                 answer, _ = self._score(history, k, exclude_seen, exclude, context, explain_items=explained,
                                         timestamps=times)
