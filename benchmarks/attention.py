@@ -103,6 +103,9 @@ VARIANTS = {
     # let live histories continue cached states (issue 18), and twice the width: the sparse preset's since
     # 2026-12-02 (a no-op on it now; kept for the runs that decided it), and the width it replaced.
     "positions from start": dict(positions="from_start"),
+    # Relative positions only, counted from the start so states continue: rotary scores depend only on the
+    # distance between query and key, so counting from the start costs the rotary model nothing.
+    "rotary from start": dict(position_bias="rotary", absolute_positions=False, positions="from_start"),
     "d 128": dict(hidden_units=128),
     "d 64": dict(hidden_units=64),
     "d 256": dict(hidden_units=256),
